@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything vhostpy's demo and test suite need on a fresh Debian or Ubuntu machine:
+# system packages (QEMU, a guest kernel, busybox, e2fsprogs, python venv) and a virtual
+# environment at .venv with vhostpy installed in editable mode plus the test tools.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+bash ci/qemu/install-deps.sh
+
+need_pkgs=()
+python3 -m venv --help >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=.venv/.vhostpy-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+echo "ci/install.sh: ready (.venv/bin/python, $(.venv/bin/python --version))"

@@ -1,0 +1,72 @@
+"""Shared fixtures: `vhostpy` back-end processes started exactly as users start them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+class Backend:
+    """A `python -m vhostpy ...` process listening on `path`."""
+
+    def __init__(self, args: list[str], path: str, log_path: Path) -> None:
+        self.path = path
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vhostpy", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"back-end exited with {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"back-end never listened on {path}:\n{self.output()}")
+            time.sleep(0.02)
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator:
+    """Factory: backend("blk", "--image", X) starts `vhostpy blk --socket-path ... X`."""
+    started: list[Backend] = []
+
+    def start(command: str, *args: str, name: str = "vhost.sock") -> Backend:
+        path = str(tmp_path / name)
+        b = Backend([command, "--socket-path", path, "-v", *args], path,
+                    tmp_path / f"{name}.log")
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        rc = b.stop()
+        assert rc == 0, f"back-end exited with {rc}:\n{b.output()}"
+        assert not os.path.exists(b.path), "back-end left its socket behind"

@@ -1,0 +1,356 @@
+"""virtio-blk (virtio 1.2, section 5.2) on a raw image file descriptor.
+
+`BlockDevice` serves IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES with `preadv` /
+`pwritev` straight between the image and guest memory. Every request is checked against
+the capacity before any byte moves: an out-of-range or malformed request gets
+VIRTIO_BLK_S_IOERR (or UNSUPP for unknown types) and never touches bytes outside the
+image. A read-only device opens nothing for writing and fails every write with IOERR.
+
+An in-memory disk is a memfd, so one code path serves files and RAM alike. This module
+never imports the vhost-user layers: it is fed by whichever transport owns the rings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+from vhostpy.device import VIRTIO_ID_BLOCK, Device
+from vhostpy.errors import ConfigurationError
+from vhostpy.virtqueue import DescriptorChain, Virtqueue
+
+log = logging.getLogger(__name__)
+
+SECTOR_SIZE = 512
+
+# Feature bits (virtio 1.2, 5.2.3).
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+# Request types and status values (5.2.6).
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_ID_BYTES = 20
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+
+REQUEST_HEADER = struct.Struct("<IIQ")        # type, reserved (ioprio), sector
+DISCARD_SEGMENT = struct.Struct("<QII")       # sector, num_sectors, flags
+#: struct virtio_blk_config up to write_zeroes_may_unmap and its padding.
+CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
+
+SIZE_MAX = 1 << 20             # largest single data segment we advertise
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per discard / write-zeroes segment
+MAX_DISCARD_SEG = 1            # segments per request
+ZERO_CHUNK = 1 << 20
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+class BlkRequestError(Exception):
+    """A request that completes with a non-OK status; carries that status."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass
+class BlkStats:
+    """Per-device request counters (all queues)."""
+
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+    unsupported: int = 0
+
+
+class BlockDevice(Device):
+    """A virtio-blk device over `fd`, an open image (or memfd) of `size` bytes."""
+
+    device_id = VIRTIO_ID_BLOCK
+    name = "virtio-blk"
+
+    def __init__(self, fd: int, *, read_only: bool = False, serial: str = "",
+                 num_queues: int = 1, queue_size: int = 256, owns_fd: bool = True) -> None:
+        super().__init__()
+        if not 1 <= num_queues <= 64:
+            raise ConfigurationError(f"--num-queues must be 1..64, not {num_queues}")
+        if queue_size < 4 or queue_size > 32768 or queue_size & (queue_size - 1):
+            raise ConfigurationError(f"--queue-size must be a power of two in 4..32768, "
+                                     f"not {queue_size}")
+        serial_bytes = serial.encode()
+        if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
+            raise ConfigurationError(f"--serial is at most {VIRTIO_BLK_ID_BYTES} bytes, "
+                                     f"{serial!r} has {len(serial_bytes)}")
+        self.fd = fd
+        self.owns_fd = owns_fd
+        self.read_only = read_only
+        self.serial = serial_bytes
+        self.num_queues = num_queues
+        self.max_queue_size = queue_size
+        self.size_bytes = os.fstat(fd).st_size
+        self.capacity = self.size_bytes // SECTOR_SIZE
+        self.stats = BlkStats()
+
+    # -- construction helpers --------------------------------------------------------------
+    @classmethod
+    def open_image(cls, path: str, *, read_only: bool = False, **kwargs: object) -> BlockDevice:
+        """Open a raw image file; a missing or unreadable file is a ConfigurationError."""
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot open image {path!r}: {exc.strerror}") from exc
+        try:
+            if not os.path.isfile(path) and not _is_block_device(fd):
+                raise ConfigurationError(f"image {path!r} is not a regular file or block device")
+            return cls(fd, read_only=read_only, **kwargs)  # type: ignore[arg-type]
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def in_memory(cls, size: int, **kwargs: object) -> BlockDevice:
+        """A zero-filled RAM disk of `size` bytes (a memfd), gone when the process ends."""
+        if size < SECTOR_SIZE or size % SECTOR_SIZE:
+            raise ConfigurationError(f"--size must be a positive multiple of {SECTOR_SIZE} "
+                                     f"bytes, not {size}")
+        fd = os.memfd_create("vhostpy-disk", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return cls(fd, **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Release the image fd if this device opened it."""
+        if self.owns_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- virtio interface ------------------------------------------------------------------
+    def device_features(self) -> int:
+        bits = [VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
+                VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
+        if self.num_queues > 1:
+            bits.append(VIRTIO_BLK_F_MQ)
+        if self.read_only:
+            bits.append(VIRTIO_BLK_F_RO)
+        return sum(1 << b for b in bits)
+
+    def config(self) -> bytes:
+        return CONFIG.pack(
+            self.capacity, SIZE_MAX, self.max_queue_size - 2,
+            0, 0, 0,                         # geometry: cylinders, heads, sectors (unused)
+            SECTOR_SIZE,                     # blk_size
+            0, 0, 0, 0,                      # topology
+            0, 0,                            # writeback, unused0
+            self.num_queues,
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,   # discard: sectors, segs, alignment
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,   # write zeroes: sectors, segs, may_unmap
+        )
+
+    def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> int:
+        if chain.writable_len < 1:
+            log.warning("virtio-blk queue %d: request %d has no status byte; dropped",
+                        index, chain.head)
+            self.stats.errors += 1
+            return 0
+        status_offset = chain.writable_len - 1
+        try:
+            written = self._serve(chain, status_offset)
+            status = VIRTIO_BLK_S_OK
+        except BlkRequestError as exc:
+            log.warning("virtio-blk queue %d: request %d failed: %s", index, chain.head, exc)
+            if exc.status == VIRTIO_BLK_S_UNSUPP:
+                self.stats.unsupported += 1
+            else:
+                self.stats.errors += 1
+            written, status = 0, exc.status
+        chain.write(bytes([status]), status_offset)
+        return written + 1
+
+    # -- request handling ------------------------------------------------------------------
+    def _serve(self, chain: DescriptorChain, data_len_in: int) -> int:
+        """Serve one request; return the bytes written to the guest before the status byte."""
+        if chain.readable_len < REQUEST_HEADER.size:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR,
+                                  f"header of {chain.readable_len} bytes (need 16)")
+        rtype, _, sector = REQUEST_HEADER.unpack(chain.read(0, REQUEST_HEADER.size))
+        data_out = chain.readable_len - REQUEST_HEADER.size
+        if rtype == VIRTIO_BLK_T_IN:
+            return self._read(chain, sector, data_len_in)
+        if rtype == VIRTIO_BLK_T_OUT:
+            self._write(chain, sector, data_out)
+            return 0
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            self._flush()
+            return 0
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:data_len_in]
+            return chain.write(ident)
+        if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            self._discard_or_zero(chain, rtype, data_out)
+            return 0
+        raise BlkRequestError(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
+
+    def _check_range(self, what: str, sector: int, length: int) -> int:
+        if length % SECTOR_SIZE:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR,
+                                  f"{what} of {length} bytes is not a multiple of {SECTOR_SIZE}")
+        if sector > self.capacity or length // SECTOR_SIZE > self.capacity - sector:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR,
+                                  f"{what} of {length} bytes at sector {sector} is beyond "
+                                  f"capacity {self.capacity}")
+        return sector * SECTOR_SIZE
+
+    def _read(self, chain: DescriptorChain, sector: int, length: int) -> int:
+        offset = self._check_range("read", sector, length)
+        views = _trim(chain.writable_views(), length)
+        done = _vectored(os.preadv, self.fd, views, offset, length)
+        if done != length:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR,
+                                  f"short read: {done} of {length} bytes at sector {sector}")
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        return length
+
+    def _write(self, chain: DescriptorChain, sector: int, length: int) -> None:
+        if self.read_only:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"write at sector {sector} to a "
+                                  "read-only device")
+        offset = self._check_range("write", sector, length)
+        views = _skip(chain.readable_views(), REQUEST_HEADER.size)
+        done = _vectored(os.pwritev, self.fd, views, offset, length)
+        if done != length:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR,
+                                  f"short write: {done} of {length} bytes at sector {sector}")
+        self.stats.writes += 1
+        self.stats.bytes_written += length
+
+    def _flush(self) -> None:
+        if not self.read_only:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"fdatasync: {exc.strerror}") from exc
+        self.stats.flushes += 1
+
+    def _discard_or_zero(self, chain: DescriptorChain, rtype: int, length: int) -> None:
+        what = "discard" if rtype == VIRTIO_BLK_T_DISCARD else "write-zeroes"
+        if self.read_only:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"{what} on a read-only device")
+        if length == 0 or length % DISCARD_SEGMENT.size:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"{what} payload of {length} bytes")
+        count = length // DISCARD_SEGMENT.size
+        if count > MAX_DISCARD_SEG:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR,
+                                  f"{what} with {count} segments (max {MAX_DISCARD_SEG})")
+        payload = chain.read(REQUEST_HEADER.size, length)
+        segments = [DISCARD_SEGMENT.unpack_from(payload, i * DISCARD_SEGMENT.size)
+                    for i in range(count)]
+        for sector, num, flags in segments:   # validate all before changing anything
+            if num > MAX_DISCARD_SECTORS or flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                raise BlkRequestError(VIRTIO_BLK_S_UNSUPP if flags else VIRTIO_BLK_S_IOERR,
+                                      f"{what}: {num} sectors, flags {flags:#x}")
+            self._check_range(what, sector, num * SECTOR_SIZE)
+        for sector, num, flags in segments:
+            offset, size = sector * SECTOR_SIZE, num * SECTOR_SIZE
+            if rtype == VIRTIO_BLK_T_DISCARD:
+                # Discard is a hint: where the file system cannot punch holes, keeping the
+                # data is a correct implementation.
+                _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)
+            else:
+                self._zero(offset, size)
+        self.stats.writes += 1
+
+    def _zero(self, offset: int, size: int) -> None:
+        if _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, size):
+            return
+        zeros = bytes(min(size, ZERO_CHUNK))
+        end = offset + size
+        while offset < end:
+            n = os.pwrite(self.fd, zeros[: end - offset], offset)
+            if n <= 0:
+                raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"write-zeroes stalled at {offset}")
+            offset += n
+
+
+def _trim(views: list[memoryview], length: int) -> list[memoryview]:
+    """The first `length` bytes of a scatter list."""
+    out = []
+    for view in views:
+        if length <= 0:
+            break
+        out.append(view[:length])
+        length -= len(out[-1])
+    return out
+
+
+def _skip(views: list[memoryview], skip: int) -> list[memoryview]:
+    """A scatter list without its first `skip` bytes."""
+    out = []
+    for view in views:
+        if skip >= len(view):
+            skip -= len(view)
+            continue
+        out.append(view[skip:])
+        skip = 0
+    return out
+
+
+def _vectored(call: object, fd: int, views: list[memoryview], offset: int, length: int) -> int:
+    """preadv/pwritev until `length` bytes moved, IOV_MAX-sized pieces; returns bytes moved."""
+    done = 0
+    pending = views
+    while pending and done < length:
+        batch = pending[:1024]
+        try:
+            n = call(fd, batch, offset + done)  # type: ignore[operator]
+        except OSError as exc:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"I/O error at byte {offset + done}: "
+                                  f"{exc.strerror}") from exc
+        if n <= 0:
+            break
+        done += n
+        pending = _skip(pending, n)
+    return done
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2); False when the file system does not support `mode`."""
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+        return False
+    raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"fallocate: {os.strerror(err)}")
+
+
+def _is_block_device(fd: int) -> bool:
+    import stat
+    return stat.S_ISBLK(os.fstat(fd).st_mode)

@@ -1,0 +1,173 @@
+"""Command-line front doors, following QEMU's "Backend program conventions".
+
+`vhostpy blk --socket-path PATH | --fd N [options]` serves a virtio-blk device until
+SIGTERM or SIGINT, then removes its socket and exits 0. `--print-capabilities` prints the
+JSON capabilities and exits 0. A bad value is reported in one line on stderr with exit
+status 1, before anything listens. The process never daemonises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from vhostpy import __version__
+from vhostpy.blk import BlockDevice
+from vhostpy.device import Device
+from vhostpy.errors import ConfigurationError
+from vhostpy.loop import EventLoop
+from vhostpy.server import Server
+
+log = logging.getLogger("vhostpy")
+
+DEFAULT_DISK_SIZE = 64 << 20
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad value in one line and exits 1 (not 2 with a usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512k', '4096' -> bytes (binary multiples)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 64M, 1G)")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    return number << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[unit]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
+def _fd_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid file descriptor {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid file descriptor {value}")
+    return value
+
+
+def _add_transport_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH",
+                       help="listen for the vhost-user front-end on this UNIX socket")
+    where.add_argument("--fd", type=_fd_number, metavar="N",
+                       help="serve an inherited vhost-user socket (listening or connected)")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the back-end's capabilities as JSON and exit")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more: -v for connections, -vv for every message")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vhostpy", description="virtio device back-ends in Python")
+    parser.add_argument("--version", action="version", version=f"vhostpy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    blk = sub.add_parser("blk", help="a vhost-user virtio-blk back-end",
+                         description="Serve a raw image (or a RAM disk) as virtio-blk.")
+    _add_transport_options(blk)
+    blk.add_argument("--image", "--blk-file", dest="image", metavar="FILE",
+                     help="raw image file or block device (default: an in-memory disk)")
+    blk.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
+                     help="size of the in-memory disk when no --image is given (default 64M)")
+    blk.add_argument("--read-only", action="store_true",
+                     help="offer VIRTIO_BLK_F_RO; writes fail and the image is never changed")
+    blk.add_argument("--serial", default="", metavar="STR",
+                     help="serial number reported by GET_ID (at most 20 bytes)")
+    blk.add_argument("--num-queues", type=_positive_int, default=1, metavar="N")
+    blk.add_argument("--queue-size", type=_positive_int, default=256, metavar="N",
+                     help="largest ring size accepted (power of two, default 256)")
+    return parser
+
+
+def _capabilities(command: str) -> dict[str, object]:
+    if command == "blk":
+        return {"type": "block", "features": ["read-only", "blk-file"]}
+    raise AssertionError(command)
+
+
+def _make_blk(args: argparse.Namespace) -> BlockDevice:
+    options = dict(read_only=args.read_only, serial=args.serial,
+                   num_queues=args.num_queues, queue_size=args.queue_size)
+    if args.image is not None:
+        if args.size is not None:
+            raise ConfigurationError("--size is for the in-memory disk; it cannot be "
+                                     "combined with --image")
+        return BlockDevice.open_image(args.image, **options)
+    return BlockDevice.in_memory(args.size or DEFAULT_DISK_SIZE, **options)
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 \
+        else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="vhostpy[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+def serve(device: Device, *, socket_path: str | None, fd: int | None) -> int:
+    """Serve `device` until SIGTERM/SIGINT; returns the exit status."""
+    loop = EventLoop()
+    try:
+        server = Server(device, loop, socket_path=socket_path, fd=fd)
+    except BaseException:
+        loop.close()
+        raise
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, loop.stop)
+    log.info("serving %s on %s", device.name,
+             socket_path if socket_path is not None else f"fd {fd}")
+    try:
+        loop.run()
+    finally:
+        server.close()
+        loop.close()
+    log.info("stopped after %d front-end connection(s)", server.connections_served)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"vhostpy {args.command}"
+    if args.print_capabilities:
+        print(json.dumps(_capabilities(args.command)))
+        return 0
+    if args.socket_path is None and args.fd is None:
+        print(f"{prog}: error: one of --socket-path or --fd is required", file=sys.stderr)
+        return 1
+    _setup_logging(args.verbose)
+    try:
+        device = _make_blk(args)
+    except ConfigurationError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        status = serve(device, socket_path=args.socket_path, fd=args.fd)
+    except ConfigurationError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        log.info("virtio-blk counters: %s", device.stats)
+        device.close()
+    return status

@@ -1,0 +1,136 @@
+"""The transport-agnostic virtio device interface.
+
+A `Device` is what vhostpy users write. It never sees a vhost-user message or an lguest
+page: a transport (the vhost-user session, the lguest bridge, a test) negotiates features,
+builds `Virtqueue` objects over guest memory and calls the device in this order:
+
+1. `features()` (any time) -> the device feature bits offered, transport bits excluded.
+2. `config()` / `write_config()` (any time) -> the device config space.
+3. `set_features(acked)` once the driver has chosen (a subset of `features()`).
+4. `queue_started(index, vq)` when a ring is configured, started and enabled.
+5. `process_queue(index, vq)` each time the driver kicks that ring (and once after start).
+6. `queue_stopped(index, vq)` when the ring is disabled or stopped; no more calls for it
+   until the next `queue_started`.
+7. `reset()` on device reset or when the front-end goes away; the device returns to the
+   state it had before step 3 and must keep what it owns (an image file, a port).
+
+A device adds used buffers with `vq.add_used()` and then calls `vq.signal_used()`, which
+interrupts the driver only when the driver asked for it. Devices must treat every guest
+buffer as hostile: sizes and contents come from the guest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from vhostpy.virtqueue import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    DescriptorChain,
+    Virtqueue,
+)
+
+log = logging.getLogger(__name__)
+
+# Device IDs (virtio 1.2, section 5).
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+
+#: Ring features every vhostpy device supports because `Virtqueue` implements them.
+RING_FEATURES = (
+    (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+)
+
+#: How many chains one `drain` pass takes before publishing used entries.
+BATCH = 64
+
+
+class Device:
+    """Base class of every virtio device model; optional hooks have sensible defaults.
+
+    Subclasses set `device_id`, `name`, `num_queues` and `max_queue_size`, and override
+    `device_features`, `config` and either `process_queue` or `handle_chain`.
+    """
+
+    device_id: int = 0
+    name: str = "device"
+    num_queues: int = 1
+    max_queue_size: int = 1024
+
+    def __init__(self) -> None:
+        self.acked_features = 0
+
+    # -- feature negotiation ---------------------------------------------------------------
+    def device_features(self) -> int:
+        """Device-specific feature bits (ring and version bits are added by `features`)."""
+        return 0
+
+    def features(self) -> int:
+        """Every feature bit this device offers to a driver."""
+        return self.device_features() | RING_FEATURES
+
+    def set_features(self, features: int) -> None:
+        """Record the driver's choice; `features` is already checked against `features()`."""
+        self.acked_features = features
+
+    def has_feature(self, bit: int) -> bool:
+        """True when the driver acknowledged feature `bit` (a bit number)."""
+        return bool(self.acked_features >> bit & 1)
+
+    # -- config space ----------------------------------------------------------------------
+    def config(self) -> bytes:
+        """The device config space as the driver reads it (little-endian)."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """A driver write to the config space; read-only by default."""
+        raise PermissionError(f"{self.name}: config space is read-only "
+                              f"(write of {len(data)} bytes at offset {offset})")
+
+    # -- queues ----------------------------------------------------------------------------
+    def queue_started(self, index: int, vq: Virtqueue) -> None:
+        """Ring `index` is live; the default just processes what is already queued."""
+        self.process_queue(index, vq)
+
+    def queue_stopped(self, index: int, vq: Virtqueue) -> None:
+        """Ring `index` stopped; the device must not touch `vq` any more."""
+
+    def process_queue(self, index: int, vq: Virtqueue) -> None:
+        """Serve every available chain of ring `index` (called on each kick)."""
+        drain(vq, lambda chain: self.handle_chain(index, vq, chain))
+
+    def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> int:
+        """Serve one chain and return how many bytes were written into its buffers."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Return to the pre-negotiation state, keeping owned resources."""
+        self.acked_features = 0
+
+
+def drain(vq: Virtqueue, handle: Callable[[DescriptorChain], int]) -> int:
+    """Pop and serve chains until the ring is empty, with kicks suppressed meanwhile.
+
+    Used entries are published per batch of `BATCH` chains and the driver is signalled once
+    per batch when it asked for it. Returns the number of chains served. The race between the
+    last pop and re-enabling kicks is closed by `enable_notifications()`, which reports
+    buffers that arrived in between.
+    """
+    served = 0
+    while vq.ready:
+        vq.disable_notifications()
+        chains = vq.pop_many(BATCH)
+        if not chains:
+            if not vq.ready or not vq.enable_notifications():
+                break
+            continue
+        vq.add_used_many([(chain.head, handle(chain)) for chain in chains])
+        vq.signal_used()
+        served += len(chains)
+    return served

@@ -1,0 +1,117 @@
+"""A thin event loop over `selectors`: fd readers, timers and signals.
+
+It knows nothing about virtio or vhost-user. Callbacks run one at a time on the thread
+that called `run()`; an exception escaping a callback is logged and the loop goes on,
+so one misbehaving connection cannot take the process down.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], None]
+
+
+class EventLoop:
+    """Runs reader callbacks, timers and signal handlers until `stop()`."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, Callback]] = []
+        self._seq = itertools.count()
+        self._running = False
+        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._signal_handlers: dict[int, Callback] = {}
+        self._previous_handlers: dict[int, object] = {}
+        self._old_wakeup_fd: int | None = None
+        self.add_reader(self._signal_r, self._on_signal_pipe)
+
+    # -- readers ---------------------------------------------------------------------------
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        """Call `callback()` whenever `fd` is readable (replaces an earlier reader)."""
+        try:
+            self._selector.modify(fd, selectors.EVENT_READ, callback)
+        except KeyError:
+            self._selector.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> bool:
+        """Stop watching `fd`; returns False when it was not watched."""
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            return False
+        return True
+
+    # -- timers ----------------------------------------------------------------------------
+    def call_later(self, delay: float, callback: Callback) -> None:
+        """Call `callback()` once, `delay` seconds from now."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback))
+
+    # -- signals ---------------------------------------------------------------------------
+    def add_signal_handler(self, signum: int, callback: Callback) -> None:
+        """Run `callback()` from the loop (not from the signal context) on `signum`."""
+        if self._old_wakeup_fd is None:
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._signal_w)
+        self._signal_handlers[signum] = callback
+        self._previous_handlers[signum] = signal.signal(signum, _ignore_in_handler)
+
+    def _on_signal_pipe(self) -> None:
+        try:
+            data = os.read(self._signal_r, 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                handler()
+
+    # -- running ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Make `run()` return after the current callback."""
+        self._running = False
+
+    def run(self) -> None:
+        """Dispatch events until `stop()` is called."""
+        self._running = True
+        while self._running:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            for key, _ in self._selector.select(timeout):
+                if not self._running:
+                    break
+                self._dispatch(key.data)
+            now = time.monotonic()
+            while self._running and self._timers and self._timers[0][0] <= now:
+                _, _, callback = heapq.heappop(self._timers)
+                self._dispatch(callback)
+
+    def _dispatch(self, callback: Callback) -> None:
+        try:
+            callback()
+        except Exception:  # a bug in one callback must not stop the others
+            log.exception("event loop callback %r failed", callback)
+
+    def close(self) -> None:
+        """Restore signal handlers and release the loop's own descriptors."""
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        if self._old_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+        self._selector.close()
+        os.close(self._signal_r)
+        os.close(self._signal_w)
+
+
+def _ignore_in_handler(signum: int, frame: FrameType | None) -> None:
+    """The real work happens in the loop, woken through the wakeup fd."""

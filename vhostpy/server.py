@@ -1,0 +1,284 @@
+"""The vhost-user edge: a UNIX socket, `recvmsg` with SCM_RIGHTS, one session per connection.
+
+`Server` listens on `--socket-path` (or adopts `--fd`, a listening or connected socket),
+serves one front-end at a time and, when it goes away, waits for the next. Further
+connections wait in the listen backlog meanwhile. Every byte and fd read goes to the
+connection's `Decoder`; every decoded message to its `Session`. Whatever the front-end
+does (garbage, truncation, a vanished peer) ends at most that connection, never the
+process.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+
+from vhostpy import protocol as p
+from vhostpy.device import Device
+from vhostpy.errors import ConfigurationError, ProtocolError
+from vhostpy.loop import EventLoop
+from vhostpy.session import Session
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 65536
+#: Room for more fds than any message may carry, so extras are received and closed by us
+#: rather than silently dropped by the kernel.
+RECV_FDS = 64
+SEND_TIMEOUT = 10.0
+
+
+def _fd_space() -> int:
+    return socket.CMSG_SPACE(RECV_FDS * array.array("i").itemsize)
+
+
+class Connection:
+    """One front-end: its socket, decoder and session."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.decoder = p.Decoder("frontend")
+        self.kicks: dict[int, int] = {}
+        self.session = Session(server.device, self)
+        self.closed = False
+        sock.setblocking(False)
+
+    # -- SessionHost -----------------------------------------------------------------------
+    def watch_kick(self, fd: int, index: int) -> None:
+        self.kicks[fd] = index
+        self.server.loop.add_reader(fd, lambda: self._on_kick(fd))
+
+    def unwatch_kick(self, fd: int) -> None:
+        self.kicks.pop(fd, None)
+        self.server.loop.remove_reader(fd)
+
+    def _on_kick(self, fd: int) -> None:
+        index = self.kicks.get(fd)
+        if index is None:
+            return
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("kick fd %d of vring %d: %s; no longer watched", fd, index, exc)
+            self.unwatch_kick(fd)
+            return
+        self.session.kick(index)
+
+    # -- socket ----------------------------------------------------------------------------
+    def on_readable(self) -> None:
+        try:
+            data, ancdata, msg_flags, _ = self.sock.recvmsg(RECV_BYTES, _fd_space())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("front-end connection error: %s", exc)
+            self.close()
+            return
+        fds = _collect_fds(ancdata)
+        if msg_flags & socket.MSG_CTRUNC:
+            log.warning("front-end sent more than %d fds at once; dropping the connection",
+                        RECV_FDS)
+            _close_all(fds)
+            self.close()
+            return
+        if not data:
+            _close_all(fds)
+            log.info("front-end disconnected")
+            self.close()
+            return
+        self.decoder.feed(data, fds)
+        self._drain()
+
+    def _drain(self) -> None:
+        while not self.closed:
+            try:
+                msg = self.decoder.next_message()
+            except ProtocolError as err:
+                replies = self.session.handle_error(err)
+                self._send(replies)
+                if err.fatal:
+                    log.warning("dropping the connection: the byte stream cannot be resynchronised")
+                    self.close()
+                continue
+            if msg is None:
+                return
+            self._send(self.session.handle(msg))
+
+    def _send(self, replies: list[p.Message]) -> None:
+        for reply in replies:
+            data, fds = p.encode(reply)
+            try:
+                self.sock.settimeout(SEND_TIMEOUT)
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    self.sock.sendmsg([data], anc)
+                else:
+                    self.sock.sendall(data)
+            except OSError as exc:
+                log.warning("cannot send %s reply: %s", p.request_name(reply.request), exc)
+                self.close()
+                return
+            finally:
+                if not self.closed:
+                    self.sock.setblocking(False)
+
+    def close(self) -> None:
+        """End this connection and release everything the front-end gave us."""
+        if self.closed:
+            return
+        self.closed = True
+        self.server.loop.remove_reader(self.sock.fileno())
+        for fd in list(self.kicks):
+            self.unwatch_kick(fd)
+        try:
+            self.session.close()
+        finally:
+            _close_all(self.decoder.take_pending_fds())
+            self.sock.close()
+            self.server.connection_closed(self)
+
+
+class Server:
+    """Serves `device` to one vhost-user front-end at a time, guest after guest."""
+
+    def __init__(self, device: Device, loop: EventLoop, *, socket_path: str | None = None,
+                 fd: int | None = None, on_connection_closed: Callable[[], None] | None = None
+                 ) -> None:
+        if (socket_path is None) == (fd is None):
+            raise ConfigurationError("give exactly one of --socket-path and --fd")
+        self.device = device
+        self.loop = loop
+        self.socket_path = socket_path
+        self.connection: Connection | None = None
+        self.connections_served = 0
+        self.on_connection_closed = on_connection_closed
+        self.listener: socket.socket | None = None
+        if socket_path is not None:
+            self.listener = _listen(socket_path)
+        else:
+            assert fd is not None
+            sock = _adopt(fd)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                self.listener = sock
+            else:
+                self._serve(sock)
+        if self.listener is not None:
+            self.listener.setblocking(False)
+            self._listen_for_next()
+
+    def _listen_for_next(self) -> None:
+        assert self.listener is not None
+        self.loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        # One front-end at a time: others wait in the backlog until this one leaves.
+        self.loop.remove_reader(self.listener.fileno())
+        self._serve(sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        self.connections_served += 1
+        log.info("front-end connected (connection %d)", self.connections_served)
+        conn = Connection(self, sock)
+        self.connection = conn
+        self.loop.add_reader(sock.fileno(), conn.on_readable)
+
+    def connection_closed(self, conn: Connection) -> None:
+        if self.connection is conn:
+            self.connection = None
+        if self.listener is not None:
+            self._listen_for_next()
+        if self.on_connection_closed is not None:
+            self.on_connection_closed()
+
+    def close(self) -> None:
+        """Drop the current front-end, stop listening and remove our socket file."""
+        if self.connection is not None:
+            self.connection.close()
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            if self.socket_path is not None:
+                try:
+                    os.unlink(self.socket_path)
+                except FileNotFoundError:
+                    pass
+
+
+def _listen(path: str) -> socket.socket:
+    """Bind a listening socket at `path`, refusing a path that is in use or not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigurationError(f"socket path {path!r} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # a stale socket left by a dead process
+        except OSError as exc:
+            raise ConfigurationError(f"socket path {path!r}: {exc.strerror}") from exc
+        else:
+            raise ConfigurationError(f"socket path {path!r} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(f"cannot listen on {path!r}: {exc.strerror}") from exc
+    return sock
+
+
+def _adopt(fd: int) -> socket.socket:
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise ConfigurationError(f"--fd {fd}: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigurationError(f"--fd {fd} is not a socket")
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ConfigurationError(f"--fd {fd} is not a UNIX stream socket")
+    return sock
+
+
+def _collect_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return fds
+
+
+def _close_all(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

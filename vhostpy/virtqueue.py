@@ -1,0 +1,562 @@
+"""Split virtqueues (virtio 1.x section 2.7; legacy rings share the layout on little-endian).
+
+This module owns the device side of one split ring: validating its configuration, walking
+descriptor chains (direct and indirect) into `DescriptorChain`s, publishing used entries, and
+notification suppression in both directions (flags and EVENT_IDX).
+
+It must never trust the guest: every index, length and address read from the ring is checked,
+and a hostile ring puts only its own queue into the error state (`Virtqueue.error`, one WARNING
+line) -- it never raises out of `pop()`, never loops unboundedly, and never touches memory
+outside a mapped region. It must never do I/O itself (the transport installs `call`) and never
+know about vhost-user messages or devices.
+
+Memory ordering: the guest runs concurrently. We read avail->idx before the ring entries it
+publishes, and write used elements before used->idx, each as a separate store. CPython gives
+no explicit fences, so this relies on the host's store ordering (x86 TSO); the compiled fast
+path (`_accel`) is where real barriers belong.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Sequence
+
+from .errors import MemoryAccessError, RingError
+from .memory import ADDRESS_LIMIT, GuestMemory
+
+__all__ = [
+    "MAX_QUEUE_SIZE",
+    "VIRTIO_F_VERSION_1",
+    "VIRTIO_RING_F_EVENT_IDX",
+    "VIRTIO_RING_F_INDIRECT_DESC",
+    "VIRTQ_AVAIL_F_NO_INTERRUPT",
+    "VIRTQ_DESC_F_INDIRECT",
+    "VIRTQ_DESC_F_NEXT",
+    "VIRTQ_DESC_F_WRITE",
+    "VIRTQ_USED_F_NO_NOTIFY",
+    "DescriptorChain",
+    "Virtqueue",
+    "vring_need_event",
+]
+
+log = logging.getLogger(__name__)
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+MAX_QUEUE_SIZE = 32768
+
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
+# Alignment required of each part of a split ring (virtio 1.x 2.7 table "Virtqueue Part").
+DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # id, len
+_MAX_CHAIN_BYTES = 0xFFFFFFFF  # used->len and our totals are 32-bit
+
+
+def desc_table_size(size: int) -> int:
+    return DESC_SIZE * size
+
+
+def avail_ring_size(size: int) -> int:
+    return 6 + 2 * size  # flags, idx, ring[size], used_event
+
+
+def used_ring_size(size: int) -> int:
+    return 6 + USED_ELEM_SIZE * size  # flags, idx, ring[size], avail_event
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """True if `event` lies in the 16-bit window [old, new): the other side asked to be told."""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class _Broken(Exception):
+    """Internal: the ring is hostile; carries the reason for `Virtqueue.fail()`."""
+
+
+class DescriptorChain:
+    """One available descriptor chain, flattened into device-readable and -writable buffers.
+
+    Buffers are (guest-physical address, length) pairs checked to be mapped when the chain was
+    popped; every access re-checks them, so a memory table change afterwards raises
+    MemoryAccessError instead of touching unmapped memory.
+    """
+
+    __slots__ = ("head", "memory", "readable", "readable_len", "writable", "writable_len")
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        head: int,
+        readable: list[tuple[int, int]],
+        writable: list[tuple[int, int]],
+        readable_len: int,
+        writable_len: int,
+    ) -> None:
+        self.memory = memory
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+
+    def readable_views(self) -> list[memoryview]:
+        out: list[memoryview] = []
+        for gpa, length in self.readable:
+            out.extend(self.memory.views(gpa, length))
+        return out
+
+    def writable_views(self) -> list[memoryview]:
+        out: list[memoryview] = []
+        for gpa, length in self.writable:
+            out.extend(self.memory.views(gpa, length))
+        return out
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        """Gather readable bytes [offset, offset+length); shorter if the chain ends first."""
+        if offset < 0:
+            raise ValueError(f"offset {offset} is negative")
+        end = self.readable_len if length is None else min(self.readable_len, offset + length)
+        if end <= offset:
+            return b""
+        parts: list[memoryview] = []
+        pos = 0
+        for gpa, blen in self.readable:
+            if pos + blen > offset:
+                lo = max(offset - pos, 0)
+                hi = min(blen, end - pos)
+                parts.extend(self.memory.views(gpa + lo, hi - lo))
+            pos += blen
+            if pos >= end:
+                break
+        return b"".join(parts)
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Scatter `data` into the writable buffers from `offset`; returns bytes written.
+
+        Writes what fits when `data` is longer than the writable space left.
+        """
+        if offset < 0:
+            raise ValueError(f"offset {offset} is negative")
+        src = memoryview(data).cast("B")
+        total = src.nbytes
+        done = 0
+        pos = 0
+        for gpa, blen in self.writable:
+            if done >= total:
+                break
+            if pos + blen > offset:
+                lo = max(offset - pos, 0)
+                n = min(blen - lo, total - done)
+                for part in self.memory.views(gpa + lo, n):
+                    k = part.nbytes
+                    part[:] = src[done : done + k]
+                    done += k
+            pos += blen
+        return done
+
+    def __repr__(self) -> str:
+        return (
+            f"<DescriptorChain head={self.head} readable={self.readable_len}B"
+            f"/{len(self.readable)} writable={self.writable_len}B/{len(self.writable)}>"
+        )
+
+
+class Virtqueue:
+    """The device side of one split virtqueue.
+
+    Configuration order (any order works; checks run when enough is known): `set_size`,
+    `set_base`, `set_addresses`. Processing: `pop()` / `pop_many()`, then `add_used()` /
+    `add_used_many()`, then `signal_used()`. To batch kicks: `disable_notifications()`, drain,
+    and loop while `enable_notifications()` returns True.
+
+    `add_used*()` and `signal_used()` on a queue that is not ready do nothing: a device finishing
+    a request after a reset or a ring failure must not write into a ring nobody owns any more.
+    """
+
+    def __init__(self, memory: GuestMemory, index: int) -> None:
+        self.memory = memory
+        self.index = index
+        self.call: Callable[[], None] | None = None
+        self.event_idx = False
+        self.error: str | None = None
+        self._size = 0
+        self._desc_addr = 0
+        self._avail_addr = 0
+        self._used_addr = 0
+        self._addresses_set = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self._notify = True  # whether we currently want kicks
+        self._unsignalled = 0  # used entries added since the last signal decision
+        self._signal_valid = False  # False until the first signal decision after (re)start
+        self._cache_gen = -1
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used: memoryview | None = None
+
+    # ---------------------------------------------------------------- configuration
+
+    @property
+    def size(self) -> int:
+        """Number of descriptors; 0 means not configured."""
+        return self._size
+
+    @property
+    def desc_addr(self) -> int:
+        return self._desc_addr
+
+    @property
+    def avail_addr(self) -> int:
+        return self._avail_addr
+
+    @property
+    def used_addr(self) -> int:
+        return self._used_addr
+
+    def set_size(self, size: int) -> None:
+        """Set the ring size (SET_VRING_NUM): a power of two in 1..MAX_QUEUE_SIZE."""
+        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise RingError(
+                f"virtqueue {self.index}: size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}"
+            )
+        self._size = size
+        self._drop_views()
+        if self._addresses_set:
+            self._check_mapped(self._desc_addr, self._avail_addr, self._used_addr)
+
+    def set_addresses(self, desc: int, avail: int, used: int) -> None:
+        """Set the guest-physical addresses of the three ring parts (SET_VRING_ADDR).
+
+        Each part must be aligned (16/2/4) and, once the size is known, lie wholly inside one
+        mapped region (as QEMU's vhost requires too), else RingError naming the values.
+        """
+        for name, addr, align in (
+            ("descriptor table", desc, DESC_ALIGN),
+            ("avail ring", avail, AVAIL_ALIGN),
+            ("used ring", used, USED_ALIGN),
+        ):
+            if addr < 0 or addr >= ADDRESS_LIMIT or addr % align:
+                raise RingError(
+                    f"virtqueue {self.index}: {name} address {addr:#x} is not a "
+                    f"{align}-byte aligned 64-bit address"
+                )
+        if self._size:
+            self._check_mapped(desc, avail, used)
+        self._desc_addr, self._avail_addr, self._used_addr = desc, avail, used
+        self._addresses_set = True
+        self._drop_views()
+
+    def _check_mapped(self, desc: int, avail: int, used: int) -> None:
+        size = self._size
+        for name, addr, length in (
+            ("descriptor table", desc, desc_table_size(size)),
+            ("avail ring", avail, avail_ring_size(size)),
+            ("used ring", used, used_ring_size(size)),
+        ):
+            try:
+                self.memory.view(addr, length)
+            except MemoryAccessError as exc:
+                raise RingError(
+                    f"virtqueue {self.index}: {name} at {addr:#x} length {length:#x} "
+                    f"(size {size}) is not inside one mapped region"
+                ) from exc
+
+    def set_base(self, idx: int) -> None:
+        """Set the next avail index to consume (SET_VRING_BASE); used_idx follows it."""
+        if not 0 <= idx <= 0xFFFF:
+            raise RingError(f"virtqueue {self.index}: base {idx} is not a 16-bit index")
+        self.last_avail_idx = idx
+        self.used_idx = idx
+        self._unsignalled = 0
+        self._signal_valid = False
+        self._notify = True
+
+    def reset(self) -> None:
+        """Forget size, addresses, indices and error (device reset, ring stop)."""
+        self._size = 0
+        self._desc_addr = self._avail_addr = self._used_addr = 0
+        self._addresses_set = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.error = None
+        self._notify = True
+        self._unsignalled = 0
+        self._signal_valid = False
+        self._drop_views()
+
+    @property
+    def ready(self) -> bool:
+        """Configured (size and addresses set) and not broken."""
+        return self._size != 0 and self._addresses_set and self.error is None
+
+    def fail(self, reason: str) -> None:
+        """Put the queue into the error state; logs one WARNING the first time."""
+        if self.error is None:
+            self.error = reason
+            log.warning("virtqueue %d: ring broken: %s", self.index, reason)
+        self._drop_views()
+
+    # ---------------------------------------------------------------- ring access
+
+    def _drop_views(self) -> None:
+        self._desc = self._avail = self._used = None
+        self._cache_gen = -1
+
+    def _rings(self) -> tuple[memoryview, memoryview, memoryview] | None:
+        """The three ring views, re-resolved when the memory table changed; None if unusable."""
+        if not self.ready:
+            return None
+        desc, avail, used = self._desc, self._avail, self._used
+        if self._cache_gen == self.memory.generation and desc is not None:
+            assert avail is not None and used is not None
+            return desc, avail, used
+        size = self._size
+        try:
+            desc = self.memory.view(self._desc_addr, desc_table_size(size))
+            avail = self.memory.view(self._avail_addr, avail_ring_size(size))
+            used = self.memory.view(self._used_addr, used_ring_size(size))
+        except MemoryAccessError as exc:
+            self.fail(f"ring no longer mapped: {exc}")
+            return None
+        self._desc, self._avail, self._used = desc, avail, used
+        self._cache_gen = self.memory.generation
+        return desc, avail, used
+
+    def _pending(self, avail: memoryview) -> int | None:
+        """Number of entries published and not yet popped; None (and fail) if impossible."""
+        avail_idx = _U16.unpack_from(avail, 2)[0]
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending > self._size:
+            self.fail(
+                f"avail idx {avail_idx} is {pending} ahead of last_avail_idx "
+                f"{self.last_avail_idx} (size {self._size})"
+            )
+            return None
+        return pending
+
+    def has_available(self) -> bool:
+        """Whether the driver published entries we have not popped (False when not ready)."""
+        rings = self._rings()
+        if rings is None:
+            return False
+        return _U16.unpack_from(rings[1], 2)[0] != self.last_avail_idx
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None (empty, not ready, or the ring just broke)."""
+        chains = self.pop_many(1)
+        return chains[0] if chains else None
+
+    def pop_many(self, limit: int) -> list[DescriptorChain]:
+        """Up to `limit` available chains (stops early if the ring breaks)."""
+        rings = self._rings()
+        if rings is None or limit <= 0:
+            return []
+        desc, avail, used = rings
+        pending = self._pending(avail)
+        if not pending:
+            return []
+        mask = self._size - 1
+        out: list[DescriptorChain] = []
+        for _ in range(min(limit, pending)):
+            slot = self.last_avail_idx & mask
+            head = _U16.unpack_from(avail, 4 + 2 * slot)[0]
+            try:
+                chain = self._walk(desc, head)
+            except _Broken as exc:
+                self.fail(f"chain at avail slot {slot} (avail idx {self.last_avail_idx}): {exc}")
+                break
+            out.append(chain)
+            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if out and self.event_idx and self._notify:
+            # Keep kicks coming: ask for one when the driver publishes the entry after these.
+            _U16.pack_into(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
+        return out
+
+    def _walk(self, desc: memoryview, head: int) -> DescriptorChain:
+        size = self._size
+        if head >= size:
+            raise _Broken(f"head index {head} >= size {size}")
+        memory = self.memory
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        readable_len = writable_len = 0
+        table: memoryview | bytes = desc
+        table_len = size
+        budget = size  # descriptors left before we call it a loop
+        indirect = False
+        i = head
+        while True:
+            if i >= table_len:
+                where = "indirect table" if indirect else "descriptor table"
+                raise _Broken(f"next index {i} >= {where} length {table_len}")
+            budget -= 1
+            if budget < 0:
+                where = f"indirect table of {table_len}" if indirect else f"size {size}"
+                raise _Broken(f"descriptor loop: chain longer than {where}")
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
+            if addr + length > ADDRESS_LIMIT:
+                raise _Broken(f"descriptor {i} addr {addr:#x} + len {length:#x} overflows 64 bits")
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise _Broken(f"nested indirect descriptor {i} at addr {addr:#x}")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise _Broken(f"descriptor {i} has both INDIRECT and NEXT (flags {flags:#x})")
+                if length == 0 or length % DESC_SIZE or length > DESC_SIZE * MAX_QUEUE_SIZE:
+                    raise _Broken(f"indirect table at {addr:#x} has bad length {length:#x}")
+                try:
+                    parts = memory.views(addr, length)
+                except MemoryAccessError as exc:
+                    raise _Broken(f"indirect table: {exc}") from None
+                # A table spanning regions is copied; the copy also pins what we walk.
+                table = parts[0] if len(parts) == 1 else b"".join(parts)
+                table_len = budget = length // DESC_SIZE
+                indirect = True
+                i = 0
+                continue
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+                writable_len += length
+            elif writable:
+                raise _Broken(
+                    f"device-readable descriptor {i} (addr {addr:#x} len {length:#x}) "
+                    "after a device-writable one"
+                )
+            else:
+                readable.append((addr, length))
+                readable_len += length
+            if readable_len + writable_len > _MAX_CHAIN_BYTES:
+                raise _Broken(
+                    f"chain length {readable_len + writable_len:#x} overflows 32 bits "
+                    f"at descriptor {i}"
+                )
+            if length:
+                try:
+                    memory.check(addr, length)
+                except MemoryAccessError as exc:
+                    raise _Broken(f"descriptor {i} buffer: {exc}") from None
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            i = nxt
+        return DescriptorChain(memory, head, readable, writable, readable_len, writable_len)
+
+    # ---------------------------------------------------------------- used ring
+
+    def add_used(self, head: int, length: int) -> None:
+        """Return one chain to the driver: write the used element, then publish used->idx."""
+        self.add_used_many(((head, length),))
+
+    def add_used_many(self, items: Sequence[tuple[int, int]]) -> None:
+        """Return several chains with a single used->idx update (elements first)."""
+        if not items:
+            return
+        rings = self._rings()
+        if rings is None:
+            log.debug("virtqueue %d: add_used on a queue that is not ready: dropped", self.index)
+            return
+        used = rings[2]
+        size = self._size
+        mask = size - 1
+        idx = self.used_idx
+        for head, length in items:
+            if not 0 <= head < size or not 0 <= length <= _MAX_CHAIN_BYTES:
+                raise ValueError(
+                    f"virtqueue {self.index}: add_used head {head} length {length} "
+                    f"invalid for size {size}"
+                )
+        for head, length in items:
+            _USED_ELEM.pack_into(used, 4 + USED_ELEM_SIZE * (idx & mask), head, length)
+            idx = (idx + 1) & 0xFFFF
+        # Publish only after every element is written: the driver reads elements below idx.
+        _U16.pack_into(used, 2, idx)
+        self.used_idx = idx
+        self._unsignalled += len(items)
+
+    # ---------------------------------------------------------------- notifications
+
+    def needs_notification(self) -> bool:
+        """Should the driver be interrupted for used entries added since the last signal?
+
+        A query only; `signal_used()` is what records that a decision was made.
+        """
+        if self._unsignalled == 0:
+            return False
+        rings = self._rings()
+        if rings is None:
+            return False
+        avail = rings[1]
+        if self.event_idx:
+            if not self._signal_valid or self._unsignalled >= 0x10000:
+                return True
+            used_event = _U16.unpack_from(avail, 4 + 2 * self._size)[0]
+            old = (self.used_idx - self._unsignalled) & 0xFFFF
+            return vring_need_event(used_event, self.used_idx, old)
+        flags = _U16.unpack_from(avail, 0)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def signal_used(self) -> bool:
+        """Interrupt the driver if it wants it (`call()`); returns whether it was signalled.
+
+        Call after each batch of add_used. The entries are then considered handled, whether or
+        not the driver wanted an interrupt for them; with no `call` installed they stay pending.
+        """
+        if self.call is None:
+            return False
+        need = self.needs_notification()
+        if self._unsignalled:
+            self._unsignalled = 0
+            self._signal_valid = True
+        if need:
+            self.call()
+        return need
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick (used->flags NO_NOTIFY, or avail_event under EVENT_IDX)."""
+        self._notify = False
+        rings = self._rings()
+        if rings is None:
+            return
+        used = rings[2]
+        if self.event_idx:
+            # An event index the driver cannot reach: it lies just behind everything unconsumed.
+            _U16.pack_into(
+                used, 4 + USED_ELEM_SIZE * self._size, (self.last_avail_idx - 1) & 0xFFFF
+            )
+        else:
+            flags = _U16.unpack_from(used, 0)[0]
+            _U16.pack_into(used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again; True if buffers arrived meanwhile (the caller must re-poll)."""
+        self._notify = True
+        rings = self._rings()
+        if rings is None:
+            return False
+        _desc, avail, used = rings
+        if self.event_idx:
+            _U16.pack_into(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
+        else:
+            flags = _U16.unpack_from(used, 0)[0]
+            _U16.pack_into(used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF)
+        # The driver may have published between our last pop and the store above without
+        # kicking; re-reading avail->idx after the store closes that window.
+        return _U16.unpack_from(avail, 2)[0] != self.last_avail_idx
+
+    def __repr__(self) -> str:
+        state = "broken" if self.error else ("ready" if self.ready else "unconfigured")
+        return (
+            f"<Virtqueue {self.index} {state} size={self._size} "
+            f"last_avail={self.last_avail_idx} used={self.used_idx}>"
+        )
