@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Union
+from typing import Any, Protocol, Union
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _INITRAMFS_PY = REPO_ROOT / "ci" / "qemu" / "initramfs.py"
@@ -60,22 +60,31 @@ def _load_initramfs() -> ModuleType:
     return mod
 
 
-_initramfs = _load_initramfs()
+#: ci/qemu/initramfs.py, loaded by path (ci/ is not a package); typed loosely on purpose.
+_initramfs: Any = _load_initramfs()
 
 GuestImageError: type[RuntimeError] = _initramfs.GuestImageError
-KernelInfo = _initramfs.KernelInfo
+
+
+class KernelInfo(Protocol):
+    """A guest kernel and its module tree (``initramfs.KernelInfo``)."""
+
+    version: str
+    vmlinuz: Path
+    modules_dir: Path
+
 START_MARKER: str = _initramfs.START_MARKER
 EXIT_MARKER: str = _initramfs.EXIT_MARKER
 
 #: Seconds QEMU may take to exit after the guest printed its exit marker before we kill it.
 POWEROFF_GRACE = 15.0
 #: Seconds the KVM probe boot may take (a KVM boot takes ~1 s; nested-KVM hangs never finish).
-KVM_PROBE_TIMEOUT = 15.0
+KVM_PROBE_TIMEOUT = 10.0
 
 DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet printk.time=1"
 
 #: A device socket, optionally with per-device properties: ``"s.sock"`` or ``("s.sock", {...})``.
-DeviceSpec = Union[str, os.PathLike, "tuple[str | os.PathLike[str], Mapping[str, object]]"]
+DeviceSpec = Union[str, "os.PathLike[str]", "tuple[str | os.PathLike[str], Mapping[str, object]]"]
 
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
 
@@ -131,7 +140,7 @@ class GuestResult:
 def find_qemu() -> str:
     """Path of ``qemu-system-x86_64`` (``VHOSTPY_QEMU`` overrides); raises GuestImageError."""
     path = os.environ.get("VHOSTPY_QEMU") or shutil.which("qemu-system-x86_64")
-    if not path:
+    if not path or not os.access(path, os.X_OK):
         raise GuestImageError(
             "qemu-system-x86_64 not found: run ci/qemu/install-deps.sh (apt qemu-system-x86)"
         )
@@ -140,12 +149,13 @@ def find_qemu() -> str:
 
 def find_kernel() -> KernelInfo:
     """The guest kernel (``/boot/vmlinuz-<ver>`` + ``/lib/modules/<ver>``); raises if missing."""
-    return _initramfs.find_kernel()
+    kernel: KernelInfo = _initramfs.find_kernel()
+    return kernel
 
 
 def build_initramfs(*, force: bool = False) -> Path:
     """Build or reuse the cached base initramfs for :func:`find_kernel`; return its path."""
-    return _initramfs.build_initramfs(None, find_kernel(), force=force)
+    return Path(_initramfs.build_initramfs(None, find_kernel(), force=force))
 
 
 def require_qemu() -> KernelInfo:
@@ -279,10 +289,14 @@ def qemu_command(
     memory_mb: int = 256,
     append: str = "",
     extra_args: Sequence[str] = (),
+    qemu: str | None = None,
 ) -> list[str]:
-    """The full QEMU argv for one guest (pure function; nothing is started)."""
+    """The full QEMU argv for one guest (pure function; nothing is started).
+
+    ``qemu`` defaults to :func:`find_qemu`.
+    """
     argv = [
-        find_qemu(),
+        qemu or find_qemu(),
         "-accel", accel,
         "-m", str(memory_mb),
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
@@ -361,26 +375,32 @@ class RunningGuest:
         base = _initramfs.build_initramfs(None, kernel)
         self.accel = accel or detect_accel()
         self.timeout = timeout
+        qemu = find_qemu()  # fail before creating anything
         self.run_dir = Path(tempfile.mkdtemp(prefix="vhostpy-guest-"))
         self.console_path = self.run_dir / "console.log"
         self.qemu_log_path = self.run_dir / "qemu.log"
         initrd = self.run_dir / "initrd.gz"
-        overlay = {"test.sh": script, **(files or {})}
-        initrd.write_bytes(base.read_bytes() + _initramfs.overlay_archive(overlay))
-        self.argv = qemu_command(
-            kernel=kernel.vmlinuz, initrd=initrd, console_path=self.console_path,
-            accel=self.accel, blk_sockets=blk_sockets, net_sockets=net_sockets,
-            blk_options=blk_options, net_options=net_options, netdev_options=netdev_options,
-            memory_mb=memory_mb, append=append, extra_args=extra_args,
-        )
-        self.console_path.touch()
-        self._log = open(self.qemu_log_path, "wb")
-        self.started = time.monotonic()
-        self.deadline = self.started + timeout
-        self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            close_fds=True,
-        )
+        try:
+            overlay = {"test.sh": script, **(files or {})}
+            initrd.write_bytes(base.read_bytes() + _initramfs.overlay_archive(overlay))
+            self.argv = qemu_command(
+                kernel=kernel.vmlinuz, initrd=initrd, console_path=self.console_path,
+                accel=self.accel, blk_sockets=blk_sockets, net_sockets=net_sockets,
+                blk_options=blk_options, net_options=net_options,
+                netdev_options=netdev_options, memory_mb=memory_mb, append=append,
+                extra_args=extra_args, qemu=qemu,
+            )
+            self.console_path.touch()
+            with open(self.qemu_log_path, "wb") as log:
+                self.started = time.monotonic()
+                self.deadline = self.started + timeout
+                self.proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    close_fds=True,
+                )
+        except BaseException:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self._result: GuestResult | None = None
 
     # -- inspection --------------------------------------------------------------------------
@@ -438,7 +458,6 @@ class RunningGuest:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        self._log.close()
 
     def wait(self, timeout: float | None = None) -> GuestResult:
         """Wait for the guest to power off and return its result.
@@ -469,13 +488,13 @@ class RunningGuest:
                 )
             time.sleep(0.05)
         duration = time.monotonic() - self.started
-        self._log.close()
         raw = self.console_so_far()
         code, output = parse_console(raw)
         if code is None:
+            where = "after" if START_MARKER in raw else "before"
             raise GuestError(
-                f"guest ended without reporting an exit status (QEMU exit code "
-                f"{self.proc.returncode})", raw, self.qemu_log(),
+                f"QEMU exited (code {self.proc.returncode}) {where} the guest script started, "
+                "without the guest reporting an exit status", raw, self.qemu_log(),
             )
         self._result = GuestResult(code, output, duration, raw, self.qemu_log())
         return self._result
@@ -486,7 +505,7 @@ class RunningGuest:
         if os.environ.get("VHOSTPY_KEEP_GUEST") in (None, "", "0"):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def __enter__(self) -> RunningGuest:
+    def __enter__(self) -> RunningGuest:  # noqa: PYI034 - typing.Self is 3.11+, we support 3.10
         return self
 
     def __exit__(

@@ -174,13 +174,17 @@ class RingBuilder:
 
     # -------------------------------------------------------------- used ring and events
 
+    def _u16(self, gpa: int) -> int:
+        value: int = _U16.unpack(self.memory.read(gpa, 2))[0]
+        return value
+
     @property
     def used_idx(self) -> int:
-        return _U16.unpack(self.memory.read(self.lay.used + 2, 2))[0]
+        return self._u16(self.lay.used + 2)
 
     @property
     def used_flags(self) -> int:
-        return _U16.unpack(self.memory.read(self.lay.used, 2))[0]
+        return self._u16(self.lay.used)
 
     @property
     def no_notify(self) -> bool:
@@ -188,7 +192,7 @@ class RingBuilder:
 
     @property
     def avail_event(self) -> int:
-        return _U16.unpack(self.memory.read(self.lay.used + 4 + 8 * self.size, 2))[0]
+        return self._u16(self.lay.used + 4 + 8 * self.size)
 
     def get_used(self) -> list[tuple[int, int]]:
         """Used elements (id, len) published since the last call."""

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qemu_guest import (  # noqa: E402
+from qemu_guest import (
     EXIT_MARKER,
     START_MARKER,
     GuestError,
@@ -58,6 +58,7 @@ def test_qemu_command_devices(tmp_path: Path) -> None:
         blk_sockets=["/a.sock", ("/b,c.sock", {"num-queues": 2, "serial": "X"})],
         net_sockets=["/n0.sock", "/n1.sock"], net_options={"host_mtu": 9000, "mrg_rxbuf": False},
         netdev_options={"queues": 1}, memory_mb=512, extra_args=["-smp", "2"],
+        qemu="qemu-system-x86_64",
     )
     joined = " ".join(argv)
     assert "memory-backend-memfd,id=mem,size=512M,share=on" in joined
@@ -112,16 +113,16 @@ def _start_qsd(tmp_path: Path, images: list[Path]) -> tuple[subprocess.Popen[byt
         argv += [
             "--blockdev", f"driver=file,node-name=file{i},filename={img}",
             "--blockdev", f"driver=raw,node-name=raw{i},file=file{i}",
-            "--export", f"type=vhost-user-blk,id=exp{i},node-name=raw{i},"
-                        f"addr.type=unix,addr.path={sock},writable=on",
+            "--export", (f"type=vhost-user-blk,id=exp{i},node-name=raw{i},"
+                         f"addr.type=unix,addr.path={sock},writable=on"),
         ]
-    log = open(tmp_path / "qsd.log", "wb")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    with open(tmp_path / "qsd.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
         for s in sockets:
             wait_for_socket(s, timeout=10, proc=proc)
-    except Exception:
+    except (RuntimeError, TimeoutError):
         proc.kill()
         proc.wait()
         raise RuntimeError((tmp_path / "qsd.log").read_text()) from None

@@ -22,7 +22,7 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from vhostpy.errors import ProtocolError
 
@@ -109,7 +109,7 @@ class Request(enum.IntEnum):
     GET_SHARED_OBJECT = 41
     SET_DEVICE_STATE_FD = 42
     CHECK_DEVICE_STATE = 43
-    SET_SLAVE_REQ_FD = 21  # alias: name before QEMU 8.1
+    SET_SLAVE_REQ_FD = 21  # alias: the name before the SLAVE -> BACKEND rename
 
 
 class BackendRequest(enum.IntEnum):
@@ -211,17 +211,13 @@ class _Struct:
     @classmethod
     def _check_size(cls, buf: bytes | memoryview) -> None:
         if len(buf) != cls.SIZE:
-            raise ProtocolError(
-                f"{cls.__name__} payload must be {cls.SIZE} bytes: size={len(buf)}",
-                field="size",
-                value=len(buf),
-            )
+            raise _bad(f"{cls.__name__} payload must be {cls.SIZE} bytes", "size", len(buf))
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview) -> Self:
         """Decode exactly `SIZE` bytes; ProtocolError (field, value) on a bad size or value."""
         cls._check_size(buf)
-        obj = cls(*cls._FMT.unpack_from(buf))  # type: ignore[call-arg]
+        obj = cls(*cls._FMT.unpack_from(buf))
         obj._validate()
         return obj
 
@@ -304,13 +300,9 @@ class MemoryRegion(_Struct):
     def _validate(self) -> None:
         if self.memory_size == 0:
             raise _bad("empty memory region", "memory_size", 0)
-        last = self.memory_size - 1
-        if self.guest_phys_addr + last > _U64_MAX:
-            raise _bad(
-                "memory region wraps past 2**64", "guest_phys_addr", hex(self.guest_phys_addr)
-            )
-        if self.userspace_addr + last > _U64_MAX:
-            raise _bad("memory region wraps past 2**64", "userspace_addr", hex(self.userspace_addr))
+        for field in ("guest_phys_addr", "userspace_addr"):
+            if getattr(self, field) + self.memory_size - 1 > _U64_MAX:
+                raise _bad("memory region wraps past 2**64", field, hex(getattr(self, field)))
 
 
 _REGION = MemoryRegion._FMT
@@ -343,11 +335,7 @@ class MemTable(_Struct):
             raise _bad(f"more than {MAX_MEM_REGIONS} memory regions", "nregions", n)
         want = _MEMTABLE_HDR.size + n * _REGION.size
         if len(buf) != want:
-            raise ProtocolError(
-                f"memory table with nregions={n} must be {want} bytes: size={len(buf)}",
-                field="size",
-                value=len(buf),
-            )
+            raise _bad(f"memory table with nregions={n} must be {want} bytes", "size", len(buf))
         view = memoryview(buf)
         regions = tuple(MemoryRegion.unpack(view[8 + i * 32 : 8 + (i + 1) * 32]) for i in range(n))
         return cls(regions)
@@ -408,12 +396,7 @@ class ConfigSpace(_Struct):
         if size > MAX_CONFIG_SIZE:
             raise _bad(f"config space larger than {MAX_CONFIG_SIZE} bytes", "config.size", size)
         if len(buf) != _CONFIG_HDR.size + size:
-            raise ProtocolError(
-                f"config payload with config.size={size} must be {12 + size} bytes: "
-                f"size={len(buf)}",
-                field="size",
-                value=len(buf),
-            )
+            raise _bad(f"config.size={size} needs a {12 + size}-byte payload", "size", len(buf))
         return cls(offset, size, flags, bytes(buf[_CONFIG_HDR.size :]))
 
 
@@ -656,7 +639,8 @@ REQUEST_SPECS: dict[Request, RequestSpec] = {
     _R.REM_MEM_REG: _S(MemRegionMsg, fds=(0, 1), alt_payloads=(U64,), alt_replies=(MemRegionMsg,)),
     _R.SET_STATUS: _S(U64),
     _R.GET_STATUS: _S(Empty, U64),
-    # QEMU 8.2+ sends this request with size 0; libvhost-user echoes the UUID in its reply.
+    # QEMU's vhost_user_get_shared_object() leaves hdr.size at 0; libvhost-user echoes the UUID
+    # in its reply.
     _R.GET_SHARED_OBJECT: _S(
         SharedObject,
         SharedObject,
@@ -745,7 +729,9 @@ class Decoder:
         if channel not in ("frontend", "backend"):
             raise ValueError(f"channel must be 'frontend' or 'backend', not {channel!r}")
         self._channel = channel
-        self._specs: dict = REQUEST_SPECS if channel == "frontend" else BACKEND_REQUEST_SPECS
+        self._specs: dict[Any, RequestSpec] = (
+            REQUEST_SPECS if channel == "frontend" else BACKEND_REQUEST_SPECS
+        )
         self._enum: type[Request | BackendRequest] = (
             Request if channel == "frontend" else BackendRequest
         )
@@ -760,11 +746,17 @@ class Decoder:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
-        """Buffer bytes and the fds received with them. Never raises for bad input."""
-        if fds:
-            owner = self._base + self._first_incomplete()
-            self._fds.append((owner, list(fds)))
+        """Buffer bytes and the fds received with them. Never raises for bad input.
+
+        The fds belong to the LAST message that begins in `data`: a UNIX stream read ends
+        right after the sendmsg that carried fds, so earlier fd-less messages may share the
+        chunk but later ones never do (QEMU's SET_FEATURES and SET_VRING_CALL arrive
+        together). When no message begins in `data`, the message in progress owns them.
+        """
+        start = len(self._buf)
         self._buf += data
+        if fds:
+            self._fds.append((self._base + self._owner_of(start), list(fds)))
 
     def take_pending_fds(self) -> tuple[int, ...]:
         """Remove and return every fd not yet handed out (to close at EOF or teardown)."""
@@ -772,15 +764,22 @@ class Decoder:
         self._fds.clear()
         return out
 
-    def _first_incomplete(self) -> int:
-        """Offset in the buffer where the first not-yet-complete message starts."""
-        pos, buf = 0, self._buf
-        while len(buf) - pos >= HEADER_SIZE:
+    def _owner_of(self, start: int) -> int:
+        """Buffer offset of the message owning fds fed with the bytes from `start` on.
+
+        That is the last message beginning in the buffer: either the last one beginning at
+        or after `start`, or, when none does, the one in progress at `start`.
+        """
+        pos, buf, owner = 0, self._buf, 0
+        while pos < len(buf):
+            owner = pos
+            if len(buf) - pos < HEADER_SIZE:
+                break
             _, _, size = HEADER.unpack_from(buf, pos)
-            if size > MAX_PAYLOAD_SIZE or len(buf) - pos < HEADER_SIZE + size:
+            if size > MAX_PAYLOAD_SIZE:
                 break
             pos += HEADER_SIZE + size
-        return pos
+        return owner
 
     def _take_fds(self) -> tuple[int, ...]:
         mine = [fds for owner, fds in self._fds if owner <= self._base]
@@ -791,11 +790,9 @@ class Decoder:
         """Record a fatal error; it takes every pending fd with it."""
         fds = self.take_pending_fds()
         self._fatal = ProtocolError(
-            text, request=req, flags=flags, field=field, value=value, fatal=True
-        )
-        return ProtocolError(
             text, request=req, flags=flags, field=field, value=value, fatal=True, fds=fds
         )
+        return self._fatal
 
     def next_message(self) -> Message | None:
         """The next complete message, or None if none is complete yet.
@@ -806,8 +803,10 @@ class Decoder:
         more than MAX_FDS fds on one message) hand over every pending fd and make every later
         call raise again: the connection must be dropped.
         """
-        if self._fatal is not None:
-            raise self._fatal
+        if (e := self._fatal) is not None:  # a fresh exception each time, without the fds
+            raise ProtocolError(
+                str(e), request=e.request, flags=e.flags, field=e.field, value=e.value, fatal=True
+            )
         head_fds = sum(len(fds) for owner, fds in self._fds if owner <= self._base)
         req_raw: int | None = None
         flags = 0
@@ -842,12 +841,7 @@ class Decoder:
     ) -> Message:
         def fail(text: str, field: str | None, value: object) -> ProtocolError:
             return ProtocolError(
-                f"{_name(req)}: {text}",
-                request=req,
-                flags=flags,
-                field=field,
-                value=value,
-                fds=fds,
+                f"{_name(req)}: {text}", request=req, flags=flags, field=field, value=value, fds=fds
             )
 
         if not isinstance(req, (Request, BackendRequest)):
@@ -875,7 +869,7 @@ class Decoder:
 def decode_all(
     data: bytes, fds: Sequence[int] = (), channel: Literal["frontend", "backend"] = "frontend"
 ) -> list[Message]:
-    """Decode every message in `data` (fds belong to the first). Raises ProtocolError on the
+    """Decode every message in `data` (fds belong to the last). Raises ProtocolError on the
     first bad message or if bytes or fds are left over."""
     dec = Decoder(channel)
     dec.feed(data, fds)

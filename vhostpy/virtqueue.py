@@ -337,7 +337,7 @@ class Virtqueue:
 
     def _pending(self, avail: memoryview) -> int | None:
         """Number of entries published and not yet popped; None (and fail) if impossible."""
-        avail_idx = _U16.unpack_from(avail, 2)[0]
+        avail_idx: int = _U16.unpack_from(avail, 2)[0]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > self._size:
             self.fail(
@@ -352,7 +352,8 @@ class Virtqueue:
         rings = self._rings()
         if rings is None:
             return False
-        return _U16.unpack_from(rings[1], 2)[0] != self.last_avail_idx
+        avail_idx: int = _U16.unpack_from(rings[1], 2)[0]
+        return avail_idx != self.last_avail_idx
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None (empty, not ready, or the ring just broke)."""
@@ -552,7 +553,8 @@ class Virtqueue:
             _U16.pack_into(used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF)
         # The driver may have published between our last pop and the store above without
         # kicking; re-reading avail->idx after the store closes that window.
-        return _U16.unpack_from(avail, 2)[0] != self.last_avail_idx
+        avail_idx: int = _U16.unpack_from(avail, 2)[0]
+        return avail_idx != self.last_avail_idx
 
     def __repr__(self) -> str:
         state = "broken" if self.error else ("ready" if self.ready else "unconfigured")
