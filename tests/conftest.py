@@ -21,7 +21,7 @@ class Backend:
     def __init__(self, args: list[str], path: str, log_path: Path) -> None:
         self.path = path
         self.log_path = log_path
-        self.log = open(log_path, "wb")
+        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen([sys.executable, "-m", "vhostpy", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)

@@ -108,8 +108,8 @@ def _capabilities(command: str) -> dict[str, object]:
 
 
 def _make_blk(args: argparse.Namespace) -> BlockDevice:
-    options = dict(read_only=args.read_only, serial=args.serial,
-                   num_queues=args.num_queues, queue_size=args.queue_size)
+    options = {"read_only": args.read_only, "serial": args.serial,
+               "num_queues": args.num_queues, "queue_size": args.queue_size}
     if args.image is not None:
         if args.size is not None:
             raise ConfigurationError("--size is for the in-memory disk; it cannot be "

@@ -14,6 +14,10 @@ from __future__ import annotations
 import array
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self
 
 from vhostpy import protocol as p
 from vhostpy.errors import FrontendError, ProtocolError
@@ -60,7 +64,7 @@ class Frontend:
         """Close the connection (the back-end sees the front-end go away)."""
         self.sock.close()
 
-    def __enter__(self) -> Frontend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

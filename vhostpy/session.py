@@ -24,7 +24,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from vhostpy import protocol as p
 from vhostpy.device import Device
@@ -145,7 +145,7 @@ class Session:
     def handle_error(self, err: ProtocolError) -> list[p.Message]:
         """A message the decoder rejected: log it, close its fds, answer if one is awaited."""
         log.warning("rejected %s from the front-end: %s (field=%s value=%r)",
-                    p.request_name(err.request) if err.request is not None else "message",
+                    p.request_name(int(err.request)) if isinstance(err.request, int) else "message",
                     err, err.field, err.value)
         for fd in err.fds:
             _close(fd)
@@ -282,7 +282,6 @@ class Session:
         self.device.set_features(value & ~PROTOCOL_FEATURES_BIT)
         for ring in self.rings:
             self._update(ring)
-        return None
 
     def _on_set_owner(self, msg: p.Message) -> None:
         self.owner = True
@@ -447,7 +446,11 @@ class Session:
             raise BackendError(str(exc)) from exc
 
 
-def _payload(msg: p.Message, kind: type) -> object:
+_P = TypeVar("_P")
+
+
+def _payload(msg: p.Message, kind: type[_P]) -> _P:
+    """The message's payload, checked to be the layout this handler needs."""
     if not isinstance(msg.payload, kind):
         raise FrontendError(f"{p.request_name(msg.request)}: payload {msg.payload!r} is not "
                             f"a {kind.__name__}")
