@@ -9,6 +9,7 @@ status 1, before anything listens. The process never daemonises.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import re
@@ -66,12 +67,15 @@ def _fd_number(text: str) -> int:
     return value
 
 
-def _add_transport_options(parser: argparse.ArgumentParser) -> None:
+def _add_transport_options(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", metavar="PATH",
-                       help="listen for the vhost-user front-end on this UNIX socket")
-    where.add_argument("--fd", type=_fd_number, metavar="N",
-                       help="serve an inherited vhost-user socket (listening or connected)")
+    action = "append" if several else "store"
+    more = " (repeat for several ports)" if several else ""
+    where.add_argument("--socket-path", metavar="PATH", action=action,
+                       help="listen for the vhost-user front-end on this UNIX socket" + more)
+    where.add_argument("--fd", type=_fd_number, metavar="N", action=action,
+                       help="serve an inherited vhost-user socket (listening or connected)"
+                       + more)
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the back-end's capabilities as JSON and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -98,12 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
     blk.add_argument("--num-queues", type=_positive_int, default=1, metavar="N")
     blk.add_argument("--queue-size", type=_positive_int, default=256, metavar="N",
                      help="largest ring size accepted (power of two, default 256)")
+
+    net = sub.add_parser("net", help="a vhost-user virtio-net back-end",
+                         description="Serve virtio-net ports; frames reach the built-in "
+                         "responder, a pcap file, a tap device, a switch between the ports, "
+                         "or are reflected.")
+    _add_transport_options(net, several=True)
+    net.add_argument("--num-queues", type=_positive_int, default=1, metavar="N",
+                     help="rx/tx queue pairs per port (default 1)")
+    net.add_argument("--queue-size", type=_positive_int, default=1024, metavar="N",
+                     help="largest ring size accepted (power of two, default 1024)")
+    net.add_argument("--respond", type=_ipv4, default="10.0.2.2", metavar="IP",
+                     help="the built-in responder answers ARP and ping for IP (default 10.0.2.2)")
+    net.add_argument("--no-respond", action="store_true", help="turn the responder off")
+    net.add_argument("--pcap", metavar="FILE",
+                     help="record every frame in both directions to a pcap file")
+    net.add_argument("--tap", metavar="IFNAME",
+                     help="bridge the ports to a Linux tap device (needs CAP_NET_ADMIN)")
+    net.add_argument("--reflect", action="store_true",
+                     help="send every frame back to its port with the MAC addresses swapped")
     return parser
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid IPv4 address {text!r}") from None
 
 
 def _capabilities(command: str) -> dict[str, object]:
     if command == "blk":
         return {"type": "block", "features": ["read-only", "blk-file"]}
+    if command == "net":
+        return {"type": "net"}
     raise AssertionError(command)
 
 
@@ -153,21 +185,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_capabilities:
         print(json.dumps(_capabilities(args.command)))
         return 0
-    if args.socket_path is None and args.fd is None:
+    if not args.socket_path and args.fd is None:
         print(f"{prog}: error: one of --socket-path or --fd is required", file=sys.stderr)
         return 1
     _setup_logging(args.verbose)
     try:
-        device = _make_blk(args)
+        if args.command == "net":
+            return _run_net(args)
+        return _run_blk(args)
     except ConfigurationError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _run_blk(args: argparse.Namespace) -> int:
+    device = _make_blk(args)
     try:
-        status = serve(device, socket_path=args.socket_path, fd=args.fd)
-    except ConfigurationError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        return serve(device, socket_path=args.socket_path, fd=args.fd)
     finally:
         log.info("virtio-blk counters: %s", device.stats)
         device.close()
-    return status
+
+
+def _run_net(args: argparse.Namespace) -> int:
+    from vhostpy.netapp import NetApp
+
+    app = NetApp(socket_paths=args.socket_path or (), fds=args.fd or (),
+                 num_queues=args.num_queues, queue_size=args.queue_size,
+                 respond_ip=None if args.no_respond else args.respond, pcap=args.pcap,
+                 tap=args.tap, reflect=args.reflect)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        app.loop.add_signal_handler(signum, app.loop.stop)
+    log.info("serving virtio-net on %s", ", ".join(args.socket_path or
+                                                   [f"fd {fd}" for fd in args.fd]))
+    try:
+        app.run()
+    finally:
+        counters = app.counters()
+        app.close()
+        print(f"vhostpy net: counters {json.dumps(counters, sort_keys=True)}", file=sys.stderr)
+    return 0

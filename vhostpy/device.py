@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from vhostpy.errors import UnsupportedError
 from vhostpy.virtqueue import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -112,6 +113,14 @@ class Device:
     def reset(self) -> None:
         """Return to the pre-negotiation state, keeping owned resources."""
         self.acked_features = 0
+
+    # -- transport-level settings a device may accept ---------------------------------------
+    #: True when `set_mtu` is implemented (vhost-user then offers the NET_MTU protocol feature).
+    supports_mtu = False
+
+    def set_mtu(self, mtu: int) -> None:
+        """The front-end tells the device the MTU the driver was given (virtio-net)."""
+        raise UnsupportedError(f"{self.name} has no MTU")
 
 
 def drain(vq: Virtqueue, handle: Callable[[DescriptorChain], int]) -> int:

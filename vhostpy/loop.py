@@ -7,6 +7,7 @@ so one misbehaving connection cannot take the process down.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -35,6 +36,9 @@ class EventLoop:
         self._previous_handlers: dict[int, object] = {}
         self._old_wakeup_fd: int | None = None
         self.add_reader(self._signal_r, self._on_signal_pipe)
+        self._soon: collections.deque[Callback] = collections.deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.add_reader(self._wake_fd, self._run_soon)
 
     # -- readers ---------------------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -57,6 +61,19 @@ class EventLoop:
         """Call `callback()` once, `delay` seconds from now."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback))
 
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        """Run `callback()` on the loop's thread soon; callable from any thread."""
+        self._soon.append(callback)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def _run_soon(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        while self._soon:
+            self._dispatch(self._soon.popleft())
+
     # -- signals ---------------------------------------------------------------------------
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
         """Run `callback()` from the loop (not from the signal context) on `signum`."""
@@ -77,8 +94,9 @@ class EventLoop:
 
     # -- running ---------------------------------------------------------------------------
     def stop(self) -> None:
-        """Make `run()` return after the current callback."""
+        """Make `run()` return after the current callback (callable from any thread)."""
         self._running = False
+        os.eventfd_write(self._wake_fd, 1)
 
     def run(self) -> None:
         """Dispatch events until `stop()` is called."""
@@ -109,6 +127,7 @@ class EventLoop:
         if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
         self._selector.close()
+        os.close(self._wake_fd)
         os.close(self._signal_r)
         os.close(self._signal_w)
 

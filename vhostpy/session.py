@@ -111,8 +111,11 @@ class Session:
         return self.device.features() | PROTOCOL_FEATURES_BIT
 
     def offered_protocol_features(self) -> PF:
-        """GET_PROTOCOL_FEATURES: what this session implements."""
-        return SUPPORTED_PROTOCOL_FEATURES
+        """GET_PROTOCOL_FEATURES: what this session implements for this device."""
+        offered = SUPPORTED_PROTOCOL_FEATURES
+        if self.device.supports_mtu:
+            offered |= PF.NET_MTU
+        return offered
 
     # -- dispatch --------------------------------------------------------------------------
     def handle(self, msg: p.Message) -> list[p.Message]:
@@ -386,12 +389,17 @@ class Session:
         if fd is None:
             raise UnsupportedError(f"vring {ring.vq.index}: polling mode (kick without an fd) "
                                    "is not supported")
+        try:  # an fd epoll refuses (a regular file, a directory) must fail this request only
+            os.set_blocking(fd, False)
+            self.host.watch_kick(fd, ring.vq.index)
+        except OSError as exc:
+            self.host.unwatch_kick(fd)
+            raise FrontendError(f"vring {ring.vq.index}: kick fd cannot be watched: "
+                                f"{exc.strerror or exc}") from exc
         if ring.kick_fd is not None:
             self.host.unwatch_kick(ring.kick_fd)
             _close(ring.kick_fd)
         ring.kick_fd = self._keep(fd)
-        os.set_blocking(fd, False)
-        self.host.watch_kick(fd, ring.vq.index)
         ring.started = True
         self._update(ring)
 
@@ -424,6 +432,11 @@ class Session:
             raise FrontendError(f"vring {state.index}: enable value {state.num} is not 0 or 1")
         ring.enabled = bool(state.num)
         self._update(ring)
+
+    def _on_net_set_mtu(self, msg: p.Message) -> None:
+        if PF.NET_MTU not in self.protocol_features:
+            raise FrontendError("NET_SET_MTU without the NET_MTU protocol feature")
+        self.device.set_mtu(_payload(msg, p.U64).value)
 
     def _on_get_config(self, msg: p.Message) -> p.Payload:
         cfg = _payload(msg, p.ConfigSpace)
@@ -475,6 +488,7 @@ HANDLERS: dict[Request, Callable[[Session, p.Message], p.Payload | None]] = {
     Request.SET_PROTOCOL_FEATURES: Session._on_set_protocol_features,
     Request.GET_QUEUE_NUM: Session._on_get_queue_num,
     Request.SET_VRING_ENABLE: Session._on_set_vring_enable,
+    Request.NET_SET_MTU: Session._on_net_set_mtu,
     Request.GET_CONFIG: Session._on_get_config,
     Request.SET_CONFIG: Session._on_set_config,
     Request.RESET_DEVICE: Session._on_reset,

@@ -386,6 +386,16 @@ class Virtqueue:
             _U16.pack_into(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
         return out
 
+    def rewind(self, count: int) -> None:
+        """Give back the last `count` popped chains, unused, so the next pop returns them again.
+
+        Safe because popping writes nothing the driver reads except the avail event, which
+        the next pop rewrites. A device uses it when buffers turn out too few for a frame.
+        """
+        if not 0 <= count <= self._size:
+            raise ValueError(f"virtqueue {self.index}: cannot rewind {count} chains")
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
     def _walk(self, desc: memoryview, head: int) -> DescriptorChain:
         size = self._size
         if head >= size:

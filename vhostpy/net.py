@@ -1,0 +1,384 @@
+"""virtio-net (virtio 1.2, section 5.1) with a host-side port that Python code drives.
+
+`NetDevice` serves queue pairs (receiveq 2i, transmitq 2i+1). Frames the driver transmits
+are validated, their partial checksums completed (VIRTIO_NET_F_CSUM), and handed to the
+device's `NetPort` in batches as plain Ethernet frames. Frames sent into the port are queued
+in a bounded backlog and written to the driver's receive buffers with a `virtio_net_hdr`
+(12 bytes with VERSION_1 or MRG_RXBUF, 10 bytes for legacy drivers); with
+VIRTIO_NET_F_MRG_RXBUF a frame spreads across several buffers and `num_buffers` says how
+many. Nothing here blocks: without receive buffers the backlog fills and then drops, and
+every drop is counted by reason.
+
+The control queue and the config space are QEMU's business under vhost-user; `config()`
+serves transports that read it from the device (the lguest bridge). This module never
+imports the vhost-user layers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vhostpy.device import VIRTIO_ID_NET, Device
+from vhostpy.errors import ConfigurationError, FrontendError
+from vhostpy.packets import complete_checksum, frame_bytes, parse_mac, to_scapy
+from vhostpy.virtqueue import VIRTIO_F_VERSION_1, DescriptorChain, Virtqueue
+
+log = logging.getLogger(__name__)
+
+# Feature bits (5.1.3).
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_MQ = 22
+
+VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+
+#: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset (+ num_buffers).
+NET_HDR = struct.Struct("<BBHHHH")
+NET_HDR_MRG = struct.Struct("<BBHHHHH")
+#: mac, status, max_virtqueue_pairs, mtu.
+NET_CONFIG = struct.Struct("<6sHHH")
+
+ETH_HLEN = 14
+ETH_MIN_FRAME = ETH_HLEN
+MAX_FRAME = 65536            # the largest frame (without header) ever accepted
+ETH_OVERHEAD = ETH_HLEN + 4  # header and one VLAN tag on top of the MTU
+DEFAULT_MTU = 1500
+DEFAULT_MAC = "52:54:00:12:34:56"
+RX_BACKLOG = 1024            # frames waiting for receive buffers before new ones drop
+BATCH = 64
+
+FrameHandler = Callable[["NetPort", list[Any]], None]
+#: monitor(port, direction, frames) with direction "from_guest" or "to_guest".
+FrameMonitor = Callable[["NetPort", str, Sequence[bytes]], None]
+
+
+@dataclass
+class QueueCounters:
+    """Frames and bytes through one virtqueue, and drops by reason."""
+
+    frames: int = 0
+    bytes: int = 0
+    drops: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"frames": self.frames, "bytes": self.bytes, "drops": dict(self.drops)}
+
+
+class NetPort:
+    """The host side of one virtio-net device: frames out of the guest, frames into it.
+
+    `add_handler(cb)` registers `cb(port, frames)` for every batch the guest transmits
+    (frames as bytes, or scapy packets with `scapy=True`). `send(frames)` queues frames for
+    the guest (bytes or scapy packets) and returns how many were accepted. Both run on the
+    thread that runs the device's event loop; `send_threadsafe` may be called from any
+    thread once the application set `call_soon_threadsafe`.
+    """
+
+    def __init__(self, device: NetDevice, name: str) -> None:
+        self.device = device
+        self.name = name
+        self._handlers: list[tuple[FrameHandler, bool]] = []
+        self._monitors: list[FrameMonitor] = []
+        self.call_soon_threadsafe: Callable[[Callable[[], None]], None] | None = None
+
+    def add_handler(self, handler: FrameHandler, *, scapy: bool = False) -> None:
+        """Call `handler(port, frames)` with each batch of frames the guest sends."""
+        self._handlers.append((handler, scapy))
+
+    def remove_handler(self, handler: FrameHandler) -> None:
+        self._handlers = [(h, s) for h, s in self._handlers if h is not handler]
+
+    def add_monitor(self, monitor: FrameMonitor) -> None:
+        """See every frame in both directions before handlers or the guest get it (capture)."""
+        self._monitors.append(monitor)
+
+    def deliver(self, frames: list[bytes]) -> None:
+        """Hand a batch from the guest to every monitor and handler (called by the device)."""
+        for monitor in self._monitors:
+            monitor(self, "from_guest", frames)
+        for handler, scapy in self._handlers:
+            handler(self, [to_scapy(f) for f in frames] if scapy else frames)
+
+    def send(self, frames: Iterable[Any]) -> int:
+        """Queue frames (bytes or scapy packets) for the guest; returns how many were taken."""
+        batch = [frame_bytes(f) for f in frames]
+        for monitor in self._monitors:
+            monitor(self, "to_guest", batch)
+        return self.device.transmit_to_guest(batch)
+
+    def send_threadsafe(self, frames: Iterable[Any]) -> None:
+        """`send` from any thread: the frames are queued on the loop's thread."""
+        batch = [frame_bytes(f) for f in frames]
+        if self.call_soon_threadsafe is None:
+            raise RuntimeError(f"port {self.name}: no event loop attached for send_threadsafe")
+        self.call_soon_threadsafe(lambda: self.send(batch))
+
+    # -- counters --------------------------------------------------------------------------
+    @property
+    def from_guest(self) -> QueueCounters:
+        """Totals over the transmit queues (what the guest sent)."""
+        return _sum_counters(self.device.tx_counters)
+
+    @property
+    def to_guest(self) -> QueueCounters:
+        """Totals over the receive queues and the backlog (what was sent to the guest)."""
+        return _sum_counters([self.device.backlog_counters, *self.device.rx_counters])
+
+    def counters(self) -> dict[str, object]:
+        """Every counter of this port, per direction and per queue."""
+        dev = self.device
+        return {
+            "port": self.name,
+            "from_guest": self.from_guest.as_dict(),
+            "to_guest": self.to_guest.as_dict(),
+            "queues": {
+                **{f"rx{i}": c.as_dict() for i, c in enumerate(dev.rx_counters)},
+                **{f"tx{i}": c.as_dict() for i, c in enumerate(dev.tx_counters)},
+            },
+            "backlog": len(dev.backlog),
+        }
+
+
+def _sum_counters(items: Sequence[QueueCounters]) -> QueueCounters:
+    total = QueueCounters()
+    for c in items:
+        total.frames += c.frames
+        total.bytes += c.bytes
+        total.drops.update(c.drops)
+    return total
+
+
+class NetDevice(Device):
+    """A virtio-net device with `queue_pairs` rx/tx pairs and a `NetPort` on the host side."""
+
+    device_id = VIRTIO_ID_NET
+    name = "virtio-net"
+    supports_mtu = True
+
+    def __init__(self, *, mac: str = DEFAULT_MAC, mtu: int | None = None, queue_pairs: int = 1,
+                 queue_size: int = 1024, name: str = "net0", rx_backlog: int = RX_BACKLOG) -> None:
+        super().__init__()
+        if not 1 <= queue_pairs <= 64:
+            raise ConfigurationError(f"--num-queues must be 1..64 queue pairs, not {queue_pairs}")
+        if mtu is not None and not 68 <= mtu <= MAX_FRAME - ETH_OVERHEAD:
+            raise ConfigurationError(f"MTU must be 68..{MAX_FRAME - ETH_OVERHEAD}, not {mtu}")
+        self.mac = parse_mac(mac)
+        self.configured_mtu = mtu
+        self.mtu = mtu or DEFAULT_MTU
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.max_queue_size = queue_size
+        self.rx_backlog = rx_backlog
+        self.port = NetPort(self, name)
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.backlog_counters = QueueCounters()
+        self.rx_counters = [QueueCounters() for _ in range(queue_pairs)]
+        self.tx_counters = [QueueCounters() for _ in range(queue_pairs)]
+        self._rx_queues: dict[int, Virtqueue] = {}
+        self._hdr_len = NET_HDR.size
+        self._mrg = False
+
+    # -- negotiation and config ------------------------------------------------------------
+    def device_features(self) -> int:
+        bits = [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+                VIRTIO_NET_F_MTU]
+        if self.queue_pairs > 1:
+            bits.append(VIRTIO_NET_F_MQ)
+        return sum(1 << b for b in bits)
+
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
+        self._mrg = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        modern = self.has_feature(VIRTIO_F_VERSION_1)
+        self._hdr_len = NET_HDR_MRG.size if (self._mrg or modern) else NET_HDR.size
+
+    @property
+    def hdr_len(self) -> int:
+        """Size of the virtio_net_hdr the driver negotiated (10 or 12)."""
+        return self._hdr_len
+
+    def config(self) -> bytes:
+        return NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, self.queue_pairs, self.mtu)
+
+    def set_mtu(self, mtu: int) -> None:
+        if not 68 <= mtu <= MAX_FRAME - ETH_OVERHEAD:
+            raise FrontendError(f"MTU {mtu} is outside 68..{MAX_FRAME - ETH_OVERHEAD}")
+        self.mtu = mtu
+        log.info("%s: MTU %d", self.port.name, mtu)
+
+    def reset(self) -> None:
+        super().reset()
+        self._rx_queues.clear()
+        self._mrg = False
+        self._hdr_len = NET_HDR.size
+
+    # -- queues ----------------------------------------------------------------------------
+    def queue_started(self, index: int, vq: Virtqueue) -> None:
+        if index % 2 == 0:
+            self._rx_queues[index] = vq
+        self.process_queue(index, vq)
+
+    def queue_stopped(self, index: int, vq: Virtqueue) -> None:
+        self._rx_queues.pop(index, None)
+
+    def process_queue(self, index: int, vq: Virtqueue) -> None:
+        if index % 2:
+            self._drain_tx(index // 2, vq)
+        else:
+            self._flush_rx()
+
+    # -- guest -> host ---------------------------------------------------------------------
+    def _drain_tx(self, pair: int, vq: Virtqueue) -> None:
+        counters = self.tx_counters[pair]
+        while vq.ready:
+            vq.disable_notifications()
+            chains = vq.pop_many(BATCH)
+            if not chains:
+                if not vq.ready or not vq.enable_notifications():
+                    break
+                continue
+            frames = []
+            for chain in chains:
+                frame = self._frame_from(chain, counters)
+                if frame is not None:
+                    frames.append(frame)
+                    counters.frames += 1
+                    counters.bytes += len(frame)
+            vq.add_used_many([(chain.head, 0) for chain in chains])
+            vq.signal_used()
+            if frames:
+                self.port.deliver(frames)
+
+    def _frame_from(self, chain: DescriptorChain, counters: QueueCounters) -> bytes | None:
+        """The Ethernet frame in a transmit chain, or None (counted) when it cannot be valid."""
+        hdr_len = self._hdr_len
+        total = chain.readable_len
+        reason = None
+        if total == 0:
+            reason = "empty"
+        elif total < hdr_len:
+            reason = "short header"
+        elif total == hdr_len:
+            reason = "header only"
+        elif total - hdr_len > MAX_FRAME:
+            reason = "oversize"
+        elif total - hdr_len < ETH_MIN_FRAME:
+            reason = "runt"
+        if reason is not None:
+            counters.drops[reason] += 1
+            log.debug("%s: dropped a %d-byte transmit chain: %s", self.port.name, total, reason)
+            return None
+        data = chain.read()
+        flags, gso_type, _, _, csum_start, csum_offset = NET_HDR.unpack_from(data)
+        if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            counters.drops["gso"] += 1
+            return None
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            frame = bytearray(data[hdr_len:])
+            try:
+                complete_checksum(frame, csum_start, csum_offset)
+            except ValueError:
+                counters.drops["bad checksum offsets"] += 1
+                return None
+            return bytes(frame)
+        return data[hdr_len:]
+
+    # -- host -> guest ---------------------------------------------------------------------
+    def transmit_to_guest(self, frames: Sequence[bytes]) -> int:
+        """Queue frames for the driver's receive buffers; returns how many were accepted."""
+        counters = self.backlog_counters
+        limit = self.mtu + ETH_OVERHEAD
+        accepted = 0
+        for frame in frames:
+            if len(frame) < ETH_MIN_FRAME:
+                counters.drops["runt"] += 1
+            elif len(frame) > limit:
+                counters.drops["larger than MTU"] += 1
+            elif len(self.backlog) >= self.rx_backlog:
+                counters.drops["no rx buffers"] += 1
+            else:
+                self.backlog.append(frame)
+                accepted += 1
+        self._flush_rx()
+        return accepted
+
+    def _pick_rx(self, frame: bytes) -> tuple[int, Virtqueue] | None:
+        queues = self._rx_queues
+        if not queues:
+            return None
+        if len(queues) == 1:
+            index = next(iter(queues))
+        else:
+            live = sorted(queues)
+            index = live[zlib.crc32(frame[:34]) % len(live)]
+        return index, queues[index]
+
+    def _flush_rx(self) -> None:
+        """Move backlog frames into receive buffers until either runs out."""
+        touched: dict[int, tuple[Virtqueue, list[tuple[int, int]]]] = {}
+        backlog = self.backlog
+        while backlog:
+            picked = self._pick_rx(backlog[0])
+            if picked is None:
+                break
+            index, vq = picked
+            used = touched.setdefault(index, (vq, []))[1]
+            status = self._place(backlog[0], vq, used, self.rx_counters[index // 2])
+            if status == "wait":
+                break
+            backlog.popleft()
+            if len(used) >= BATCH:
+                vq.add_used_many(used)
+                used.clear()
+        for vq, used in touched.values():
+            vq.add_used_many(used)
+            vq.signal_used()
+
+    def _place(self, frame: bytes, vq: Virtqueue, used: list[tuple[int, int]],
+               counters: QueueCounters) -> str:
+        """Write one frame into receive buffers: "done", "dropped" or "wait" (no buffers)."""
+        need = self._hdr_len + len(frame)
+        chains: list[DescriptorChain] = []
+        room = 0
+        while room < need and len(chains) < vq.size:
+            chain = vq.pop()
+            if chain is None:
+                break
+            chains.append(chain)
+            room += chain.writable_len
+            if not self._mrg:
+                break
+        if room < need:
+            if not self._mrg and chains:
+                vq.rewind(1)   # the buffer stays for a smaller frame
+                counters.drops["rx buffer too small"] += 1
+                return "dropped"
+            vq.rewind(len(chains))
+            if len(chains) >= vq.size:
+                counters.drops["larger than the whole ring"] += 1
+                return "dropped"
+            return "wait"
+        if self._mrg:
+            header = NET_HDR_MRG.pack(0, 0, 0, 0, 0, 0, len(chains))
+        else:
+            header = NET_HDR_MRG.pack(0, 0, 0, 0, 0, 0, 1)[: self._hdr_len]
+        data = memoryview(header + frame)
+        offset = 0
+        for chain in chains:
+            n = chain.write(data[offset:])
+            used.append((chain.head, n))
+            offset += n
+        counters.frames += 1
+        counters.bytes += len(frame)
+        return "done"
