@@ -269,10 +269,15 @@ class BlockDevice(Device):
         payload = chain.read(REQUEST_HEADER.size, length)
         segments = [DISCARD_SEGMENT.unpack_from(payload, i * DISCARD_SEGMENT.size)
                     for i in range(count)]
+        # Spec 5.2.6.2: unknown flags, and UNMAP on a discard, are UNSUPP; too many sectors
+        # is IOERR whatever the flags.
+        allowed = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if rtype == VIRTIO_BLK_T_WRITE_ZEROES else 0
         for sector, num, flags in segments:   # validate all before changing anything
-            if num > MAX_DISCARD_SECTORS or flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
-                raise BlkRequestError(VIRTIO_BLK_S_UNSUPP if flags else VIRTIO_BLK_S_IOERR,
-                                      f"{what}: {num} sectors, flags {flags:#x}")
+            if flags & ~allowed:
+                raise BlkRequestError(VIRTIO_BLK_S_UNSUPP, f"{what}: flags {flags:#x}")
+            if num > MAX_DISCARD_SECTORS:
+                raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"{what}: {num} sectors "
+                                      f"(max {MAX_DISCARD_SECTORS})")
             self._check_range(what, sector, num * SECTOR_SIZE)
         for sector, num, flags in segments:
             offset, size = sector * SECTOR_SIZE, num * SECTOR_SIZE

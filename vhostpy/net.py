@@ -122,7 +122,9 @@ class NetPort:
         batch = [frame_bytes(f) for f in frames]
         if self.call_soon_threadsafe is None:
             raise RuntimeError(f"port {self.name}: no event loop attached for send_threadsafe")
-        self.call_soon_threadsafe(lambda: self.send(batch))
+        def send() -> None:
+            self.send(batch)
+        self.call_soon_threadsafe(send)
 
     # -- counters --------------------------------------------------------------------------
     @property

@@ -168,7 +168,8 @@ class NetApp:
             except BaseException as exc:  # handed to the caller's thread
                 future.set_exception(exc)
         self.loop.call_soon_threadsafe(run)
-        return future.result(timeout)  # type: ignore[no-any-return]
+        result: T = future.result(timeout)
+        return result
 
     def stop(self) -> None:
         """Make `run()` return (any thread)."""

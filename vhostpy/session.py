@@ -495,4 +495,4 @@ HANDLERS: dict[Request, Callable[[Session, p.Message], p.Payload | None]] = {
     Request.GET_MAX_MEM_SLOTS: Session._on_get_max_mem_slots,
     Request.ADD_MEM_REG: Session._on_add_mem_reg,
     Request.REM_MEM_REG: Session._on_rem_mem_reg,
-}  # type: ignore[dict-item]
+}

@@ -1,0 +1,296 @@
+"""The import rules of ARCHITECTURE.md's module map, checked on the source with `ast`.
+
+`ALLOWED` is the whole rule set: for each module, the vhostpy modules it may import (None:
+anything). Every import counts, including ones inside functions and under TYPE_CHECKING,
+relative ones and `from vhostpy import x`. Modules in the table that do not exist yet are
+skipped; a module that exists but is missing from the table fails, so the map stays complete.
+The sans-I/O layers must not import the stdlib's socket or event-loop modules either.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from collections.abc import Collection
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "vhostpy"
+ROOT = "__init__"  # `import vhostpy` / `from vhostpy import __version__`
+SRC = Path(__file__).resolve().parent.parent / PACKAGE
+
+# Layers (ARCHITECTURE.md, "Module map and import rules").
+LAYER0 = {"errors", "protocol", "_accel"}
+LAYER1 = LAYER0 | {"memory", "virtqueue"}
+LAYER2 = LAYER1 | {"device"}
+MODELS = {"blk", "net", "rng", "console"}
+LAYER3 = LAYER2 | MODELS | {"packets"}
+LAYER5 = LAYER3 | {"session", "frontend", "loop"}
+#: What a device model may import: the table's "device, virtqueue, memory, errors", plus
+#: `packets`, the transport-free frame helpers behind virtio-net.
+MODEL_DEPS = {"device", "virtqueue", "memory", "errors", "packets", ROOT}
+#: Host-side ports and frame helpers of virtio-net: no transports, no devices.
+PORT_DEPS = {"errors", "packets", ROOT}
+
+ALLOWED: dict[str, set[str] | None] = {
+    # layer 0: codec, errors, accelerated loops
+    "errors": set(),
+    "protocol": {"errors"},
+    "_accel": {"errors", "_native"},
+    ROOT: set(LAYER0),
+    # layer 1: guest memory and rings
+    "memory": LAYER0 | {ROOT},
+    "virtqueue": LAYER0 | {"memory", ROOT},
+    # layer 2: the device interface
+    "device": LAYER1 | {ROOT},
+    # layer 3: device models, and the transport-free helpers beside them
+    "blk": MODEL_DEPS,
+    "net": MODEL_DEPS,
+    "rng": MODEL_DEPS,
+    "console": MODEL_DEPS,
+    "packets": set(),  # standard library only (its docstring)
+    "tap": PORT_DEPS,
+    "pcap": PORT_DEPS,
+    "switch": PORT_DEPS,
+    # layer 4: control planes
+    "session": LAYER3 | {ROOT},
+    "frontend": LAYER1 | {ROOT},
+    # layer 5: the event loop knows nothing about virtio
+    "loop": set(),
+    # layer 6: I/O edges
+    "server": LAYER5 | {ROOT},
+    "lguest_bridge": (LAYER5 - {"session"}) | {ROOT},
+    # layer 7: front doors
+    "netapp": None,  # checked below: anything but the command line
+    "cli": None,
+    "__main__": None,
+}
+
+#: Standard-library modules that would let a sans-I/O layer do I/O or own a loop.
+IO_MODULES = {"socket", "selectors", "select", "asyncio", "socketserver"}
+SANS_IO = {"errors", "protocol", "memory", "virtqueue", "device", "session"}
+#: Modules no library module may import (the command line sits on top of everything).
+NEVER_IMPORTED = {"cli", "__main__"}
+
+
+def present_modules() -> set[str]:
+    return {p.stem for p in SRC.glob("*.py")}
+
+
+def vhostpy_imports(source: str, known: Collection[str]) -> set[str]:
+    """The vhostpy modules `source` imports, by module name (ROOT for the package itself).
+
+    `known` names the package's modules, to tell `from vhostpy import memory` (a module)
+    from `from vhostpy import __version__` (a name in the package). A relative import that
+    climbs out of the package comes back as "..<module>", which no rule allows.
+    """
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == PACKAGE:
+                    found.add(parts[1] if len(parts) > 1 else ROOT)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                if parts[0] != PACKAGE:
+                    continue
+                rest = parts[1:]
+            elif node.level == 1:
+                rest = node.module.split(".") if node.module else []
+            else:
+                found.add(".." + (node.module or ""))
+                continue
+            if rest:
+                found.add(rest[0])
+            else:
+                for alias in node.names:
+                    found.add(alias.name if alias.name in known else ROOT)
+    return found
+
+
+def stdlib_imports(source: str) -> set[str]:
+    """Top-level names of the absolute imports in `source`."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def violations(module: str, source: str, known: Collection[str] | None = None) -> list[str]:
+    """Every broken rule of `module` (whose code is `source`), one line each."""
+    known = set(ALLOWED) | present_modules() if known is None else known
+    if module not in ALLOWED:
+        return [f"{module}: not in the layering table; add it to ALLOWED"]
+    imports = vhostpy_imports(source, known) - {module}
+    allowed = ALLOWED[module]
+    out = []
+    if allowed is None:
+        if module not in NEVER_IMPORTED:
+            out += [f"{module} imports {imp} (only the command line may)"
+                    for imp in sorted(imports & NEVER_IMPORTED)]
+    else:
+        out += [f"{module} imports {imp} (allowed: {', '.join(sorted(allowed)) or 'none'})"
+                for imp in sorted(imports - allowed)]
+    if module in SANS_IO:
+        out += [f"{module} is sans-I/O but imports {name}"
+                for name in sorted(stdlib_imports(source) & IO_MODULES)]
+    return out
+
+
+def check_file(path: Path, module: str | None = None) -> list[str]:
+    return violations(module or path.stem, path.read_text())
+
+
+# ------------------------------------------------------------------ the rules hold
+
+
+def test_table_lists_the_architecture_modules() -> None:
+    architecture = {"errors", "protocol", "_accel", "memory", "virtqueue", "device", "blk",
+                    "net", "rng", "console", "session", "frontend", "loop", "server",
+                    "lguest_bridge", "cli", "__main__"}
+    assert architecture <= set(ALLOWED)
+
+
+def test_every_module_is_in_the_table() -> None:
+    assert present_modules(), f"no modules found in {SRC}"
+    assert sorted(present_modules() - set(ALLOWED)) == []
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_module_follows_its_layer(module: str) -> None:
+    path = SRC / f"{module}.py"
+    if not path.exists():
+        pytest.skip(f"{module}.py does not exist yet")
+    assert check_file(path) == []
+
+
+@pytest.mark.parametrize("module", sorted(SANS_IO))
+def test_sans_io_modules_do_not_import_sockets(module: str) -> None:
+    path = SRC / f"{module}.py"
+    if not path.exists():
+        pytest.skip(f"{module}.py does not exist yet")
+    assert not stdlib_imports(path.read_text()) & {"socket", "selectors"}
+
+
+def test_lower_layers_never_import_higher_ones() -> None:
+    # The table itself must be acyclic along layers: spot-check the rules the map states.
+    for module in ("errors", "protocol", "_accel"):
+        assert ALLOWED[module] <= {"errors", "_native"}  # type: ignore[operator]
+    for module in ("memory", "virtqueue"):
+        assert ALLOWED[module] <= LAYER0 | {"memory", ROOT}  # type: ignore[operator]
+    for module in MODELS:
+        assert not ALLOWED[module] & {"protocol", "session", "server", "loop", "frontend"}  # type: ignore[operator]
+    assert not ALLOWED["session"] & {"loop", "server", "frontend"}  # type: ignore[operator]
+    assert ALLOWED["frontend"] <= LAYER1 | {ROOT}  # type: ignore[operator]
+    assert ALLOWED["loop"] == set()
+    assert "session" not in ALLOWED["lguest_bridge"]  # type: ignore[operator]
+    assert not ALLOWED["server"] & NEVER_IMPORTED  # type: ignore[operator]
+
+
+# ------------------------------------------------------------------ the checker checks
+
+
+KNOWN = set(ALLOWED)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import vhostpy.memory", {"memory"}),
+        ("import vhostpy", {ROOT}),
+        ("from vhostpy import protocol as p", {"protocol"}),
+        ("from vhostpy import __version__", {ROOT}),
+        ("from vhostpy import *", {ROOT}),
+        ("from vhostpy.protocol import Request", {"protocol"}),
+        ("from .errors import VhostError", {"errors"}),
+        ("from . import memory, virtqueue", {"memory", "virtqueue"}),
+        ("from ..elsewhere import x", {"..elsewhere"}),
+        ("import os, vhostpy.loop as loop", {"loop"}),
+        ("def f():\n    from vhostpy.server import Server\n", {"server"}),
+        ("if TYPE_CHECKING:\n    from vhostpy.session import Session\n", {"session"}),
+        ("import vhostpyx\nfrom vhostpy_other import y", set()),
+    ],
+)
+def test_import_resolution(source: str, expected: set[str]) -> None:
+    assert vhostpy_imports(source, KNOWN) == expected
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("blk", "from vhostpy.session import Session"),
+        ("blk", "from vhostpy import protocol as p"),
+        ("blk", "from . import server"),
+        ("net", "from vhostpy.loop import EventLoop"),
+        ("rng", "import vhostpy.frontend"),
+        ("memory", "from .virtqueue import Virtqueue"),
+        ("virtqueue", "def f():\n    from vhostpy import device\n"),
+        ("errors", "from vhostpy import memory"),
+        ("protocol", "from vhostpy.memory import GuestMemory"),
+        ("_accel", "from vhostpy.virtqueue import Virtqueue"),
+        ("protocol", "import socket"),
+        ("protocol", "from selectors import DefaultSelector"),
+        ("session", "import selectors"),
+        ("session", "from socket import socketpair"),
+        ("session", "from vhostpy.loop import EventLoop"),
+        ("session", "from vhostpy.server import Server"),
+        ("device", "from vhostpy.blk import BlockDevice"),
+        ("frontend", "from vhostpy.device import Device"),
+        ("frontend", "from vhostpy.session import Session"),
+        ("loop", "from vhostpy.errors import VhostError"),
+        ("loop", "import vhostpy"),
+        ("server", "from vhostpy.cli import main"),
+        ("lguest_bridge", "import vhostpy.session"),
+        ("netapp", "from vhostpy import cli"),
+        ("packets", "from vhostpy.device import Device"),
+        ("session", "from ..outside import thing"),
+        ("brand_new_module", "import os"),
+    ],
+)
+def test_checker_catches_broken_rules(module: str, source: str) -> None:
+    assert violations(module, source, KNOWN) != []
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("blk", "from vhostpy.device import Device\nfrom .errors import VhostError"),
+        ("net", "from vhostpy.packets import frame_bytes"),
+        ("session", "from vhostpy import protocol as p\nfrom vhostpy.device import Device"),
+        ("server", "import socket\nfrom vhostpy.session import Session"),
+        ("lguest_bridge", "from vhostpy.frontend import Frontend"),
+        ("cli", "from vhostpy.server import Server\nfrom vhostpy import __version__"),
+        ("__main__", "from vhostpy.cli import main"),
+        ("netapp", "from vhostpy.server import Server"),
+        ("virtqueue", "from .memory import GuestMemory"),
+        ("protocol", "from vhostpy.errors import ProtocolError\nimport struct"),
+    ],
+)
+def test_checker_accepts_allowed_imports(module: str, source: str) -> None:
+    assert violations(module, source, KNOWN) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "injected"),
+    [
+        ("blk", "from vhostpy.session import Session\n"),
+        ("session", "import socket\n"),
+        ("protocol", "from vhostpy import memory\n"),
+        ("memory", "from .device import Device\n"),
+    ],
+)
+def test_injected_import_in_a_copy_fails(tmp_path: Path, module: str, injected: str) -> None:
+    original = SRC / f"{module}.py"
+    if not original.exists():
+        pytest.skip(f"{module}.py does not exist yet")
+    copy = tmp_path / original.name
+    shutil.copy(original, copy)
+    assert check_file(copy) == []
+    copy.write_text(copy.read_text() + "\n\ndef _late():\n    " + injected)
+    assert check_file(copy) != []
