@@ -68,7 +68,7 @@ def test_qemu_command_devices(tmp_path: Path) -> None:
     assert "socket,id=blk1,path=/b,,c.sock" in argv  # commas doubled for QEMU
     assert "vhost-user-blk-pci,chardev=blk1,num-queues=2,serial=X" in argv
     assert "vhost-user,id=hn1,chardev=net1,queues=1" in argv
-    assert (f"virtio-net-pci,netdev=hn0,mac={guest_mac(0)},host_mtu=9000,mrg_rxbuf=off"
+    assert (f"virtio-net-pci,netdev=hn0,mac={guest_mac(0)},vectors=0,host_mtu=9000,mrg_rxbuf=off"
             in argv)
     assert guest_mac(1) == "52:54:00:12:34:51" and guest_mac(12) == "52:54:00:12:34:5c"
     assert argv[-2:] == ["-smp", "2"]

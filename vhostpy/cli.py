@@ -147,7 +147,8 @@ def _make_blk(args: argparse.Namespace) -> BlockDevice:
             raise ConfigurationError("--size is for the in-memory disk; it cannot be "
                                      "combined with --image")
         return BlockDevice.open_image(args.image, **options)
-    return BlockDevice.in_memory(args.size or DEFAULT_DISK_SIZE, **options)
+    size = DEFAULT_DISK_SIZE if args.size is None else args.size  # --size 0 is an error
+    return BlockDevice.in_memory(size, **options)
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -160,13 +161,15 @@ def _setup_logging(verbosity: int) -> None:
 def serve(device: Device, *, socket_path: str | None, fd: int | None) -> int:
     """Serve `device` until SIGTERM/SIGINT; returns the exit status."""
     loop = EventLoop()
+    # Handlers first: a signal arriving once the socket file exists must still remove it
+    # (the loop sees it on its first turn), not kill the process with the file left behind.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, loop.stop)
     try:
         server = Server(device, loop, socket_path=socket_path, fd=fd)
     except BaseException:
         loop.close()
         raise
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, loop.stop)
     log.info("serving %s on %s", device.name,
              socket_path if socket_path is not None else f"fd {fd}")
     try:

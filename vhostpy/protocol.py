@@ -764,6 +764,14 @@ class Decoder:
         self._fds.clear()
         return out
 
+    def pending_header(self) -> tuple[Request | BackendRequest | int, int, int] | None:
+        """(request, flags, size) of the incomplete message buffered, or None when fewer than
+        HEADER_SIZE bytes are buffered (for reporting a peer that vanished mid-message)."""
+        if len(self._buf) < HEADER_SIZE:
+            return None
+        req_raw, flags, size = HEADER.unpack_from(self._buf)
+        return self._lookup(req_raw), flags, size
+
     def _owner_of(self, start: int) -> int:
         """Buffer offset of the message owning fds fed with the bytes from `start` on.
 

@@ -90,11 +90,27 @@ class Connection:
             return
         if not data:
             _close_all(fds)
+            self._report_truncation()
             log.info("front-end disconnected")
             self.close()
             return
         self.decoder.feed(data, fds)
         self._drain()
+
+    def _report_truncation(self) -> None:
+        """At EOF: name the message the front-end left unfinished, if any."""
+        pending = self.decoder.pending_bytes
+        if not pending:
+            return
+        head = self.decoder.pending_header()
+        if head is None:
+            log.warning("front-end disconnected after %d of the %d bytes of a message header",
+                        pending, p.HEADER_SIZE)
+        else:
+            req, flags, size = head
+            log.warning("front-end disconnected in the middle of %s (flags=%#x): payload "
+                        "size=%d but only %d bytes arrived", p.request_name(req), flags, size,
+                        pending - p.HEADER_SIZE)
 
     def _drain(self) -> None:
         while not self.closed:
@@ -235,18 +251,37 @@ def _listen(path: str) -> socket.socket:
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)  # a stale socket left by a dead process
         except OSError as exc:
-            raise ConfigurationError(f"socket path {path!r}: {exc.strerror}") from exc
+            raise ConfigurationError(f"socket path {path!r}: {exc.strerror or exc}") from exc
         else:
             raise ConfigurationError(f"socket path {path!r} is in use by another process")
         finally:
             probe.close()
+    # Listen under a temporary name, then link it to `path`: whoever waits for `path` to
+    # appear (libvirt, a test, the stale check above) must never find a socket that still
+    # refuses connections. link() fails if `path` appeared meanwhile; it never replaces it.
+    head, tail = os.path.split(path)
+    tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        try:
+            sock.bind(tmp)
+        except OSError as exc:
+            if exc.errno is not None:
+                raise
+            tmp = path  # only the temporary name is too long for sun_path: bind in place
+            sock.bind(path)
         sock.listen(128)
+        if tmp != path:
+            os.link(tmp, path)
     except OSError as exc:
         sock.close()
-        raise ConfigurationError(f"cannot listen on {path!r}: {exc.strerror}") from exc
+        raise ConfigurationError(f"cannot listen on {path!r}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp != path:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return sock
 
 

@@ -1,0 +1,176 @@
+"""A learning Ethernet switch (IEEE 802.1D transparent bridging, minus spanning tree).
+
+`Switch` connects ports: whatever pushes frames *out of* a port (a guest's TX queue, a
+tap, a `Responder`) calls `Switch.forward(port, frames)`; the switch delivers them with
+`Port.send()` to the other ports. It learns source MAC -> port, floods broadcast,
+multicast and unknown unicast to every other port, sends known unicast to one port, and
+never hairpins a frame back to the port it came from. Work is batched: one `send()` per
+destination port per `forward()` call, frames kept in order.
+
+It owns only the forwarding database; it never parses past the Ethernet header, never
+copies frames, does no I/O of its own and imports nothing from the rest of vhostpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+__all__ = ["Port", "Switch"]
+
+log = logging.getLogger(__name__)
+
+_ZERO_MAC = bytes(6)
+
+
+class Port(Protocol):
+    """Anything that can take Ethernet frames (no FCS, no virtio_net_hdr) toward its peer.
+
+    `send()` returns how many of `frames` it accepted; the rest are dropped and counted by
+    the port. It may call `Switch.forward()` again from inside (a port that answers at
+    once); the switch tolerates that.
+    """
+
+    name: str
+
+    def send(self, frames: Sequence[bytes]) -> int: ...
+
+
+class Switch:
+    """A learning L2 switch between attached `Port` objects.
+
+    Ports are identified by object identity. Entries of the forwarding database (MAC ->
+    port, last seen) older than `aging` seconds of `clock` are ignored and swept. Frames
+    shorter than an Ethernet header, with a multicast or all-zero source MAC, or from a port
+    that is not attached are dropped. At most `max_entries` MACs are learned (a guest
+    inventing source addresses cannot grow memory); beyond that, frames from new MACs
+    are still forwarded, only not learned.
+
+    Counters: `forwarded` (known-unicast frames sent to one port), `flooded` (frames sent
+    to every other port, counted once per frame), `filtered` (known unicast whose port is
+    the source port: not sent), `dropped` (invalid or from a detached port).
+    """
+
+    def __init__(
+        self,
+        aging: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_entries: int = 4096,
+    ) -> None:
+        if aging <= 0:
+            raise ValueError(f"aging must be positive, not {aging}")
+        self.aging = aging
+        self.clock = clock
+        self.max_entries = max_entries
+        self._ports: dict[int, Port] = {}  # id(port) -> port, in attach order
+        self._fdb: dict[bytes, tuple[Port, float]] = {}
+        self._next_sweep = clock() + aging
+        self.forwarded = 0
+        self.flooded = 0
+        self.filtered = 0
+        self.dropped = 0
+
+    def counters(self) -> dict[str, int]:
+        """All counters by name, plus `macs`: the size of the forwarding database."""
+        return {"forwarded": self.forwarded, "flooded": self.flooded,
+                "filtered": self.filtered, "dropped": self.dropped, "macs": len(self._fdb)}
+
+    @property
+    def ports(self) -> list[Port]:
+        """Attached ports, in attach order."""
+        return list(self._ports.values())
+
+    def attach(self, port: Port) -> None:
+        """Connect `port`; raises ValueError if it is already attached."""
+        if id(port) in self._ports:
+            raise ValueError(f"port {port.name!r} is already attached")
+        self._ports[id(port)] = port
+        log.debug("switch: attached port %s", port.name)
+
+    def detach(self, port: Port) -> None:
+        """Disconnect `port` and forget every MAC learned on it; unknown ports are ignored."""
+        if self._ports.pop(id(port), None) is None:
+            return
+        for mac in [m for m, (p, _) in self._fdb.items() if p is port]:
+            del self._fdb[mac]
+        log.debug("switch: detached port %s", port.name)
+
+    def forward(self, src: Port, frames: Sequence[bytes]) -> None:
+        """Switch `frames` that arrived from `src` to the other ports.
+
+        Learns each valid frame's source MAC on `src`, then queues it for its destination:
+        every other port for group addresses and unknown unicast, the learned port for
+        known unicast (nothing if that is `src`). Finally calls `send()` once per
+        destination port that has frames, in attach order. Exceptions from `send()`
+        propagate after earlier ports got their frames.
+        """
+        if id(src) not in self._ports:
+            self.dropped += len(frames)
+            return
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        fdb = self._fdb
+        horizon = now - self.aging
+        others = [p for p in self._ports.values() if p is not src]
+        batches: dict[int, list[bytes]] = {id(p): [] for p in others}
+        flood = [batches[id(p)] for p in others]
+        forwarded = flooded = filtered = dropped = 0
+        for frame in frames:
+            if len(frame) < 14:
+                dropped += 1
+                continue
+            smac = bytes(frame[6:12])
+            if smac[0] & 1 or smac == _ZERO_MAC:
+                dropped += 1
+                continue
+            entry = fdb.get(smac)
+            if entry is None and len(fdb) >= self.max_entries:
+                pass  # table full: forward, do not learn
+            elif entry is None or entry[0] is not src or entry[1] != now:
+                fdb[smac] = (src, now)  # new, refreshed, or moved to this port
+            dmac = bytes(frame[0:6])
+            if not dmac[0] & 1:
+                entry = fdb.get(dmac)
+                if entry is not None and entry[1] >= horizon:
+                    out = entry[0]
+                    if out is src:
+                        filtered += 1
+                    else:
+                        batches[id(out)].append(frame)
+                        forwarded += 1
+                    continue
+            for batch in flood:
+                batch.append(frame)
+            flooded += 1
+        self.forwarded += forwarded
+        self.flooded += flooded
+        self.filtered += filtered
+        self.dropped += dropped
+        for port in others:
+            batch = batches[id(port)]
+            # A port detached by an earlier send() (re-entrancy) gets nothing more.
+            if batch and id(port) in self._ports:
+                port.send(batch)
+
+    def _sweep(self, now: float) -> None:
+        horizon = now - self.aging
+        for mac in [m for m, (_, seen) in self._fdb.items() if seen < horizon]:
+            del self._fdb[mac]
+        self._next_sweep = now + self.aging / 2
+
+    def lookup(self, mac: bytes) -> Port | None:
+        """The port `mac` was last seen on, or None if unknown or aged out."""
+        entry = self._fdb.get(bytes(mac))
+        if entry is None or entry[1] < self.clock() - self.aging:
+            return None
+        return entry[0]
+
+    def table(self) -> dict[str, tuple[str, float]]:
+        """The live forwarding database: 'xx:..:xx' -> (port name, seconds since last seen)."""
+        now = self.clock()
+        self._sweep(now)
+        return {mac.hex(":"): (port.name, now - seen) for mac, (port, seen) in self._fdb.items()}
