@@ -24,8 +24,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.vhostpy-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test]'
+    log=.venv/pip-install.log
+    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+           .venv/bin/python -m pip install -q -e '.[test]'; } > "$log" 2>&1; then
+        cat "$log" >&2
+        echo "ci/install.sh: pip install failed" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 echo "ci/install.sh: ready (.venv/bin/python, $(.venv/bin/python --version))"
