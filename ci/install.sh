@@ -10,6 +10,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 bash ci/qemu/install-deps.sh
+bash ci/dpdk/install-deps.sh
 
 need_pkgs=()
 python3 -m venv --help >/dev/null 2>&1 || need_pkgs+=(python3-venv)

@@ -96,7 +96,8 @@ class EventLoop:
     def stop(self) -> None:
         """Make `run()` return after the current callback (callable from any thread)."""
         self._running = False
-        os.eventfd_write(self._wake_fd, 1)
+        if self._wake_fd >= 0:  # after close() the number may belong to another file
+            os.eventfd_write(self._wake_fd, 1)
 
     def run(self) -> None:
         """Dispatch events until `stop()` is called."""
@@ -121,7 +122,9 @@ class EventLoop:
             log.exception("event loop callback %r failed", callback)
 
     def close(self) -> None:
-        """Restore signal handlers and release the loop's own descriptors."""
+        """Restore signal handlers and release the loop's own descriptors (idempotent)."""
+        if self._wake_fd < 0:
+            return  # closing the numbers again could close files that reused them
         for signum, previous in self._previous_handlers.items():
             signal.signal(signum, previous)  # type: ignore[arg-type]
         if self._old_wakeup_fd is not None:
@@ -130,6 +133,7 @@ class EventLoop:
         os.close(self._wake_fd)
         os.close(self._signal_r)
         os.close(self._signal_w)
+        self._wake_fd = self._signal_r = self._signal_w = -1
 
 
 def _ignore_in_handler(signum: int, frame: FrameType | None) -> None:

@@ -90,6 +90,7 @@ class NetPort:
         self.name = name
         self._handlers: list[tuple[FrameHandler, bool]] = []
         self._monitors: list[FrameMonitor] = []
+        self.handler_errors = 0
         self.call_soon_threadsafe: Callable[[Callable[[], None]], None] | None = None
 
     def add_handler(self, handler: FrameHandler, *, scapy: bool = False) -> None:
@@ -97,25 +98,35 @@ class NetPort:
         self._handlers.append((handler, scapy))
 
     def remove_handler(self, handler: FrameHandler) -> None:
-        self._handlers = [(h, s) for h, s in self._handlers if h is not handler]
+        # == not `is`: each `obj.method` access is a new bound-method object (equal, not same).
+        self._handlers = [(h, s) for h, s in self._handlers if h != handler]
 
     def add_monitor(self, monitor: FrameMonitor) -> None:
         """See every frame in both directions before handlers or the guest get it (capture)."""
         self._monitors.append(monitor)
 
     def deliver(self, frames: list[bytes]) -> None:
-        """Hand a batch from the guest to every monitor and handler (called by the device)."""
-        for monitor in self._monitors:
-            monitor(self, "from_guest", frames)
+        """Hand a batch from the guest to every monitor and handler (called by the device).
+
+        A handler that raises is logged and counted (`handler_errors`); the batch still goes
+        to the other handlers and the device keeps serving: user code cannot break a ring.
+        """
+        self.observe("from_guest", frames)
         for handler, scapy in self._handlers:
-            handler(self, [to_scapy(f) for f in frames] if scapy else frames)
+            try:
+                handler(self, [to_scapy(f) for f in frames] if scapy else frames)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("%s: frame handler %r failed", self.name, handler)
+
+    def observe(self, direction: str, frames: Sequence[bytes]) -> None:
+        """Show frames to the monitors ("from_guest", or "to_guest" once accepted)."""
+        for monitor in self._monitors:
+            monitor(self, direction, frames)
 
     def send(self, frames: Iterable[Any]) -> int:
         """Queue frames (bytes or scapy packets) for the guest; returns how many were taken."""
-        batch = [frame_bytes(f) for f in frames]
-        for monitor in self._monitors:
-            monitor(self, "to_guest", batch)
-        return self.device.transmit_to_guest(batch)
+        return self.device.transmit_to_guest([frame_bytes(f) for f in frames])
 
     def send_threadsafe(self, frames: Iterable[Any]) -> None:
         """`send` from any thread: the frames are queued on the loop's thread."""
@@ -149,6 +160,7 @@ class NetPort:
                 **{f"tx{i}": c.as_dict() for i, c in enumerate(dev.tx_counters)},
             },
             "backlog": len(dev.backlog),
+            "handler_errors": self.handler_errors,
         }
 
 
@@ -221,6 +233,9 @@ class NetDevice(Device):
 
     def reset(self) -> None:
         super().reset()
+        if self.backlog:   # frames meant for the previous driver
+            self.backlog_counters.drops["device reset"] += len(self.backlog)
+            self.backlog.clear()
         self._rx_queues.clear()
         self._mrg = False
         self._hdr_len = NET_HDR.size
@@ -301,19 +316,21 @@ class NetDevice(Device):
         """Queue frames for the driver's receive buffers; returns how many were accepted."""
         counters = self.backlog_counters
         limit = self.mtu + ETH_OVERHEAD
-        accepted = 0
+        accepted: list[bytes] = []
         for frame in frames:
             if len(frame) < ETH_MIN_FRAME:
                 counters.drops["runt"] += 1
             elif len(frame) > limit:
                 counters.drops["larger than MTU"] += 1
-            elif len(self.backlog) >= self.rx_backlog:
+            elif len(self.backlog) + len(accepted) >= self.rx_backlog:
                 counters.drops["no rx buffers"] += 1
             else:
-                self.backlog.append(frame)
-                accepted += 1
-        self._flush_rx()
-        return accepted
+                accepted.append(frame)
+        if accepted:
+            self.port.observe("to_guest", accepted)
+            self.backlog.extend(accepted)
+            self._flush_rx()
+        return len(accepted)
 
     def _pick_rx(self, frame: bytes) -> tuple[int, Virtqueue] | None:
         queues = self._rx_queues

@@ -165,7 +165,7 @@ class NetApp:
         def run() -> None:
             try:
                 future.set_result(fn())
-            except BaseException as exc:  # handed to the caller's thread
+            except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
                 future.set_exception(exc)
         self.loop.call_soon_threadsafe(run)
         result: T = future.result(timeout)

@@ -104,6 +104,9 @@ class Session:
         self.protocol_features = PF(0)
         self.owner = False
         self._kept: set[int] = set()
+        #: Extra ADD_MEM_REGs of an already mapped region, by (gpa, size, uva): QEMU before
+        #: 8.0 sends ADD/REM_MEM_REG once per queue pair (one vhost_dev each) on one socket.
+        self._region_dups: dict[tuple[int, int, int], int] = {}
 
     # -- offered features ------------------------------------------------------------------
     def offered_features(self) -> int:
@@ -261,6 +264,7 @@ class Session:
         """The front-end went away: stop rings, release every fd and mapping, reset the device."""
         self._reset_device()
         self.memory.clear()
+        self._region_dups.clear()
 
     def _memory_changed(self) -> None:
         for ring in self.rings:
@@ -310,6 +314,7 @@ class Session:
         if len(msg.fds) != len(table.regions):
             raise FrontendError(f"{len(table.regions)} regions but {len(msg.fds)} fds")
         self.memory.clear()
+        self._region_dups.clear()
         try:
             for region, fd in zip(table.regions, msg.fds):
                 self.memory.map_fd(fd, region.guest_phys_addr, region.memory_size,
@@ -327,6 +332,13 @@ class Session:
         region = _payload(msg, p.MemRegionMsg).region
         if len(msg.fds) != 1:
             raise FrontendError(f"ADD_MEM_REG needs one fd, got {len(msg.fds)}")
+        key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+        if any((r.guest_phys_addr, r.size, r.userspace_addr, r.mmap_offset)
+               == (*key, region.mmap_offset) for r in self.memory.regions):
+            # The same region again (QEMU 7.2 with several queue pairs): count it so the
+            # matching REM_MEM_REGs unmap it only when the last one arrives.
+            self._region_dups[key] = self._region_dups.get(key, 0) + 1
+            return
         if len(self.memory.regions) >= self.max_mem_slots:
             raise FrontendError(f"all {self.max_mem_slots} memory slots are in use")
         self.memory.map_fd(msg.fds[0], region.guest_phys_addr, region.memory_size,
@@ -334,6 +346,10 @@ class Session:
 
     def _on_rem_mem_reg(self, msg: p.Message) -> None:
         region = _payload(msg, p.MemRegionMsg).region
+        key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+        if self._region_dups.get(key, 0) > 0:
+            self._region_dups[key] -= 1
+            return
         self.memory.remove(region.guest_phys_addr, region.memory_size, region.userspace_addr)
         self._memory_changed()
 

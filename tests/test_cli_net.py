@@ -1,0 +1,196 @@
+"""`vhostpy net` run as users run it (`python -m vhostpy net`): capabilities, one-line errors
+with exit status 1 and nothing left listening, several ports, SIGTERM with a counters line,
+and `--reflect` serving a scripted guest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scripted import ScriptedGuest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+PROG = [sys.executable, "-m", "vhostpy", "net"]
+HDR_MRG = struct.Struct("<BBHHHHH")
+
+
+def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PROG, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, check=False)
+
+
+@pytest.fixture
+def start() -> Iterator:
+    """start(*args) -> a running `vhostpy net` process; killed if the test left it running."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(*args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([*PROG, *args], cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def wait_for(paths: list[Path], proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{paths} never all appeared"
+        time.sleep(0.01)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err.decode(errors="replace")
+
+
+def counters_line(stderr: str) -> dict:
+    prefix = "vhostpy net: counters "
+    lines = [line for line in stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, stderr
+    counters: dict = json.loads(lines[0][len(prefix):])
+    return counters
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_print_capabilities() -> None:
+    r = run("--print-capabilities")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == '{"type": "net"}\n'
+    assert r.stderr == ""
+
+
+#: name -> (arguments, what the one error line must mention)
+BAD = {
+    "respond": (["--respond", "1.2.3"], "1.2.3"),
+    "num-queues": (["--num-queues", "0"], "--num-queues"),
+    "num-queues-too-many": (["--num-queues", "65"], "--num-queues"),
+    "queue-size": (["--queue-size", "x"], "--queue-size"),
+    "pcap": (["--pcap", "/nonexistent-dir/x.pcap"], "/nonexistent-dir/x.pcap"),
+    "tap": (["--tap", "a" * 20], "invalid interface name"),
+}
+
+
+@pytest.mark.parametrize(("args", "mention"), list(BAD.values()), ids=list(BAD))
+def test_bad_value_one_line_exit_1(tmp_path: Path, args: list[str], mention: str) -> None:
+    sock = tmp_path / "net.sock"
+    r = run("--socket-path", str(sock), *args)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("vhostpy net: error:"), r.stderr
+    assert mention in r.stderr, r.stderr
+    assert r.stdout == ""
+    assert os.listdir(tmp_path) == [], "something was created"
+
+
+def test_reflect_with_two_sockets(tmp_path: Path) -> None:
+    r = run("--socket-path", str(tmp_path / "a.sock"), "--socket-path",
+            str(tmp_path / "b.sock"), "--reflect")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "--reflect" in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_neither_socket_nor_fd(tmp_path: Path) -> None:
+    r = run("--respond", "10.0.0.1")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "--socket-path" in r.stderr, r.stderr
+
+
+def test_socket_and_fd_exclusive(tmp_path: Path) -> None:
+    r = run("--socket-path", str(tmp_path / "a.sock"), "--fd", "3")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_second_socket_in_use_first_cleaned_up(tmp_path: Path) -> None:
+    busy = tmp_path / "b.sock"
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        holder.bind(str(busy))
+        holder.listen(1)
+        r = run("--socket-path", str(tmp_path / "a.sock"), "--socket-path", str(busy))
+        assert r.returncode == 1
+        assert r.stderr.count("\n") == 1 and "in use" in r.stderr, r.stderr
+        assert sorted(os.listdir(tmp_path)) == ["b.sock"], "the first socket was left behind"
+    finally:
+        holder.close()
+
+
+def test_several_sockets_sigterm(tmp_path: Path, start) -> None:
+    paths = [tmp_path / f"port{i}.sock" for i in range(3)]
+    proc = start(*[a for p in paths for a in ("--socket-path", str(p))], "--num-queues", "2")
+    wait_for(paths, proc)
+    # Each socket is a working vhost-user back-end of its own (two queue pairs each).
+    for path in paths:
+        guest = ScriptedGuest(str(path))
+        try:
+            guest.start()
+            assert guest.fe.get_queue_num() == 4
+        finally:
+            guest.close()
+    rc, err = stop(proc)
+    assert rc == 0, err
+    assert not any(p.exists() for p in paths)
+    assert os.listdir(tmp_path) == []
+    counters = counters_line(err)
+    assert [p["port"] for p in counters["ports"]] == ["port0", "port1", "port2"]
+    assert set(counters["ports"][0]["queues"]) == {"rx0", "rx1", "tx0", "tx1"}
+    assert "switch" in counters and "responder" in counters
+
+
+def test_reflect(backend) -> None:
+    b = backend("net", "--reflect")   # the conftest fixture: -v, waits for the socket
+    path = Path(b.path)
+    guest = ScriptedGuest(str(path))
+    try:
+        guest.start()
+        rx = guest.setup_ring(0).builder
+        tx = guest.setup_ring(1).builder
+        bufs = {}
+        for _ in range(4):
+            head, addrs = rx.add_chain(writable=[2048])
+            bufs[head] = addrs[0]
+        guest.kick(0)
+        dst, src = bytes.fromhex("0200000000aa"), bytes.fromhex("0200000000bb")
+        frame = dst + src + b"\x88\xb5" + bytes(range(200))
+        tx.add_chain([HDR_MRG.pack(0, 0, 0, 0, 0, 0, 0), frame])
+        guest.kick(1)
+        assert [n for _, n in guest.wait_used(1)] == [0]
+        (head, n), = guest.wait_used(0)
+        data = guest.memory.read(bufs[head], n)
+        assert HDR_MRG.unpack_from(data) == (0, 0, 0, 0, 0, 0, 1)
+        assert data[HDR_MRG.size:] == src + dst + frame[12:]
+    finally:
+        guest.close()
+    rc = b.stop()
+    out = b.log_path.read_text(errors="replace")
+    assert rc == 0, out
+    assert not path.exists()
+    port = counters_line(out)["ports"][0]
+    assert port["from_guest"]["frames"] == 1 and port["to_guest"]["frames"] == 1
