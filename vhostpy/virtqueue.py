@@ -82,6 +82,14 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
+def _store_u16(view: memoryview, offset: int, value: int) -> None:
+    """Store a ring field the driver polls (used->idx, used->flags, avail_event) in ONE
+    16-bit write. `struct.pack_into` is not one: CPython's s_pack_internal memsets its
+    target to zero before packing, so a driver polling used->idx could read 0 in between
+    (DPDK virtio-user then reclaims ~64k stale used entries and corrupts its free list)."""
+    view[offset : offset + 2].cast("H")[0] = value
+
+
 class _Broken(Exception):
     """Internal: the ring is hostile; carries the reason for `Virtqueue.fail()`."""
 
@@ -383,7 +391,7 @@ class Virtqueue:
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if out and self.event_idx and self._notify:
             # Keep kicks coming: ask for one when the driver publishes the entry after these.
-            _U16.pack_into(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
+            _store_u16(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
         return out
 
     def rewind(self, count: int) -> None:
@@ -491,7 +499,7 @@ class Virtqueue:
             _USED_ELEM.pack_into(used, 4 + USED_ELEM_SIZE * (idx & mask), head, length)
             idx = (idx + 1) & 0xFFFF
         # Publish only after every element is written: the driver reads elements below idx.
-        _U16.pack_into(used, 2, idx)
+        _store_u16(used, 2, idx)
         self.used_idx = idx
         self._unsignalled += len(items)
 
@@ -542,12 +550,12 @@ class Virtqueue:
         used = rings[2]
         if self.event_idx:
             # An event index the driver cannot reach: it lies just behind everything unconsumed.
-            _U16.pack_into(
+            _store_u16(
                 used, 4 + USED_ELEM_SIZE * self._size, (self.last_avail_idx - 1) & 0xFFFF
             )
         else:
             flags = _U16.unpack_from(used, 0)[0]
-            _U16.pack_into(used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
+            _store_u16(used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
 
     def enable_notifications(self) -> bool:
         """Ask for kicks again; True if buffers arrived meanwhile (the caller must re-poll)."""
@@ -557,10 +565,10 @@ class Virtqueue:
             return False
         _desc, avail, used = rings
         if self.event_idx:
-            _U16.pack_into(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
+            _store_u16(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
         else:
             flags = _U16.unpack_from(used, 0)[0]
-            _U16.pack_into(used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF)
+            _store_u16(used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF)
         # The driver may have published between our last pop and the store above without
         # kicking; re-reading avail->idx after the store closes that window.
         avail_idx: int = _U16.unpack_from(avail, 2)[0]
