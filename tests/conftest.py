@@ -34,7 +34,9 @@ class Backend:
             time.sleep(0.02)
 
     def output(self) -> str:
-        self.log.flush()
+        """Everything the process logged so far (also after `stop()`)."""
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:

@@ -653,10 +653,36 @@ def test_add_rem_mem_reg_and_slot_limit() -> None:
         assert rig.ack(R.REM_MEM_REG, p.MemRegionMsg(b)) == 1  # already gone
         # Overlap, missing fd, and the postcopy u64 layout are refused.
         assert rig.ack(R.REM_MEM_REG, p.MemRegionMsg(c)) == 0
-        assert rig.ack(R.ADD_MEM_REG, p.MemRegionMsg(a), fds=[os.dup(rig.ram)]) == 1
+        assert rig.ack(R.ADD_MEM_REG, p.MemRegionMsg(p.MemoryRegion(0, half // 2, UVA, 0)),
+                       fds=[os.dup(rig.ram)]) == 1
         assert rig.ack(R.ADD_MEM_REG, p.MemRegionMsg(b)) == 1
         assert rig.ack(R.ADD_MEM_REG, p.U64(int(R.ADD_MEM_REG))) == 1
         assert len(rig.session.memory.regions) == 1
+    finally:
+        rig.close()
+
+
+def test_duplicate_add_mem_reg_is_counted_like_qemu_7_multiqueue() -> None:
+    """QEMU < 8.0 sends ADD/REM_MEM_REG once per queue pair: the same region N times."""
+    rig = Rig(max_mem_slots=1)
+    try:
+        rig.negotiate()
+        a = p.MemoryRegion(0, RAM_SIZE, UVA, 0)
+        for _ in range(2):
+            fd = os.dup(rig.ram)
+            assert rig.ack(R.ADD_MEM_REG, p.MemRegionMsg(a), fds=[fd]) == 0
+            assert is_closed(fd)
+        assert len(rig.session.memory.regions) == 1  # one mapping, and the one slot suffices
+        rig.setup_ring(0)
+        assert rig.ack(R.REM_MEM_REG, p.MemRegionMsg(a)) == 0  # the duplicate goes first
+        assert rig.echo(0, b"still mapped")
+        assert rig.ack(R.REM_MEM_REG, p.MemRegionMsg(a)) == 0
+        assert len(rig.session.memory.regions) == 0
+        assert rig.ack(R.REM_MEM_REG, p.MemRegionMsg(a)) == 1
+        # Same addresses but another mmap_offset is an overlap, not a duplicate.
+        assert rig.ack(R.ADD_MEM_REG, p.MemRegionMsg(a), fds=[os.dup(rig.ram)]) == 0
+        moved = p.MemoryRegion(0, RAM_SIZE // 2, UVA, RAM_SIZE // 2)
+        assert rig.ack(R.ADD_MEM_REG, p.MemRegionMsg(moved), fds=[os.dup(rig.ram)]) == 1
     finally:
         rig.close()
 
