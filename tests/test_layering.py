@@ -56,6 +56,8 @@ ALLOWED: dict[str, set[str] | None] = {
     # layer 4: control planes
     "session": LAYER3 | {ROOT},
     "frontend": LAYER1 | {ROOT},
+    # a device served by another back-end: the device interface over the front-end
+    "vhost_proxy": LAYER2 | {"frontend", ROOT},
     # layer 5: the event loop knows nothing about virtio
     "loop": set(),
     # layer 6: I/O edges
