@@ -63,6 +63,8 @@ ALLOWED: dict[str, set[str] | None] = {
     # layer 6: I/O edges
     "server": LAYER5 | {ROOT},
     "lguest_bridge": (LAYER5 - {"session"}) | {ROOT},
+    "lguest_host": {"lguest_bridge", "device", "memory", "errors", "loop", ROOT},
+    "lguest_guest": {"errors", "memory", "virtqueue", ROOT},
     # layer 7: front doors
     "netapp": None,  # checked below: anything but the command line
     "cli": None,
