@@ -23,6 +23,7 @@ from vhostpy.blk import BlockDevice
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError
 from vhostpy.loop import EventLoop
+from vhostpy.rng import DEFAULT_MAX_BYTES_PER_REQUEST, RngDevice
 from vhostpy.server import Server
 
 log = logging.getLogger("vhostpy")
@@ -121,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bridge the ports to a Linux tap device (needs CAP_NET_ADMIN)")
     net.add_argument("--reflect", action="store_true",
                      help="send every frame back to its port with the MAC addresses swapped")
+
+    rng = sub.add_parser("rng", help="a vhost-user virtio-rng back-end",
+                         description="Serve virtio-rng: each request is filled from "
+                         "os.urandom (getrandom), which never blocks.")
+    _add_transport_options(rng)
+    rng.add_argument("--max-bytes-per-request", type=parse_size,
+                     default=DEFAULT_MAX_BYTES_PER_REQUEST, metavar="SIZE",
+                     help="fill at most SIZE bytes of one request; longer buffers are filled "
+                     "partially (default 64K)")
     return parser
 
 
@@ -136,6 +146,8 @@ def _capabilities(command: str) -> dict[str, object]:
         return {"type": "block", "features": ["read-only", "blk-file"]}
     if command == "net":
         return {"type": "net"}
+    if command == "rng":
+        return {"type": "rng"}   # VHostUserBackendType "rng" in QEMU's vhost-user.json
     raise AssertionError(command)
 
 
@@ -195,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "net":
             return _run_net(args)
+        if args.command == "rng":
+            return _run_rng(args)
         return _run_blk(args)
     except ConfigurationError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -208,6 +222,14 @@ def _run_blk(args: argparse.Namespace) -> int:
     finally:
         log.info("virtio-blk counters: %s", device.stats)
         device.close()
+
+
+def _run_rng(args: argparse.Namespace) -> int:
+    device = RngDevice(max_bytes_per_request=args.max_bytes_per_request)
+    try:
+        return serve(device, socket_path=args.socket_path, fd=args.fd)
+    finally:
+        log.info("virtio-rng counters: %s", device.stats)
 
 
 def _run_net(args: argparse.Namespace) -> int:

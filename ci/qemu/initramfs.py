@@ -53,6 +53,14 @@ REQUIRED_MODULES = (
     "ext4",
 )
 
+#: Modules shipped and loaded (after REQUIRED_MODULES) when this kernel has them, skipped
+#: without error when it has neither the module nor a built-in copy. virtio_rng needs
+#: rng-core (hw_random), which Debian builds in; where it is a module, `depends` brings it.
+OPTIONAL_MODULES = (
+    "virtio_rng",
+    "virtio_console",
+)
+
 #: Printed by /init right before /test.sh runs, and with its exit status afterwards.
 START_MARKER = "VHOSTPY-GUEST-START"
 EXIT_MARKER = "VHOSTPY-GUEST-EXIT="
@@ -218,11 +226,17 @@ class Module:
     optional: bool
 
 
-def resolve_modules(kernel: KernelInfo, names: Iterable[str] = REQUIRED_MODULES) -> list[Module]:
+def resolve_modules(
+    kernel: KernelInfo,
+    names: Iterable[str] = REQUIRED_MODULES,
+    optional_names: Iterable[str] = OPTIONAL_MODULES,
+) -> list[Module]:
     """Return ``names`` plus their hard (``depends``) and ``pre:`` soft dependencies, deps first.
 
     Soft dependencies (``softdep pre: crypto-crc32c``) can resolve to several modules, some of
-    which cannot load on every CPU; they are shipped as optional.
+    which cannot load on every CPU; they are shipped as optional. ``optional_names`` follow
+    ``names``: each one the kernel has is shipped like a required one (a failure to load it
+    is reported), each one it lacks is left out.
     """
     builtin = _builtin_names(kernel)
     order: list[Module] = []
@@ -263,10 +277,16 @@ def resolve_modules(kernel: KernelInfo, names: Iterable[str] = REQUIRED_MODULES)
             order.append(Module(mod_name, path, optional or multiple))
         seen.add(key)
 
+    names = list(names)
     for n in names:
         visit(n, False, ())
+    present: set[str] = set()
+    for n in optional_names:
+        if _modinfo(kernel.version, "filename", n) or _norm(n) in builtin:
+            visit(n, False, ())
+            present.add(n)
     # A module asked for explicitly is required even if an alias pulled it in as optional.
-    wanted = {_norm(n) for n in names}
+    wanted = {_norm(n) for n in [*names, *present]}
     return [Module(m.name, m.path, m.optional and m.name not in wanted) for m in order]
 
 
