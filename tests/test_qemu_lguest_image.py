@@ -6,28 +6,32 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import qemu_guest
 
 from vhostpy.blk import BlockDevice
-from vhostpy.lguest_guest import LguestGuestDriver
+from vhostpy.lguest_guest import BlkDriver, LguestGuestDriver
 from vhostpy.lguest_host import SharedMemoryHost
 
+T = TypeVar("T")
 RAM = 8 << 20
 IMAGE = 16 << 20
 LGUEST_SECTOR = 2048      # 1 MiB in
 QEMU_SECTOR = 4096        # 2 MiB in
 
 
-def _lguest_session(image: Path, layout: str, work: Callable[[object], None]) -> None:
+def _lguest_session(image: Path, layout: str, work: Callable[[BlkDriver], T]) -> T:
+    """Serve `image` to the lguest driver model through the bridge; returns `work(blk)`."""
     host = SharedMemoryHost(RAM, device_pages=64, layout=layout)  # type: ignore[arg-type]
     device = BlockDevice.open_image(str(image))
     try:
         host.add_device(device)
-        drv = LguestGuestDriver(host.memory, RAM, host.notify, layout=layout)  # type: ignore[arg-type]
+        drv = LguestGuestDriver(host.memory, RAM, host.notify,
+                                layout=layout)  # type: ignore[arg-type]
         host.on_irq(drv.interrupt)
-        work(drv.blk())
+        return work(drv.blk())
     finally:
         host.close()
         device.close()
@@ -43,7 +47,7 @@ def test_lguest_and_qemu_guests_share_one_image(backend: Callable[..., object],
     from_qemu = hashlib.sha256(b"qemu").digest() * 64
 
     # 1. the lguest guest writes through the bridge
-    _lguest_session(image, "3.x", lambda blk: blk.write(LGUEST_SECTOR, from_lguest))  # type: ignore[attr-defined]
+    _lguest_session(image, "3.x", lambda blk: blk.write(LGUEST_SECTOR, from_lguest))
 
     # 2. a QEMU guest on `vhostpy blk` (the same class) reads it and writes its own
     (tmp_path / "q.bin").write_bytes(from_qemu)
@@ -59,9 +63,7 @@ def test_lguest_and_qemu_guests_share_one_image(backend: Callable[..., object],
 
     # 3. the lguest guest (both page layouts) reads what QEMU's guest wrote
     for layout in ("3.x", "2.6.24"):
-        got: list[bytes] = []
-        _lguest_session(image, layout, lambda blk: got.append(blk.read(QEMU_SECTOR, 4)))  # type: ignore[attr-defined]
-        assert got == [from_qemu]
+        assert _lguest_session(image, layout, lambda blk: blk.read(QEMU_SECTOR, 4)) == from_qemu
     data = image.read_bytes()
     assert data[LGUEST_SECTOR * 512:][:2048] == from_lguest
     assert data[QEMU_SECTOR * 512:][:2048] == from_qemu
