@@ -553,31 +553,13 @@ def start_guest(
     )
 
 
-def boot_guest(
-    script: str,
-    *,
-    blk_sockets: Sequence[DeviceSpec] = (),
-    net_sockets: Sequence[DeviceSpec] = (),
-    net_options: Mapping[str, object] | None = None,
-    blk_options: Mapping[str, object] | None = None,
-    netdev_options: Mapping[str, object] | None = None,
-    memory_mb: int = 256,
-    timeout: float = 120,
-    extra_args: Sequence[str] = (),
-    append: str = "",
-    files: Mapping[str, bytes | str] | None = None,
-    accel: str | None = None,
-) -> GuestResult:
-    """Boot a guest, run ``script``, wait for power-off; see :func:`start_guest`.
+def boot_guest(script: str, **options: Any) -> GuestResult:
+    """Boot a guest, run ``script``, wait for power-off; options as for :func:`start_guest`.
 
     Returns the result whatever the script's exit status; raises :class:`GuestTimeout` when
     the guest outlives ``timeout`` and :class:`GuestError` when QEMU fails.
     """
-    with start_guest(
-        script, blk_sockets=blk_sockets, net_sockets=net_sockets, net_options=net_options,
-        blk_options=blk_options, netdev_options=netdev_options, memory_mb=memory_mb,
-        timeout=timeout, extra_args=extra_args, append=append, files=files, accel=accel,
-    ) as guest:
+    with start_guest(script, **options) as guest:
         return guest.wait()
 
 

@@ -143,12 +143,7 @@ class SharedMemoryHost:
         return sum(self._on_kick(address, fd) for address, fd in list(self._kick_fds.items()))
 
     def _on_kick(self, address: int, fd: int) -> bool:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            return False
-        self.bridge.notify(address)
-        return True
+        return _notify_from_eventfd(self.bridge, address, fd)
 
     def _watch_kick(self, address: int, fd: int) -> None:
         assert self._loop is not None
@@ -202,6 +197,16 @@ class SharedMemoryHost:
         self._kick_fds, self._irq_fds = {}, {}
         self._notify_r = self._notify_w = self.fd = -1
         self.memory.clear()
+
+
+def _notify_from_eventfd(bridge: LguestBridge, address: int, fd: int) -> bool:
+    """A queue's kick eventfd fired: consume it and notify `address`; False if it had not."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        return False
+    bridge.notify(address)
+    return True
 
 
 def _reader(handler: Callable[[int, int], bool], address: int, fd: int) -> Callable[[], None]:
@@ -338,12 +343,7 @@ class DevLguestHost:
                 self._watch(q.address, fd)
 
     def _on_eventfd(self, address: int, fd: int) -> bool:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            return False
-        self.bridge.notify(address)
-        return True
+        return _notify_from_eventfd(self.bridge, address, fd)
 
     def _watch(self, address: int, fd: int) -> None:
         assert self._loop is not None
