@@ -58,6 +58,8 @@ ALLOWED: dict[str, set[str] | None] = {
     "frontend": LAYER1 | {ROOT},
     # a device served by another back-end: the device interface over the front-end
     "vhost_proxy": LAYER2 | {"frontend", ROOT},
+    # console glue: the device on stdin/stdout or a UNIX socket, driven by the loop
+    "console_io": {"console", "errors", "loop", ROOT},
     # layer 5: the event loop knows nothing about virtio
     "loop": set(),
     # layer 6: I/O edges
