@@ -405,12 +405,26 @@ def test_net_mtu_only_for_devices_with_an_mtu() -> None:
 
     session = Session(Plain(), FakeHost())
     offered = session.handle(p.request(R.GET_PROTOCOL_FEATURES))[0].payload
-    assert offered == p.U64(int(SUPPORTED_PROTOCOL_FEATURES))
+    # no MTU, and (with no config space) no CONFIG either
+    assert offered == p.U64(int(SUPPORTED_PROTOCOL_FEATURES & ~PF.CONFIG))
     assert not int(SUPPORTED_PROTOCOL_FEATURES) & PF.NET_MTU
     session.handle(p.request(R.SET_PROTOCOL_FEATURES, p.U64(int(PF.REPLY_ACK))))
     replies = session.handle(p.request(R.NET_SET_MTU, p.U64(1500), need_reply=True))
     assert replies == [p.reply(R.NET_SET_MTU, p.U64(1))]
     session.close()
+
+
+def test_config_offered_only_with_a_config_space() -> None:
+    class WithConfig(Device):
+        def config(self) -> bytes:
+            return b"\x01\x02"
+
+    for device, has_config in ((Device(), False), (WithConfig(), True)):
+        session = Session(device, FakeHost())
+        offered = session.handle(p.request(R.GET_PROTOCOL_FEATURES))[0].payload
+        assert isinstance(offered, p.U64)
+        assert bool(offered.value & PF.CONFIG) is has_config
+        session.close()
 
 
 def test_net_set_mtu(rig: Rig) -> None:

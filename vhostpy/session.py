@@ -118,6 +118,8 @@ class Session:
         offered = SUPPORTED_PROTOCOL_FEATURES
         if self.device.supports_mtu:
             offered |= PF.NET_MTU
+        if not self.device.config():     # nothing to GET_CONFIG (virtio-rng)
+            offered &= ~PF.CONFIG
         return offered
 
     # -- dispatch --------------------------------------------------------------------------
