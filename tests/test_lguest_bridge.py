@@ -250,11 +250,9 @@ def test_blk_reads_and_writes_the_image(layout: str, image: Path) -> None:
     dev.close()
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("mrg", [False, True])
+# 2.6.24 had no MRG_RXBUF: that combination does not exist, so it is not generated.
+@pytest.mark.parametrize(("layout", "mrg"), [("3.x", False), ("3.x", True), ("2.6.24", False)])
 def test_net_ping_through_the_responder(layout: str, mrg: bool) -> None:
-    if mrg and layout == "2.6.24":
-        pytest.skip("2.6.24 had no MRG_RXBUF")
     rig = Rig(layout)
     dev = NetDevice(queue_size=128)
     host = Responder("10.0.2.2")
