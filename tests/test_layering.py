@@ -168,12 +168,10 @@ def test_every_module_is_in_the_table() -> None:
     assert sorted(present_modules() - set(ALLOWED)) == []
 
 
-@pytest.mark.parametrize("module", sorted(ALLOWED))
+# Only modules that exist: the table also holds planned ones (ARCHITECTURE.md's `_accel`).
+@pytest.mark.parametrize("module", sorted(set(ALLOWED) & present_modules()))
 def test_module_follows_its_layer(module: str) -> None:
-    path = SRC / f"{module}.py"
-    if not path.exists():
-        pytest.skip(f"{module}.py does not exist yet")
-    assert check_file(path) == []
+    assert check_file(SRC / f"{module}.py") == []
 
 
 @pytest.mark.parametrize("module", sorted(SANS_IO))
