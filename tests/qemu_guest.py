@@ -523,22 +523,10 @@ class RunningGuest:
 Guest = RunningGuest
 
 
-def start_guest(
-    script: str,
-    *,
-    blk_sockets: Sequence[DeviceSpec] = (),
-    net_sockets: Sequence[DeviceSpec] = (),
-    net_options: Mapping[str, object] | None = None,
-    blk_options: Mapping[str, object] | None = None,
-    netdev_options: Mapping[str, object] | None = None,
-    memory_mb: int = 256,
-    timeout: float = 120,
-    extra_args: Sequence[str] = (),
-    append: str = "",
-    files: Mapping[str, bytes | str] | None = None,
-    accel: str | None = None,
-) -> RunningGuest:
+def start_guest(script: str, **options: Any) -> RunningGuest:
     """Start a guest running ``script`` (busybox sh) and return at once.
+
+    Options are :class:`RunningGuest`'s keyword parameters.
 
     ``net_options``/``blk_options`` are extra ``-device`` properties for every NIC/disk
     (e.g. ``{"host_mtu": 9000}``, ``{"num-queues": 2}``); a socket given as
@@ -546,11 +534,7 @@ def start_guest(
     (e.g. ``{"queues": 2}``).  ``files`` adds files to the guest's root (``{"data.bin": b..}``).
     ``append`` extends the kernel command line.
     """
-    return RunningGuest(
-        script, blk_sockets=blk_sockets, net_sockets=net_sockets, net_options=net_options,
-        blk_options=blk_options, netdev_options=netdev_options, memory_mb=memory_mb,
-        timeout=timeout, extra_args=extra_args, append=append, files=files, accel=accel,
-    )
+    return RunningGuest(script, **options)
 
 
 def boot_guest(script: str, **options: Any) -> GuestResult:

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vhostpy.device import BATCH, VIRTIO_ID_CONSOLE, Device
+from vhostpy.device import VIRTIO_ID_CONSOLE, Device, batches
 from vhostpy.errors import ConfigurationError
 from vhostpy.virtqueue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue
 
@@ -235,13 +235,7 @@ class ConsoleDevice(Device):
     # -- guest -> host ---------------------------------------------------------------------
     def _drain_output(self, vq: Virtqueue) -> None:
         stats = self.stats
-        while vq.ready:
-            vq.disable_notifications()
-            chains = vq.pop_many(BATCH)
-            if not chains:
-                if not vq.ready or not vq.enable_notifications():
-                    break
-                continue
+        for chains in batches(vq):
             parts: list[bytes] = []
             gathered = 0
             for chain in chains:

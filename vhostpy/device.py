@@ -22,7 +22,7 @@ buffer as hostile: sizes and contents come from the guest.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from vhostpy.errors import UnsupportedError
 from vhostpy.virtqueue import (
@@ -123,22 +123,31 @@ class Device:
         raise UnsupportedError(f"{self.name} has no MTU")
 
 
-def drain(vq: Virtqueue, handle: Callable[[DescriptorChain], int]) -> int:
-    """Pop and serve chains until the ring is empty, with kicks suppressed meanwhile.
+def batches(vq: Virtqueue, size: int = BATCH) -> Iterator[list[DescriptorChain]]:
+    """Yield the ring's available chains, `size` at a time, with kicks suppressed meanwhile.
 
-    Used entries are published per batch of `BATCH` chains and the driver is signalled once
-    per batch when it asked for it. Returns the number of chains served. The race between the
-    last pop and re-enabling kicks is closed by `enable_notifications()`, which reports
-    buffers that arrived in between.
+    Stops when the ring is empty (or breaks). The race between the last pop and re-enabling
+    kicks is closed by `enable_notifications()`, which reports buffers that arrived in
+    between. The caller publishes each batch's used entries before asking for the next.
     """
-    served = 0
     while vq.ready:
         vq.disable_notifications()
-        chains = vq.pop_many(BATCH)
+        chains = vq.pop_many(size)
         if not chains:
             if not vq.ready or not vq.enable_notifications():
-                break
+                return
             continue
+        yield chains
+
+
+def drain(vq: Virtqueue, handle: Callable[[DescriptorChain], int]) -> int:
+    """Serve every available chain with `handle(chain) -> bytes written`; returns how many.
+
+    Used entries are published per batch of `BATCH` chains and the driver is signalled once
+    per batch when it asked for it.
+    """
+    served = 0
+    for chains in batches(vq):
         vq.add_used_many([(chain.head, handle(chain)) for chain in chains])
         vq.signal_used()
         served += len(chains)

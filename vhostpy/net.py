@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vhostpy.device import VIRTIO_ID_NET, Device
+from vhostpy.device import BATCH, VIRTIO_ID_NET, Device, batches
 from vhostpy.errors import ConfigurationError, FrontendError
 from vhostpy.packets import complete_checksum, frame_bytes, parse_mac, to_scapy
 from vhostpy.virtqueue import VIRTIO_F_VERSION_1, DescriptorChain, Virtqueue
@@ -56,7 +56,6 @@ ETH_OVERHEAD = ETH_HLEN + 4  # header and one VLAN tag on top of the MTU
 DEFAULT_MTU = 1500
 DEFAULT_MAC = "52:54:00:12:34:56"
 RX_BACKLOG = 1024            # frames waiting for receive buffers before new ones drop
-BATCH = 64
 
 FrameHandler = Callable[["NetPort", list[Any]], None]
 #: monitor(port, direction, frames) with direction "from_guest" or "to_guest".
@@ -258,13 +257,7 @@ class NetDevice(Device):
     # -- guest -> host ---------------------------------------------------------------------
     def _drain_tx(self, pair: int, vq: Virtqueue) -> None:
         counters = self.tx_counters[pair]
-        while vq.ready:
-            vq.disable_notifications()
-            chains = vq.pop_many(BATCH)
-            if not chains:
-                if not vq.ready or not vq.enable_notifications():
-                    break
-                continue
+        for chains in batches(vq):
             frames = []
             for chain in chains:
                 frame = self._frame_from(chain, counters)
