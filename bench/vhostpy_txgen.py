@@ -1,0 +1,87 @@
+"""vhostpy as a frame GENERATOR toward the guest (the back-end→guest benchmark).
+
+    python -m bench.vhostpy_txgen --socket-path SOCK [--size 64] [--dst-mac MAC]
+
+A `NetApp` (one port, no responder, so nothing else writes to the guest) whose event loop
+runs a timer chained with ``call_later(0, ...)``: each turn tops the port's receive backlog
+up to its limit with a prebuilt UDP frame through the public ``port.send()``.  The device
+moves backlog frames into the driver's receive buffers whenever it has some (on ``send`` and
+on every receive-queue kick), so frames go out as fast as the ring takes them and none is
+dropped for want of room.  The loop spins (``select`` with timeout 0) like DPDK's txonly.
+
+SIGTERM/SIGINT: stop, then print one line ``vhostpy-bench: counters {json}`` on stderr
+(the port's counters, the frames handed to ``send`` and the implementation) and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import struct
+import sys
+import time
+
+import vhostpy
+from vhostpy.netapp import NetApp
+from vhostpy.packets import internet_checksum, parse_mac
+
+PORT_MAC = "52:54:00:12:34:56"      # NetApp's first port
+
+
+def udp_frame(size: int, dst: str, src: str = PORT_MAC) -> bytes:
+    """Ether/IPv4 198.18.0.2 -> 198.18.0.1/UDP 9 -> 9 (checksum 0), zero payload, ``size``
+    bytes in all (no FCS): testpmd txonly's template, the other way round."""
+    if not 42 <= size <= 1514:
+        raise ValueError(f"frame size must be 42..1514, not {size}")
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, size - 14, 0, 0, 64, 17, 0,
+                               bytes([198, 18, 0, 2]), bytes([198, 18, 0, 1])))
+    struct.pack_into("!H", ip, 10, internet_checksum(ip))
+    udp = struct.pack("!HHHH", 9, 9, size - 34, 0)
+    frame = parse_mac(dst) + parse_mac(src) + b"\x08\x00" + bytes(ip) + udp
+    return frame + bytes(size - len(frame))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.vhostpy_txgen", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket-path", required=True)
+    parser.add_argument("--size", type=int, default=64, help="frame bytes, no FCS (64)")
+    parser.add_argument("--dst-mac", default="02:dd:00:00:00:01")
+    parser.add_argument("--queue-size", type=int, default=1024)
+    args = parser.parse_args(argv)
+
+    app = NetApp(socket_paths=[args.socket_path], respond_ip=None, queue_size=args.queue_size)
+    port = app.ports[0]
+    device = port.device
+    limit = device.rx_backlog
+    frames = [udp_frame(args.size, args.dst_mac)] * limit
+    sent = 0
+    loop = app.loop
+
+    def tick() -> None:
+        nonlocal sent
+        room = limit - len(device.backlog)
+        if room > 0:
+            sent += port.send(frames[:room])
+        loop.call_later(0, tick)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, loop.stop)
+    loop.call_later(0, tick)
+    started = time.monotonic()
+    try:
+        app.run()
+    finally:
+        counters = app.counters()
+        app.close()
+        counters.update(generator={"size": args.size, "sent": sent,
+                                   "seconds": round(time.monotonic() - started, 3)},
+                        implementation=str(getattr(vhostpy, "implementation", "pure-python")))
+        print(f"vhostpy-bench: counters {json.dumps(counters, sort_keys=True)}",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

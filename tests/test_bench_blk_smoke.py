@@ -1,0 +1,102 @@
+"""The block and Python-level benchmarks produce figures (never how fast: no speed asserted).
+
+``test_run_blk_quick_every_backend`` boots one TCG guest per back-end (vhostpy,
+qemu-storage-daemon, QEMU's built-in virtio-blk) running one short fio job (~45 s in all);
+the rest is fast and needs no QEMU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from qemu_guest import require_qemu
+
+from bench import blk, python_level
+
+
+def _require_tool(name: str, package: str) -> None:
+    if shutil.which(name):
+        return
+    msg = f"{name} not found ({package})"
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.mark.qemu
+def test_run_blk_quick_every_backend() -> None:
+    require_qemu()
+    _require_tool("fio", "ci/bench/install-deps.sh")
+    _require_tool("qemu-storage-daemon", "ci/qemu/install-deps.sh: qemu-utils")
+    args = argparse.Namespace(quick=True, repetitions=1, blk_jobs="randread-4k-qd32",
+                              blk_runtime=1.0, blk_image_mb=64, blk_no_null=True)
+    records = blk.run_blk(args)
+
+    assert {r["backend"] for r in records} == set(blk.BACKENDS)
+    for r in records:
+        assert r["case"] == "4k randread QD32"
+        assert r["metric"] == "iops"
+        assert len(r["values"]) == 1 and r["values"][0] > 0, r
+        assert isinstance(r["command"], str) and "fio" in r["command"]
+        if r["backend"] == "qemu-builtin":
+            assert r["cpu_per_io_us"] is None
+        else:
+            assert r["cpu_per_io_us"] is not None and r["cpu_per_io_us"] >= 0, r
+    json.dumps(records)  # plain data all the way down
+
+
+def test_run_python_quick() -> None:
+    args = argparse.Namespace(quick=True, repetitions=1, python_seconds=0.2)
+    records = python_level.run_python(args)
+
+    assert len(records) == len(python_level.CASES)
+    for r in records:
+        assert r["metric"] == "requests/s"
+        assert len(r["values"]) == 1 and r["values"][0] > 0, r
+        assert r["cpu_per_io_us"] > 0
+        assert r["implementation"] == python_level.implementation()
+    json.dumps(records)
+
+
+def test_fio_console_parsing() -> None:
+    """Markers, the disk's request counters and JSON survive interleaved noise."""
+    report = {"jobs": [{"jobname": "x", "error": 0,
+                        "read": {"iops": 100.5, "bw_bytes": 411_648, "total_ios": 201},
+                        "write": {"iops": 0.0, "bw_bytes": 0, "total_ios": 0}}]}
+    stat0 = "10 0 80 5 2 0 16 1 0 8 6 0 0 0 0 0 0"
+    stat1 = "210 0 1680 90 3 0 24 2 0 99 92 0 0 0 0 0 0"
+    console = "\n".join([
+        f"{blk.MARK} BEGIN randread-4k-qd1",
+        f"{blk.MARK} END randread-4k-qd1 rc=0",
+        f"{blk.MARK} STAT randread-4k-qd1 {stat0} / {stat1}",
+        f"{blk.MARK} JSON-BEGIN randread-4k-qd1",
+        "[    3.141592] a kernel line in the middle",
+        json.dumps(report, indent=1),
+        f"{blk.MARK} JSON-END randread-4k-qd1",
+    ])
+    got = blk.parse_guest_output(console)["randread-4k-qd1"]
+    assert got["rc"] == 0
+    assert got["ios"] == 201  # 200 reads + 1 write completed
+    assert blk.fio_figures(got["json"]) == {"iops": 100.5, "MB/s": 0.411648,
+                                            "total_ios": 201.0}
+
+
+def test_fio_arguments() -> None:
+    job = blk.JOBS[1]
+    args = blk.fio_args(job, "libaio", 2.0)
+    assert "--ioengine=libaio" in args and "--direct=1" in args
+    assert "--iodepth=32" in args and "--filename=/dev/vda" in args
+    assert "--runtime=2000ms" in args
+    null = blk.fio_args(blk.NULL_JOB, "libaio", 2.0)
+    assert "--ioengine=null" in null and not any(a.startswith("--filename") for a in null)
