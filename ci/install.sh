@@ -11,8 +11,10 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 bash ci/qemu/install-deps.sh
 bash ci/dpdk/install-deps.sh
+bash ci/bench/install-deps.sh
 
 need_pkgs=()
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)        # network namespaces (tap test)
 python3 -m venv --help >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
