@@ -19,7 +19,10 @@ python3 -m venv --help >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+    if ! $SUDO apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"; then
+        $SUDO apt-get update -q
+        $SUDO apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+    fi
 fi
 
 if [ ! -x .venv/bin/python ]; then
