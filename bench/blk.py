@@ -321,26 +321,15 @@ def make_image(path: Path, size_mb: int) -> None:
 def fio_bundle(fio: str) -> dict[str, bytes]:
     """The host's fio with every shared library and the dynamic loader, under ``/fio/``.
 
-    Run in the guest as ``/fio/ld.so --library-path /fio /fio/fio``: no /lib64 layout is
-    needed in the initramfs.  Debian's fio links ceph, gluster, rdma and friends: ~80 MB.
+    Run in the guest as ``/fio/ld.so --library-path /fio /fio/fio`` (a static fio gets a
+    shim ``ld.so`` so that one command line serves both). Debian's fio links ceph, gluster,
+    rdma and friends: ~80 MB.
     """
-    ldd = subprocess.run(["ldd", fio], capture_output=True, text=True, check=True).stdout
-    files = {"fio/fio": Path(fio).read_bytes()}
-    loader = None
-    for line in ldd.splitlines():
-        m = re.match(r"\s*(\S+)\s+=>\s+(/\S+)", line)
-        if m:
-            files[f"fio/{m.group(1)}"] = Path(m.group(2)).read_bytes()
-            continue
-        m = re.match(r"\s*(/\S*ld-linux\S*)\s", line)
-        if m:
-            loader = m.group(1)
-        elif "not found" in line:
-            raise BenchSetupError(f"fio: shared library missing on the host: {line.strip()}")
-    if loader is None:  # a static fio
-        files["fio/ld.so"] = b"#!/bin/sh\nshift 2\nexec \"$@\"\n"
-    else:
-        files["fio/ld.so"] = Path(loader).read_bytes()
+    try:
+        files, _ = qemu_guest.host_binary(fio, "fio")
+    except qemu_guest.GuestImageError as exc:
+        raise BenchSetupError(str(exc)) from exc
+    files.setdefault("fio/ld.so", b"#!/bin/sh\nshift 2\nexec \"$@\"\n")
     return files
 
 

@@ -270,6 +270,34 @@ def _split_spec(spec: DeviceSpec) -> tuple[str, Mapping[str, object]]:
     return os.fspath(spec), {}
 
 
+def host_binary(path: str, dest: str) -> tuple[dict[str, bytes], str]:
+    """A host program for the busybox guest: the binary, every shared library ``ldd`` lists
+    and the dynamic loader, all under ``/<dest>/``.
+
+    Returns the ``files=`` entries and the guest command that runs the program through the
+    loader, so the initramfs needs no /lib64 layout (a static binary runs as is). A library
+    missing on the host raises GuestImageError.
+    """
+    name = os.path.basename(path)
+    files = {f"{dest}/{name}": Path(path).read_bytes()}
+    ldd = subprocess.run(["ldd", path], capture_output=True, text=True, check=False).stdout
+    loader = None
+    for line in ldd.splitlines():
+        m = re.match(r"\s*(\S+)\s+=>\s+(/\S+)", line)
+        if m:
+            files[f"{dest}/{m.group(1)}"] = Path(m.group(2)).read_bytes()
+            continue
+        m = re.match(r"\s*(/\S*ld-linux\S*)\s", line)
+        if m:
+            loader = m.group(1)
+        elif "not found" in line:
+            raise GuestImageError(f"{name}: shared library missing on the host: {line.strip()}")
+    if loader is None:
+        return files, f"/{dest}/{name}"
+    files[f"{dest}/ld.so"] = Path(loader).read_bytes()
+    return files, f"/{dest}/ld.so --library-path /{dest} /{dest}/{name}"
+
+
 def guest_mac(index: int) -> str:
     """MAC address of the ``index``-th NIC: ``52:54:00:12:34:5<index>`` (hex above 9)."""
     return f"52:54:00:12:34:{0x50 + index:02x}"

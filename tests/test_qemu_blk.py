@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qemu_guest import boot_guest, require_qemu, start_guest
+from qemu_guest import boot_guest, host_binary, require_qemu, start_guest
 
 MiB = 1 << 20
 GUEST_TIMEOUT = 120
@@ -158,27 +158,12 @@ def _host_tool(name: str) -> str:
 def _guest_mke2fs() -> tuple[dict[str, bytes], str]:
     """The host's mke2fs with its shared libraries, for the guest (busybox mke2fs is ext2-only).
 
-    Returns the ``files=`` entries and the guest command that runs it through the dynamic
-    loader (so no /lib64 layout is needed in the initramfs).
+    Returns the ``files=`` entries and the guest command (see `host_binary`).
     """
-    mke2fs = _host_tool("mke2fs")
-    ldd = subprocess.run(["ldd", mke2fs], capture_output=True, text=True, check=True).stdout
-    files: dict[str, bytes] = {"e2fs/mke2fs": Path(mke2fs).read_bytes()}
-    loader = None
-    for line in ldd.splitlines():
-        m = re.match(r"\s*(\S+)\s+=>\s+(/\S+)", line)
-        if m:
-            files[f"e2fs/{m.group(1)}"] = Path(m.group(2)).read_bytes()
-            continue
-        m = re.match(r"\s*(/\S*ld-linux\S*)\s", line)
-        if m:
-            loader = m.group(1)
+    files, command = host_binary(_host_tool("mke2fs"), "e2fs")
     if os.path.exists("/etc/mke2fs.conf"):  # the host's ext4 feature defaults
         files["etc/mke2fs.conf"] = Path("/etc/mke2fs.conf").read_bytes()
-    if loader is None:  # a static mke2fs needs no loader
-        return files, "/e2fs/mke2fs"
-    files["e2fs/ld.so"] = Path(loader).read_bytes()
-    return files, "/e2fs/ld.so --library-path /e2fs /e2fs/mke2fs"
+    return files, command
 
 
 EXT4_IMAGE_SIZE = 64 * MiB
