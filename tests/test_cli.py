@@ -412,3 +412,16 @@ def test_queue_options_reach_the_protocol(backend: StartBackend) -> None:
         with pytest.raises(BackendFailure):
             fe.set_vring_num(2, 256)
         assert p.ProtocolFeature.MQ in fe.protocol_features
+
+
+def test_bad_value_is_one_line_even_with_verbose(tmp_path: Path) -> None:
+    """-v must not add log lines to the one-line error of a start that failed."""
+    regular = tmp_path / "not-a-socket"
+    regular.write_text("keep me")
+    result = subprocess.run(
+        [sys.executable, "-m", "vhostpy", "blk", "--socket-path", str(regular), "-v"],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "not a socket" in result.stderr
+    assert regular.read_text() == "keep me"

@@ -218,9 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_blk(args: argparse.Namespace) -> int:
     device = _make_blk(args)
     try:
-        return serve(device, socket_path=args.socket_path, fd=args.fd)
+        status = serve(device, socket_path=args.socket_path, fd=args.fd)
+        log.info("virtio-blk counters: %s", device.stats)   # only once it has served
+        return status
     finally:
-        log.info("virtio-blk counters: %s", device.stats)
         device.close()
 
 
