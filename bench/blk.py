@@ -51,6 +51,7 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 import qemu_guest  # tests/ is not a package: the path is set just above
+from procs import terminate  # tests/ is on sys.path
 
 MiB = 1 << 20
 
@@ -548,13 +549,7 @@ def running_backend(spec: Backend, workdir: Path) -> Iterator[subprocess.Popen[b
                 from None
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
         if os.path.exists(spec.socket):
             os.unlink(spec.socket)
 

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,6 +69,7 @@ from dpdk import (  # tests/ is put on sys.path just above
     vhost_vdev,
     virtio_user_vdev,
 )
+from procs import terminate  # tests/ is on sys.path
 
 QUEUE_SIZE = 256
 BURST = 32
@@ -323,13 +323,7 @@ class _VhostpyProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self._log.close()
         _live.discard(self)
         return self.proc.returncode

@@ -270,6 +270,16 @@ def _split_spec(spec: DeviceSpec) -> tuple[str, Mapping[str, object]]:
     return os.fspath(spec), {}
 
 
+def console_values(console: str) -> dict[str, str]:
+    """``key=value`` lines a guest script printed (the last one of a key wins)."""
+    out = {}
+    for line in console.splitlines():
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)=(.*)", line.strip())
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def host_binary(path: str, dest: str) -> tuple[dict[str, bytes], str]:
     """A host program for the busybox guest: the binary, every shared library ``ldd`` lists
     and the dynamic loader, all under ``/<dest>/``.

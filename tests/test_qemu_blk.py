@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qemu_guest import boot_guest, host_binary, require_qemu, start_guest
+from qemu_guest import boot_guest, console_values, host_binary, require_qemu, start_guest
 
 MiB = 1 << 20
 GUEST_TIMEOUT = 120
@@ -47,16 +47,6 @@ def _make_image(path: Path, size: int, chunks: dict[int, bytes]) -> bytearray:
         image[offset:offset + len(data)] = data
     path.write_bytes(image)
     return image
-
-
-def _values(console: str) -> dict[str, str]:
-    """``key=value`` lines the guest printed (the last one wins)."""
-    out = {}
-    for line in console.splitlines():
-        m = re.fullmatch(r"([A-Za-z0-9_.-]+)=(.*)", line.strip())
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
 
 
 def _md5_cmd(key: str, offset: int, length: int, flags: str = "") -> str:
@@ -117,7 +107,7 @@ echo "reread_direct=$(dd if=/dev/vda bs=1M skip={seek_mib} count=2 iflag=direct 
         extra_args=["-smp", "2"], files={"data.bin": RW_WRITE_DATA}, timeout=GUEST_TIMEOUT,
     )
     assert result.exit_code == 0, result.raw_console + be.output()
-    v = _values(result.console)
+    v = console_values(result.console)
 
     assert v["size"] == str(RW_IMAGE_SIZE // 512)
     assert v["serial"] == RW_SERIAL
@@ -200,7 +190,7 @@ echo unmounted
 """
     result = boot_guest(script, blk_sockets=[be.path], files=files, timeout=GUEST_TIMEOUT)
     assert result.exit_code == 0, result.raw_console + be.output()
-    v = _values(result.console)
+    v = console_values(result.console)
     assert v["fstype"] == "ext4"
     assert v["big"] == _md5(EXT4_FILES["/dir/sub/big.bin"])
     assert "unmounted" in result.lines
@@ -258,7 +248,7 @@ echo 3 > /proc/sys/vm/drop_caches
 """
     result = boot_guest(script, blk_sockets=[be.path], timeout=GUEST_TIMEOUT)
     assert result.exit_code == 0, result.raw_console + be.output()
-    v = _values(result.console)
+    v = console_values(result.console)
     assert v["ro"] == "1"
     assert v["getro"] == "1"
     assert v["size"] == str(RO_IMAGE_SIZE // 512)
@@ -336,7 +326,7 @@ echo 3 > /proc/sys/vm/drop_caches
     r3 = boot_guest(script3, blk_sockets=[be.path], files={"c.bin": SEQ_C},
                     timeout=GUEST_TIMEOUT)
     assert r3.exit_code == 0, r3.raw_console + be.output()
-    v = _values(r3.console)
+    v = console_values(r3.console)
     assert v["a"] == v["a_direct"] == _md5(SEQ_A)
     assert v["b"] == _md5(SEQ_B)
     assert v["c"] == _md5(SEQ_C)

@@ -30,7 +30,6 @@ import functools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import terminate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -425,13 +425,7 @@ def test_tap_bridges_guest_and_host_namespace(netns: str, tmp_path: Path) -> Non
         assert ping_stats(result.console) == [(3, 3)], result.console
         assert "64 bytes from 10.0.2.1" in result.console
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
     output = log_path.read_text(errors="replace")
     assert proc.returncode == 0, output
     assert not os.path.exists(sock), "back-end left its socket behind"

@@ -9,7 +9,6 @@ on SIGTERM and remove its socket.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -27,15 +26,6 @@ def rng_args(socket_path: str, **props: object) -> list[str]:
     extra = "".join(f",{k}={v}" for k, v in props.items())
     return ["-chardev", f"socket,id=rng0,path={socket_path}",
             "-device", f"vhost-user-rng-pci,chardev=rng0{extra}"]
-
-
-def _values(console: str) -> dict[str, str]:
-    out = {}
-    for line in console.splitlines():
-        m = re.fullmatch(r"([A-Za-z0-9_.-]+)=(.*)", line.strip())
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
 
 
 SCRIPT = r"""
@@ -67,7 +57,7 @@ def test_guest_reads_hwrng_from_vhostpy_rng(backend, props: dict[str, object],
     result = qemu_guest.boot_guest(SCRIPT, extra_args=rng_args(be.path, **props),
                                    timeout=GUEST_TIMEOUT)
     assert result.exit_code == 0, result.raw_console + result.qemu_log + be.output()
-    v = _values(result.console)
+    v = qemu_guest.console_values(result.console)
     assert v.get("current") == "virtio_rng.0", result.raw_console
     assert "virtio_rng" in v["available"]
     assert v["len1"] == v["len2"] == "256", result.console
@@ -93,7 +83,7 @@ def test_one_backend_serves_two_guests_in_a_row(backend) -> None:
             "| tr -d ' \\n')\"\n",
             extra_args=rng_args(be.path), timeout=GUEST_TIMEOUT)
         assert result.exit_code == 0, result.raw_console + be.output()
-        data = bytes.fromhex(_values(result.console)["hex"])
+        data = bytes.fromhex(qemu_guest.console_values(result.console)["hex"])
         assert len(data) == 128                         # many 16-byte partial fills
         hexes.append(data)
         assert be.alive() and be.proc.pid == pid, be.output()
