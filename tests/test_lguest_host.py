@@ -1,22 +1,19 @@
 """Host adapters: the memfd/eventfd host, and the /dev/lguest run loop against a software model.
 
-`FakeLguest` models the kernel side of /dev/lguest as the 3.x lguest_user.c describes it:
-writes are arrays of unsigned longs starting with an LHREQ_* code; `pread(fd, word, cpu)`
-"runs the guest" and returns the next notify address; an address registered with
-LHREQ_EVENTFD signals that eventfd instead; a dead guest gives ENOENT and then its reason.
+`FakeLguest` (tests/lguest_model.py) models the kernel side of /dev/lguest as the 3.x
+lguest_user.c describes it; here it runs non-blocking (an empty read gives EAGAIN).
 It is a model, not the kernel: DevLguestHost has never run on a real lguest host.
 """
 
 from __future__ import annotations
 
-import collections
-import errno
 import os
 import struct
 import threading
 from collections.abc import Iterator
 
 import pytest
+from lguest_model import FakeLguest
 
 from vhostpy.blk import BlockDevice
 from vhostpy.errors import ConfigurationError
@@ -115,59 +112,6 @@ def test_poll_kicks_and_close_is_idempotent() -> None:
 
 
 # ------------------------------------------------------------------ /dev/lguest model
-
-
-class FakeLguest:
-    """A software model of /dev/lguest (see the module docstring)."""
-
-    def __init__(self, word: int) -> None:
-        self.word = word
-        self.fmt = "<I" if word == 4 else "<Q"
-        self.requests: list[tuple[int, ...]] = []
-        self.notifies: collections.deque[int] = collections.deque()
-        self.eventfds: dict[int, int] = {}
-        self.dead: str | None = None
-        self.restart = False
-        self.closed = False
-        self.opened: list[str] = []
-
-    def open(self, path: str) -> FakeLguest:
-        self.opened.append(path)
-        return self
-
-    def write(self, data: bytes) -> int:
-        if len(data) % self.word:
-            raise OSError(errno.EINVAL, "not whole words")
-        words = tuple(v for (v,) in struct.iter_unpack(self.fmt, data))
-        if words[0] == LHREQ_IRQ and words[1] >= 32:
-            raise OSError(errno.EINVAL, "irq out of range")
-        if words[0] == LHREQ_EVENTFD:
-            self.eventfds[words[1]] = words[2]
-        self.requests.append(words)
-        return 0
-
-    def guest_notify(self, address: int) -> None:
-        """The guest's LHCALL_NOTIFY, as the kernel routes it."""
-        fd = self.eventfds.get(address)
-        if fd is not None:
-            os.eventfd_write(fd, 1)
-        else:
-            self.notifies.append(address)
-
-    def pread(self, size: int, offset: int) -> bytes:
-        assert offset == 0                       # cpu 0
-        if self.dead is not None:
-            if size == self.word:
-                raise OSError(errno.ENOENT, "guest dead")
-            return self.dead.encode() + b"\0"
-        if self.restart:
-            raise OSError(85, "restart")
-        if not self.notifies:
-            raise OSError(errno.EAGAIN, "nothing to do")   # as after LHREQ_BREAK
-        return struct.pack(self.fmt, self.notifies.popleft())
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def dev_host(word: int = 4, **kw: object) -> tuple[DevLguestHost, FakeLguest, GuestMemory]:

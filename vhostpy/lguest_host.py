@@ -258,12 +258,15 @@ class DevLguestHost:
     software model of /dev/lguest. With `eventfds=True`, each queue of a started device gets
     an eventfd registered with LHREQ_EVENTFD (the kernel then signals it instead of returning
     the notify from pread); `poll_eventfds()` or an `attach`ed EventLoop serves them.
+    `dispatch(address)` receives the notifies the run loop reads (default `bridge.notify` on
+    the run loop's thread; a Launcher hands them to its device thread instead).
     """
 
     def __init__(self, memory: GuestMemory, ram_size: int, *, layout: Layout = "3.x",
                  console_sink: Callable[[bytes], None] | None = None,
                  path: str = "/dev/lguest", opener: Callable[[str], LguestFile] | None = None,
-                 word_size: int | None = None, cpu: int = 0, eventfds: bool = False) -> None:
+                 word_size: int | None = None, cpu: int = 0, eventfds: bool = False,
+                 dispatch: Callable[[int], None] | None = None) -> None:
         self.word_size = struct.calcsize("L") if word_size is None else word_size
         if self.word_size not in (4, 8):
             raise ConfigurationError(f"/dev/lguest word size must be 4 or 8, not {word_size}")
@@ -276,7 +279,11 @@ class DevLguestHost:
         self.bridge = LguestBridge(memory, ram_size, layout=layout, irq_sink=self.trigger_irq,
                                    console_sink=console_sink)
         self.eventfds: dict[int, int] = {}     # queue address -> eventfd
+        #: The kernel refused LHREQ_EVENTFD (EINVAL/ENOSYS): every notify stays on pread.
+        self.eventfds_refused = False
         self._loop: EventLoop | None = None
+        #: Where notifies read by the run loop go (default: the bridge, on the run-loop thread).
+        self.dispatch: Callable[[int], None] = dispatch or self.bridge.notify
         if eventfds:
             self.bridge.on_device_started = self._register_queues
 
@@ -328,13 +335,15 @@ class DevLguestHost:
 
     def _register_queues(self, lg: LguestDevice) -> None:
         for q in lg.queues:
-            if q.address in self.eventfds:
+            if q.address in self.eventfds or self.eventfds_refused:
                 continue        # the kernel keeps a registration across device resets
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             try:
                 self.register_eventfd(q.address, fd)
             except OSError as exc:
                 os.close(fd)
+                if exc.errno in (errno.EINVAL, errno.ENOSYS):   # a kernel without it
+                    self.eventfds_refused = True
                 log.warning("lguest: LHREQ_EVENTFD for %#x failed: %s; notifies stay on "
                             "pread", q.address, exc)
                 continue
@@ -381,7 +390,7 @@ class DevLguestHost:
         if len(data) != self.word_size:
             return RunExit("error", f"pread returned {len(data)} bytes, not {self.word_size}")
         (address,) = struct.unpack(self._word, data)
-        self.bridge.notify(address)
+        self.dispatch(address)
         return None
 
     def run(self, max_exits: int | None = None) -> RunExit:
