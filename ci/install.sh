@@ -29,7 +29,13 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.vhostpy-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Reinstall when the packaging or the compiled fast path's sources changed since the last
+# install (the editable install builds vhostpy/_native*.so once, from these files).
+stale=0
+for f in pyproject.toml setup.py vhostpy/_native_build.py vhostpy/_fastpath.c vhostpy/_fastpath.h; do
+    if [ -f "$f" ] && [ "$f" -nt "$stamp" ]; then stale=1; fi
+done
+if [ ! -f "$stamp" ] || [ "$stale" = 1 ]; then
     log=.venv/pip-install.log
     if ! { .venv/bin/python -m pip install -q --upgrade pip &&
            .venv/bin/python -m pip install -q -e '.[test]'; } > "$log" 2>&1; then

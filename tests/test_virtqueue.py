@@ -12,10 +12,12 @@ from ringbuilder import Layout, RingBuilder, anon_memory, layout
 from vhostpy.errors import GuestError, RingError
 from vhostpy.memory import ADDRESS_LIMIT, GuestMemory
 from vhostpy.virtqueue import (
+    DEFAULT_VARIANT,
     MAX_QUEUE_SIZE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    PythonVirtqueue,
     Virtqueue,
     vring_need_event,
 )
@@ -37,9 +39,19 @@ def rb(mem: GuestMemory) -> RingBuilder:
     return RingBuilder(mem, SIZE, layout(SIZE))
 
 
+#: Every variant of Virtqueue: the pure-Python reference and (when built) the compiled one.
+VARIANTS = [PythonVirtqueue] + ([DEFAULT_VARIANT] if DEFAULT_VARIANT is not Virtqueue else [])
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda cls: cls.__name__)
+def variant(request: pytest.FixtureRequest) -> type[Virtqueue]:
+    cls: type[Virtqueue] = request.param
+    return cls
+
+
 @pytest.fixture
-def vq(mem: GuestMemory, rb: RingBuilder) -> Virtqueue:
-    return rb.attach(Virtqueue(mem, 0))
+def vq(mem: GuestMemory, rb: RingBuilder, variant: type[Virtqueue]) -> Virtqueue:
+    return rb.attach(variant(mem, 0))
 
 
 def other_queue(mem: GuestMemory, index: int = 1) -> tuple[RingBuilder, Virtqueue]:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _accel
 from .errors import BackendError, FrontendError, MemoryAccessError
 
 __all__ = ["ADDRESS_LIMIT", "GuestMemory", "Region"]
@@ -117,6 +118,10 @@ class GuestMemory:
         self._by_uva: list[_Slot] = []  # sorted by userspace_addr
         self._uva_starts: list[int] = []
         self._generation = 0
+        # The compiled path's region table: (struct vp_mem *, its region array, the
+        # from_buffer objects that pin each mapping), valid for `_native_gen` only.
+        self._native: tuple[Any, Any, list[Any]] | None = None
+        self._native_gen = -1
 
     # ---------------------------------------------------------------- table changes
 
@@ -219,6 +224,7 @@ class GuestMemory:
                 del self._by_uva[j]
                 del self._uva_starts[j]
                 self._generation += 1
+                self._release_native()
                 slot.release()
                 return r
         uva = "any" if userspace_addr is None else f"{userspace_addr:#x}"
@@ -231,6 +237,7 @@ class GuestMemory:
         slots = self._slots
         self._slots, self._starts, self._by_uva, self._uva_starts = [], [], [], []
         self._generation += 1
+        self._release_native()
         for slot in slots:
             slot.release()
 
@@ -264,6 +271,47 @@ class GuestMemory:
         self._by_uva.insert(j, slot)
         self._uva_starts.insert(j, r.userspace_addr)
         self._generation += 1
+
+    # ---------------------------------------------------------------- compiled path
+
+    def native_table(self) -> Any:
+        """The region table as a cffi `struct vp_mem *` (compiled path only).
+
+        Valid until `generation` changes: then the next call builds a new one and the old
+        one's host pointers are released (before any region is unmapped), so C code must
+        re-fetch it whenever the generation moved, as `Virtqueue` does.
+        """
+        if self._native is not None and self._native_gen == self._generation:
+            return self._native[0]
+        self._release_native()
+        ffi = _accel.ffi
+        if ffi is None:
+            raise RuntimeError("the compiled fast path is not in use")
+        regions = ffi.new("struct vp_region[]", max(1, len(self._slots)))
+        pins: list[Any] = []
+        for k, slot in enumerate(self._slots):
+            r = slot.region
+            pin = ffi.from_buffer("uint8_t[]", r.mapping, require_writable=True)
+            pins.append(pin)
+            regions[k].gpa = r.guest_phys_addr
+            regions[k].size = r.size
+            regions[k].host = pin
+        table = ffi.new("struct vp_mem *")
+        table.n = len(self._slots)
+        table.r = regions
+        self._native = (table, regions, pins)
+        self._native_gen = self._generation
+        return table
+
+    def _release_native(self) -> None:
+        """Drop the compiled path's pins on the mappings (before they are unmapped)."""
+        native, self._native = self._native, None
+        self._native_gen = -1
+        if native is None or _accel.ffi is None:
+            return
+        native[0].n = 0
+        for pin in native[2]:
+            _accel.ffi.release(pin)
 
     # ---------------------------------------------------------------- queries
 

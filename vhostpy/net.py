@@ -17,6 +17,7 @@ imports the vhost-user layers.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import struct
 import zlib
@@ -24,9 +25,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vhostpy import _accel
 from vhostpy.device import BATCH, VIRTIO_ID_NET, Device, batches
 from vhostpy.errors import ConfigurationError, FrontendError
-from vhostpy.packets import complete_checksum, frame_bytes, parse_mac, to_scapy
+from vhostpy.packets import complete_checksum, frame_bytes, parse_mac, swap_macs, to_scapy
 from vhostpy.virtqueue import VIRTIO_F_VERSION_1, DescriptorChain, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ RX_BACKLOG = 1024            # frames waiting for receive buffers before new one
 FrameHandler = Callable[["NetPort", list[Any]], None]
 #: monitor(port, direction, frames) with direction "from_guest" or "to_guest".
 FrameMonitor = Callable[["NetPort", str, Sequence[bytes]], None]
+#: Built-in consumers of the frames a guest sends (`NetPort.set_consumer`).
+BUILTINS = ("reflect", "switch")
 
 
 @dataclass
@@ -82,6 +86,10 @@ class NetPort:
     the guest (bytes or scapy packets) and returns how many were accepted. Both run on the
     thread that runs the device's event loop; `send_threadsafe` may be called from any
     thread once the application set `call_soon_threadsafe`.
+
+    Built-in endpoints (`set_capture`, `set_consumer`) behave like a monitor and a handler
+    registered first, but the compiled fast path runs them without Python per frame as long
+    as no Python handler or monitor is attached.
     """
 
     def __init__(self, device: NetDevice, name: str) -> None:
@@ -91,6 +99,22 @@ class NetPort:
         self._monitors: list[FrameMonitor] = []
         self.handler_errors = 0
         self.call_soon_threadsafe: Callable[[Callable[[], None]], None] | None = None
+        self.builtin: str | None = None
+        self.switch: Any = None
+        self.capture: Any = None
+
+    def set_capture(self, writer: Any) -> None:
+        """Record every frame in both directions with `writer.write_many(frames)` (pcap)."""
+        self.capture = writer
+
+    def set_consumer(self, kind: str | None, switch: Any = None) -> None:
+        """The built-in consumer of frames from the guest: "reflect" (back to this port with
+        MACs swapped), "switch" (`switch.forward(self, frames)`) or None (count and drop)."""
+        if kind is not None and kind not in BUILTINS:
+            raise ConfigurationError(f"unknown built-in consumer {kind!r}")
+        if (kind == "switch") != (switch is not None):
+            raise ConfigurationError("a switch consumer needs exactly one switch")
+        self.builtin, self.switch = kind, switch
 
     def add_handler(self, handler: FrameHandler, *, scapy: bool = False) -> None:
         """Call `handler(port, frames)` with each batch of frames the guest sends."""
@@ -111,6 +135,10 @@ class NetPort:
         to the other handlers and the device keeps serving: user code cannot break a ring.
         """
         self.observe("from_guest", frames)
+        if self.builtin == "reflect":
+            self.send([swap_macs(f) for f in frames])
+        elif self.builtin == "switch":
+            self.switch.forward(self, frames)
         for handler, scapy in self._handlers:
             try:
                 handler(self, [to_scapy(f) for f in frames] if scapy else frames)
@@ -119,9 +147,16 @@ class NetPort:
                 log.exception("%s: frame handler %r failed", self.name, handler)
 
     def observe(self, direction: str, frames: Sequence[bytes]) -> None:
-        """Show frames to the monitors ("from_guest", or "to_guest" once accepted)."""
+        """Show frames to the capture and monitors ("from_guest", or "to_guest" once accepted)."""
+        if self.capture is not None:
+            self.capture.write_many(frames)
         for monitor in self._monitors:
             monitor(self, direction, frames)
+
+    def receive_burst(self, burst: Any, idx: Any, count: int) -> None:
+        """Compiled path only (a native `Switch`): frames `idx[:count]` of a C burst buffer
+        toward the guest, as `send` would queue them."""
+        self.device._fast.receive(burst, idx, count)
 
     def send(self, frames: Iterable[Any]) -> int:
         """Queue frames (bytes or scapy packets) for the guest; returns how many were taken."""
@@ -201,6 +236,10 @@ class NetDevice(Device):
         self._rx_queues: dict[int, Virtqueue] = {}
         self._hdr_len = NET_HDR.size
         self._mrg = False
+        self._fast: Any = None
+        if _accel.lib is not None:
+            from vhostpy.net_cffi import NetFastPath
+            self._fast = NetFastPath(self)
 
     # -- negotiation and config ------------------------------------------------------------
     def device_features(self) -> int:
@@ -256,6 +295,9 @@ class NetDevice(Device):
 
     # -- guest -> host ---------------------------------------------------------------------
     def _drain_tx(self, pair: int, vq: Virtqueue) -> None:
+        if self._fast is not None and hasattr(vq, "native"):
+            self._fast.drain_tx(pair, vq)
+            return
         counters = self.tx_counters[pair]
         for chains in batches(vq):
             frames = []
@@ -309,6 +351,12 @@ class NetDevice(Device):
         """Queue frames for the driver's receive buffers; returns how many were accepted."""
         counters = self.backlog_counters
         limit = self.mtu + ETH_OVERHEAD
+        if self._fast is not None and frames and not self.backlog:
+            taken = self._fast.send_bytes(frames)   # straight into the ring, in C
+            if taken:
+                accepted_now = taken - self._fast.rejected
+                frames = frames[taken:]
+                return accepted_now + (self.transmit_to_guest(frames) if frames else 0)
         accepted: list[bytes] = []
         for frame in frames:
             if len(frame) < ETH_MIN_FRAME:
@@ -338,6 +386,13 @@ class NetDevice(Device):
 
     def _flush_rx(self) -> None:
         """Move backlog frames into receive buffers until either runs out."""
+        if self._fast is not None and self.backlog:
+            frames = list(self.backlog)
+            taken = self._fast.send_bytes(frames, backlog=True)
+            if taken:
+                rest = list(itertools.islice(self.backlog, taken, None))
+                self.backlog.clear()
+                self.backlog.extend(rest)
         touched: dict[int, tuple[Virtqueue, list[tuple[int, int]]]] = {}
         backlog = self.backlog
         while backlog:

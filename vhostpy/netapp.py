@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from vhostpy.errors import ConfigurationError
 from vhostpy.loop import EventLoop
 from vhostpy.net import DEFAULT_MTU, NetDevice, NetPort
-from vhostpy.packets import Responder, swap_macs
+from vhostpy.packets import Responder
 from vhostpy.pcap import PcapWriter
 from vhostpy.server import Server
 from vhostpy.switch import Switch
@@ -111,9 +111,11 @@ class NetApp:
             port = device.port
             port.call_soon_threadsafe = self.loop.call_soon_threadsafe
             if self.pcap is not None:
-                port.add_monitor(self._capture)
-            port.add_handler(self._from_guest)
-            if not self.reflect:
+                port.set_capture(self.pcap)
+            if self.reflect:
+                port.set_consumer("reflect")
+            else:
+                port.set_consumer("switch", self.switch)
                 self.switch.attach(port)
         for device, (kind, where) in zip(self.devices, places):
             self.servers.append(Server(device, self.loop, **{kind: where}))  # type: ignore[arg-type]
@@ -124,16 +126,6 @@ class NetApp:
         return [d.port for d in self.devices]
 
     # -- frame paths -----------------------------------------------------------------------
-    def _capture(self, port: NetPort, direction: str, frames: Sequence[bytes]) -> None:
-        assert self.pcap is not None
-        self.pcap.write_many(frames)
-
-    def _from_guest(self, port: NetPort, frames: list[bytes]) -> None:
-        if self.reflect:
-            port.send([swap_macs(f) for f in frames])
-        else:
-            self.switch.forward(port, frames)
-
     def _from_tap(self, tap: TapPort) -> None:
         frames = tap.read_batch()
         if frames:

@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from typing import Self
@@ -38,6 +38,7 @@ _GLOBAL = struct.Struct("<IHHiIII")
 _RECORD = struct.Struct("<IIII")
 
 Frame = bytes | bytearray | memoryview
+Buffer = Any  # anything with the buffer protocol (bytes, a cffi buffer)
 
 
 class PcapWriter:
@@ -121,8 +122,24 @@ class PcapWriter:
                 raise ValueError("PcapWriter closed during write_many")
             self._write_all(f, data)
 
+    @property
+    def native_ok(self) -> bool:
+        """Whether the compiled path may hand this writer whole records (`write_records`):
+        no frame it can see is ever truncated by `snaplen`."""
+        return self.snaplen >= 0x10000 + 18 and self._file is not None
+
+    def write_records(self, data: Buffer, frames: int, nbytes: int) -> None:
+        """Append complete records built elsewhere (the compiled path builds them exactly as
+        `write_many` does), in one write; `frames` and `nbytes` update the counters."""
+        f = self._file
+        if f is None:
+            raise ValueError("write to a closed PcapWriter")
+        self.frames += frames
+        self.bytes += nbytes
+        self._write_all(f, data)
+
     @staticmethod
-    def _write_all(f: BinaryIO, data: bytes) -> None:
+    def _write_all(f: BinaryIO, data: Buffer) -> None:
         # A raw file may write less than asked (disk full, quotas); finish or raise.
         view = memoryview(data)
         while view:

@@ -6,6 +6,13 @@ connections wait in the listen backlog meanwhile. Every byte and fd read goes to
 connection's `Decoder`; every decoded message to its `Session`. Whatever the front-end
 does (garbage, truncation, a vanished peer) ends at most that connection, never the
 process.
+
+Polling with a budget: a kick that finds work starts polling that ring with kicks disabled
+(`vq.polling`). Each turn serves the ring for up to `POLL_TURN` seconds and then yields to
+the event loop (a zero-delay timer), so the control socket and other rings are served in
+between. After `POLL_IDLE` seconds without work the ring asks for kicks again, re-checks it
+(work that raced in keeps the polling going) and goes back to waiting on its kick eventfd:
+an idle back-end uses no CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 
 from vhostpy import protocol as p
@@ -30,6 +38,10 @@ RECV_BYTES = 65536
 #: rather than silently dropped by the kernel.
 RECV_FDS = 64
 SEND_TIMEOUT = 10.0
+#: Longest stretch one ring is served before the event loop gets its turn (seconds).
+POLL_TURN = 0.0005
+#: How long a polled ring may stay empty before it waits for kicks again (seconds).
+POLL_IDLE = 0.0002
 
 
 def _fd_space() -> int:
@@ -44,6 +56,7 @@ class Connection:
         self.sock = sock
         self.decoder = p.Decoder("frontend")
         self.kicks: dict[int, int] = {}
+        self.polling: dict[int, float] = {}   # ring index -> when it last had work
         self.session = Session(server.device, self)
         self.closed = False
         sock.setblocking(False)
@@ -69,7 +82,48 @@ class Connection:
             log.warning("kick fd %d of vring %d: %s; no longer watched", fd, index, exc)
             self.unwatch_kick(fd)
             return
-        self.session.kick(index)
+        if self.session.kick(index) and index not in self.polling:
+            self._start_polling(index)
+
+    # -- polling ---------------------------------------------------------------------------
+    def _start_polling(self, index: int) -> None:
+        self.polling[index] = time.monotonic()
+        self.session.rings[index].vq.polling = True
+        self.server.loop.call_later(0, lambda: self._poll_turn(index))
+
+    def _poll_turn(self, index: int) -> None:
+        """Serve ring `index` for up to POLL_TURN; reschedule, or go back to kicks if idle."""
+        if self.closed or index not in self.polling:
+            return
+        ring = self.session.rings[index]
+        vq = ring.vq
+        now = time.monotonic()
+        end = now + POLL_TURN
+        last_work = self.polling[index]
+        while ring.live and vq.polling:
+            if self.session.poll(index):
+                last_work = now = time.monotonic()
+                if now >= end:
+                    break
+                continue
+            now = time.monotonic()
+            if now - last_work >= POLL_IDLE:
+                # Idle: ask for kicks again, then look once more (the driver may have
+                # published in between without kicking).
+                vq.polling = False
+                if ring.live and vq.enable_notifications():
+                    vq.polling = True
+                    last_work = now
+                    continue
+                del self.polling[index]
+                return
+            break
+        if not ring.live or not vq.polling:
+            vq.polling = False
+            self.polling.pop(index, None)
+            return
+        self.polling[index] = last_work
+        self.server.loop.call_later(0, lambda: self._poll_turn(index))
 
     # -- socket ----------------------------------------------------------------------------
     def on_readable(self) -> None:
@@ -153,6 +207,9 @@ class Connection:
         self.server.loop.remove_reader(self.sock.fileno())
         for fd in list(self.kicks):
             self.unwatch_kick(fd)
+        for index in self.polling:
+            self.session.rings[index].vq.polling = False
+        self.polling.clear()
         try:
             self.session.close()
         finally:

@@ -202,6 +202,7 @@ class Session:
                 return
             ring.vq.event_idx = bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
             ring.vq.call = _eventfd_signal(ring.call_fd) if ring.call_fd is not None else None
+            ring.vq.call_fd = ring.call_fd
             ring.live = True
             log.debug("vring %d live (size %d, base %d)", ring.vq.index, ring.vq.size,
                       ring.vq.last_avail_idx)
@@ -232,12 +233,24 @@ class Session:
             if ring.err_fd is not None:
                 _eventfd_signal(ring.err_fd)()
 
-    def kick(self, index: int) -> None:
-        """The driver kicked ring `index` (its kick eventfd was read by the host)."""
+    def kick(self, index: int) -> bool:
+        """The driver kicked ring `index` (its kick eventfd was read by the host).
+
+        Returns whether the device made progress on the ring (chains popped or used).
+        """
+        self.rings[index].kicks += 1
+        return self.poll(index)
+
+    def poll(self, index: int) -> bool:
+        """Serve ring `index` without a kick (a polling host); True if the device made
+        progress. A host that polls sets `vq.polling` meanwhile (see `Virtqueue`)."""
         ring = self.rings[index]
-        ring.kicks += 1
-        if ring.live:
-            self._run_device(ring, self.device.process_queue)
+        if not ring.live:
+            return False
+        vq = ring.vq
+        before = (vq.last_avail_idx, vq.used_idx)
+        self._run_device(ring, self.device.process_queue)
+        return (vq.last_avail_idx, vq.used_idx) != before
 
     def _stop_ring(self, ring: Vring) -> None:
         ring.started = False
@@ -253,6 +266,7 @@ class Session:
             _close(fd)
         vq = ring.vq
         vq.reset()
+        vq.call = vq.call_fd = None  # the fds are closed: their numbers may be reused
         ring.__init__(vq)  # type: ignore[misc]
 
     def _reset_device(self) -> None:
@@ -426,6 +440,7 @@ class Session:
         _close(ring.call_fd)
         ring.call_fd = self._keep(fd) if fd is not None else None
         ring.vq.call = _eventfd_signal(fd) if fd is not None else None
+        ring.vq.call_fd = fd
 
     def _on_set_vring_err(self, msg: p.Message) -> None:
         ring, fd = self._vring_fd(msg)

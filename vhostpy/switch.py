@@ -8,7 +8,13 @@ never hairpins a frame back to the port it came from. Work is batched: one `send
 destination port per `forward()` call, frames kept in order.
 
 It owns only the forwarding database; it never parses past the Ethernet header, never
-copies frames, does no I/O of its own and imports nothing from the rest of vhostpy.
+copies frames, does no I/O of its own and imports nothing from the rest of vhostpy but the
+compiled fast path (`_accel`).
+
+Variants: `Switch` is the pure-Python reference. With the compiled fast path in use,
+`Switch(...)` builds a `NativeSwitch` (same behaviour, forwarding database in C), which also
+forwards whole C bursts (`forward_burst`) between vhostpy ports without Python per frame;
+`PythonSwitch(...)` always builds the reference.
 """
 
 from __future__ import annotations
@@ -16,9 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["Port", "Switch"]
+from vhostpy import _accel
+
+if TYPE_CHECKING:
+    from typing import Self
+
+__all__ = ["NativeSwitch", "Port", "PythonSwitch", "Switch"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,11 @@ class Switch:
     to every other port, counted once per frame), `filtered` (known unicast whose port is
     the source port: not sent), `dropped` (invalid or from a detached port).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        # The visible rule: plain `Switch(...)` builds the native variant when it exists.
+        chosen = NativeSwitch if cls is Switch and _accel.lib is not None else cls
+        return super().__new__(chosen)  # type: ignore[return-value]
 
     def __init__(
         self,
@@ -174,3 +190,141 @@ class Switch:
         now = self.clock()
         self._sweep(now)
         return {mac.hex(":"): (port.name, now - seen) for mac, (port, seen) in self._fdb.items()}
+
+
+class PythonSwitch(Switch):
+    """The pure-Python reference, whatever `_accel` chose."""
+
+
+def _c_counter(name: str) -> property:
+    def get(self: NativeSwitch) -> int:
+        return int(getattr(self._sw, name))
+
+    def set_(self: NativeSwitch, value: int) -> None:
+        setattr(self._sw, name, value)
+
+    return property(get, set_)
+
+
+class NativeSwitch(Switch):
+    """`Switch` with its forwarding database and per-frame decisions in C.
+
+    Ports get small numbers in attach order (the C table stores those). `forward()` takes
+    frames as bytes like the reference; `forward_burst(src, burst)` takes a C burst of the
+    compiled net path and hands frames to ports that have `receive_burst` (vhostpy ports)
+    without making bytes, and to the others (responder, tap) as bytes.
+    """
+
+    forwarded = _c_counter("forwarded")
+    flooded = _c_counter("flooded")
+    filtered = _c_counter("filtered")
+    dropped = _c_counter("dropped")
+
+    def __init__(self, aging: float = 300.0, clock: Callable[[], float] = time.monotonic, *,
+                 max_entries: int = 4096) -> None:
+        ffi, lib = _accel.ffi, _accel.lib
+        sw = ffi.new("struct vp_switch *")
+        if lib.vp_switch_init(sw, max_entries) != 0:
+            raise MemoryError("switch forwarding database")
+        self._sw: Any = ffi.gc(sw, lib.vp_switch_free)
+        self._number: dict[int, int] = {}   # id(port) -> its number in the C table
+        self._by_number: dict[int, Port] = {}
+        self._next_number = 0
+        super().__init__(aging, clock, max_entries=max_entries)
+
+    def counters(self) -> dict[str, int]:
+        return {"forwarded": self.forwarded, "flooded": self.flooded,
+                "filtered": self.filtered, "dropped": self.dropped, "macs": self._sw.count}
+
+    def attach(self, port: Port) -> None:
+        super().attach(port)
+        self._number[id(port)] = self._next_number
+        self._by_number[self._next_number] = port
+        self._next_number += 1
+
+    def detach(self, port: Port) -> None:
+        if self._ports.pop(id(port), None) is None:
+            return
+        number = self._number.pop(id(port))
+        del self._by_number[number]
+        _accel.lib.vp_switch_prune(self._sw, number, float("-inf"))
+        log.debug("switch: detached port %s", port.name)
+
+    def forward(self, src: Port, frames: Sequence[bytes]) -> None:
+        if id(src) not in self._ports:
+            self.dropped += len(frames)
+            return
+        ffi, lib = _accel.ffi, _accel.lib
+        n = len(frames)
+        burst = ffi.new("struct vp_frames *")
+        offs, lens = ffi.new("uint64_t[]", max(n, 1)), ffi.new("uint32_t[]", max(n, 1))
+        burst.off, burst.len, burst.max = offs, lens, n
+        data = b"".join(frames)
+        pin = ffi.from_buffer("uint8_t[]", data)
+        lib.vp_frames_from_flat(burst, pin, ffi.new("uint32_t[]", list(map(len, frames))), n)
+        self._switch(src, burst, frames)
+
+    def forward_burst(self, src: Port, burst: Any) -> None:
+        """Switch the frames of a C burst (`struct vp_frames *`) that arrived from `src`."""
+        if id(src) not in self._ports:
+            self.dropped += burst.n
+            return
+        self._switch(src, burst, None)
+
+    def _switch(self, src: Port, burst: Any, frames: Sequence[bytes] | None) -> None:
+        ffi, lib = _accel.ffi, _accel.lib
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        n = burst.n
+        dest = ffi.new("int32_t[]", max(n, 1))
+        lib.vp_switch_classify(self._sw, burst, self._number[id(src)], now, now - self.aging, dest)
+        idx = ffi.new("uint32_t[]", max(n, 1))
+        for port in [p for p in self._ports.values() if p is not src]:
+            number = self._number.get(id(port))
+            if number is None:   # detached by an earlier send() (re-entrancy)
+                continue
+            k = lib.vp_switch_select(dest, n, number, idx)
+            if not k:
+                continue
+            if frames is not None:
+                port.send(list(map(frames.__getitem__, ffi.unpack(idx, k))))
+            else:
+                receive = getattr(port, "receive_burst", None)
+                if receive is not None:
+                    receive(burst, idx, k)
+                else:
+                    port.send(_burst_bytes(burst, idx, k))
+
+    def _sweep(self, now: float) -> None:
+        _accel.lib.vp_switch_prune(self._sw, -1, now - self.aging)
+        self._next_sweep = now + self.aging / 2
+
+    def lookup(self, mac: bytes) -> Port | None:
+        number = _accel.lib.vp_switch_lookup(self._sw, int.from_bytes(bytes(mac), "big"),
+                                             self.clock() - self.aging)
+        return self._by_number.get(number) if number >= 0 else None
+
+    def table(self) -> dict[str, tuple[str, float]]:
+        now = self.clock()
+        self._sweep(now)
+        ffi = _accel.ffi
+        count = self._sw.count
+        macs = ffi.new("uint64_t[]", max(count, 1))
+        ports = ffi.new("int32_t[]", max(count, 1))
+        seen = ffi.new("double[]", max(count, 1))
+        n = _accel.lib.vp_switch_dump(self._sw, macs, ports, seen, count)
+        out: dict[str, tuple[str, float]] = {}
+        for k in range(n):
+            port = self._by_number.get(ports[k])
+            if port is not None:
+                out[macs[k].to_bytes(6, "big").hex(":")] = (port.name, now - seen[k])
+        return out
+
+
+def _burst_bytes(burst: Any, idx: Any, k: int) -> list[bytes]:
+    ffi = _accel.ffi
+    blob = ffi.buffer(burst.buf, burst.used)[:]
+    offs = ffi.unpack(burst.off, burst.n)
+    lens = ffi.unpack(burst.len, burst.n)
+    return [blob[offs[i]:offs[i] + lens[i]] for i in ffi.unpack(idx, k)]

@@ -14,6 +14,11 @@ Memory ordering: the guest runs concurrently. We read avail->idx before the ring
 publishes, and write used elements before used->idx, each as a separate store. CPython gives
 no explicit fences, so this relies on the host's store ordering (x86 TSO); the compiled fast
 path (`_accel`) is where real barriers belong.
+
+Variants: `Virtqueue` is the pure-Python reference. When the compiled fast path is in use
+(`_accel.lib` is set), `Virtqueue(...)` builds a `virtqueue_cffi.CffiVirtqueue` instead (its
+subclass, with the ring state in a C struct and the ring walks in C); `PythonVirtqueue(...)`
+always builds the reference. Both pass the same tests.
 """
 
 from __future__ import annotations
@@ -21,9 +26,14 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
+from . import _accel
 from .errors import MemoryAccessError, RingError
 from .memory import ADDRESS_LIMIT, GuestMemory
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = [
     "MAX_QUEUE_SIZE",
@@ -36,6 +46,7 @@ __all__ = [
     "VIRTQ_DESC_F_WRITE",
     "VIRTQ_USED_F_NO_NOTIFY",
     "DescriptorChain",
+    "PythonVirtqueue",
     "Virtqueue",
     "vring_need_event",
 ]
@@ -192,12 +203,26 @@ class Virtqueue:
 
     `add_used*()` and `signal_used()` on a queue that is not ready do nothing: a device finishing
     a request after a reset or a ring failure must not write into a ring nobody owns any more.
+
+    `call` interrupts the driver. A transport whose `call` writes an eventfd also sets
+    `call_fd` to that fd, so the compiled variant can write it without calling back into
+    Python; the two must always name the same fd (or both be None).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        # The visible rule: plain `Virtqueue(...)` builds the default variant.
+        chosen = DEFAULT_VARIANT if cls is Virtqueue else cls
+        return super().__new__(chosen)  # type: ignore[return-value]
 
     def __init__(self, memory: GuestMemory, index: int) -> None:
         self.memory = memory
         self.index = index
         self.call: Callable[[], None] | None = None
+        self.call_fd: int | None = None
+        #: Set by a transport that busy-polls this ring: a device draining it may then leave
+        #: kicks disabled when it finds the ring empty; the transport re-enables them (and
+        #: re-checks the ring) before it stops polling.
+        self.polling = False
         self.event_idx = False
         self.error: str | None = None
         self._size = 0
@@ -303,6 +328,7 @@ class Virtqueue:
         self._notify = True
         self._unsignalled = 0
         self._signal_valid = False
+        self.polling = False
         self._drop_views()
 
     @property
@@ -580,3 +606,15 @@ class Virtqueue:
             f"<Virtqueue {self.index} {state} size={self._size} "
             f"last_avail={self.last_avail_idx} used={self.used_idx}>"
         )
+
+
+class PythonVirtqueue(Virtqueue):
+    """The pure-Python reference, whatever `_accel` chose (tests run both variants)."""
+
+
+#: What `Virtqueue(...)` builds: the compiled variant when the fast path is in use.
+DEFAULT_VARIANT: type[Virtqueue] = Virtqueue
+if _accel.lib is not None:
+    from .virtqueue_cffi import CffiVirtqueue
+
+    DEFAULT_VARIANT = CffiVirtqueue

@@ -1,0 +1,643 @@
+/* vhostpy compiled fast path: split-ring walking, used ring, notifications, and the
+ * built-in virtio-net endpoints, one call per burst.
+ *
+ * Every check of virtqueue.Virtqueue._walk is repeated here with the same messages, so a
+ * hostile ring fails the same way under both implementations. Guest memory is reached only
+ * through the region table (`struct vp_mem`) that memory.GuestMemory builds; nothing is read
+ * or written outside a region. Ring fields the driver polls are written with single 16-bit
+ * stores after a release fence; avail->idx is read before the entries it publishes with an
+ * acquire fence after it.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <errno.h>
+#include "_fastpath.h"
+
+#define DESC_F_NEXT 1u
+#define DESC_F_WRITE 2u
+#define DESC_F_INDIRECT 4u
+#define MAX_QUEUE_SIZE 32768u
+#define MAX_FRAME 65536u
+#define ETH_HLEN 14u
+
+enum { DROP_EMPTY, DROP_SHORT_HEADER, DROP_HEADER_ONLY, DROP_OVERSIZE, DROP_RUNT, DROP_GSO,
+       DROP_BAD_CSUM, DROP_RX_TOO_SMALL, DROP_WHOLE_RING, DROP_MTU };
+
+typedef unsigned long long ull;
+
+static inline uint16_t ld16(const uint8_t *p) {
+    return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED);
+}
+
+static inline void st16(uint8_t *p, uint16_t v) {
+    __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELAXED);
+}
+
+/* ---------------------------------------------------------------- guest memory */
+
+static const struct vp_region *find_region(const struct vp_mem *m, uint64_t gpa) {
+    uint32_t lo = 0, hi = m->n;
+    while (lo < hi) {                       /* first region with gpa < r.gpa */
+        uint32_t mid = (lo + hi) / 2;
+        if (m->r[mid].gpa <= gpa) lo = mid + 1; else hi = mid;
+    }
+    if (lo == 0) return NULL;
+    const struct vp_region *r = &m->r[lo - 1];
+    return gpa - r->gpa < r->size ? r : NULL;
+}
+
+int vp_mem_check(const struct vp_mem *m, uint64_t gpa, uint64_t len, char *err, size_t errlen) {
+    while (len) {
+        const struct vp_region *r = find_region(m, gpa);
+        if (!r) {
+            if (err) snprintf(err, errlen, "guest range gpa=0x%llx length=0x%llx is not mapped",
+                              (ull)gpa, (ull)len);
+            return -1;
+        }
+        uint64_t room = r->size - (gpa - r->gpa);
+        uint64_t take = room < len ? room : len;
+        len -= take;
+        gpa += take;
+    }
+    return 0;
+}
+
+uint8_t *vp_mem_ptr(const struct vp_mem *m, uint64_t gpa, uint64_t len) {
+    const struct vp_region *r = find_region(m, gpa);
+    if (!r || len > r->size - (gpa - r->gpa)) return NULL;
+    return r->host + (gpa - r->gpa);
+}
+
+/* Copy between guest memory (possibly across adjacent regions) and a host buffer. */
+static int mem_copy(const struct vp_mem *m, uint64_t gpa, uint8_t *host, uint64_t len, int to_guest) {
+    while (len) {
+        const struct vp_region *r = find_region(m, gpa);
+        if (!r) return -1;
+        uint64_t off = gpa - r->gpa, room = r->size - off, take = room < len ? room : len;
+        if (to_guest) memcpy(r->host + off, host, take); else memcpy(host, r->host + off, take);
+        host += take;
+        gpa += take;
+        len -= take;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- chains */
+
+static void fail(struct vp_vq *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#include <stdarg.h>
+static void fail(struct vp_vq *q, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(q->error, sizeof q->error, fmt, ap);
+    va_end(ap);
+    q->broken = 1;
+}
+
+int vp_pending(struct vp_vq *q) {
+    uint16_t avail_idx = ld16(q->avail + 2);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    uint32_t pending = (uint16_t)(avail_idx - q->last_avail_idx);
+    if (pending > q->size) {
+        fail(q, "avail idx %u is %u ahead of last_avail_idx %u (size %u)", avail_idx, pending,
+             q->last_avail_idx, q->size);
+        return -1;
+    }
+    return (int)pending;
+}
+
+int vp_has_available(const struct vp_vq *q) {
+    return ld16(q->avail + 2) != (uint16_t)q->last_avail_idx;
+}
+
+/* Walk one chain into segs; 0 ok, -1 broken (reason in err), -2 segs full. */
+static int walk(const struct vp_vq *q, uint32_t head, struct vp_seg *segs, uint32_t max_segs,
+                struct vp_chain *out, char *err, size_t el) {
+    uint32_t size = q->size;
+    if (head >= size) {
+        snprintf(err, el, "head index %u >= size %u", head, size);
+        return -1;
+    }
+    const uint8_t *table = q->desc;
+    uint8_t *copy = NULL;
+    uint64_t table_len = size;
+    int64_t budget = size;
+    int indirect = 0, rc = 0;
+    uint32_t i = head, nseg = 0, nwrite = 0;
+    uint64_t rl = 0, wl = 0;
+    char sub[200];
+    for (;;) {
+        if (i >= table_len) {
+            snprintf(err, el, "next index %u >= %s length %llu", i,
+                     indirect ? "indirect table" : "descriptor table", (ull)table_len);
+            rc = -1; break;
+        }
+        if (--budget < 0) {
+            if (indirect) snprintf(err, el, "descriptor loop: chain longer than indirect table of %llu", (ull)table_len);
+            else snprintf(err, el, "descriptor loop: chain longer than size %u", size);
+            rc = -1; break;
+        }
+        uint8_t d[16];
+        memcpy(d, table + 16 * (uint64_t)i, 16);   /* read each descriptor once */
+        uint64_t addr; uint32_t len; uint16_t flags, next;
+        memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&flags, d + 12, 2); memcpy(&next, d + 14, 2);
+        if (len && addr > UINT64_MAX - (len - 1)) {
+            snprintf(err, el, "descriptor %u addr 0x%llx + len 0x%x overflows 64 bits", i, (ull)addr, len);
+            rc = -1; break;
+        }
+        if (flags & DESC_F_INDIRECT) {
+            if (indirect) { snprintf(err, el, "nested indirect descriptor %u at addr 0x%llx", i, (ull)addr); rc = -1; break; }
+            if (flags & DESC_F_NEXT) { snprintf(err, el, "descriptor %u has both INDIRECT and NEXT (flags 0x%x)", i, flags); rc = -1; break; }
+            if (len == 0 || len % 16 || len > 16 * MAX_QUEUE_SIZE) {
+                snprintf(err, el, "indirect table at 0x%llx has bad length 0x%x", (ull)addr, len);
+                rc = -1; break;
+            }
+            if (vp_mem_check(q->mem, addr, len, sub, sizeof sub)) {
+                snprintf(err, el, "indirect table: %s", sub);
+                rc = -1; break;
+            }
+            const uint8_t *p = vp_mem_ptr(q->mem, addr, len);
+            if (!p) {   /* spans regions: walk a copy, which also pins what we walk */
+                copy = malloc(len);
+                if (!copy || mem_copy(q->mem, addr, copy, len, 0)) {
+                    snprintf(err, el, "indirect table at 0x%llx: cannot copy", (ull)addr);
+                    rc = -1; break;
+                }
+                p = copy;
+            }
+            table = p;
+            table_len = len / 16;
+            budget = (int64_t)table_len;
+            indirect = 1;
+            i = 0;
+            continue;
+        }
+        if (flags & DESC_F_WRITE) {
+            wl += len;
+            nwrite++;
+        } else if (nwrite) {
+            snprintf(err, el, "device-readable descriptor %u (addr 0x%llx len 0x%x) after a device-writable one",
+                     i, (ull)addr, len);
+            rc = -1; break;
+        } else {
+            rl += len;
+        }
+        if (rl + wl > 0xFFFFFFFFull) {
+            snprintf(err, el, "chain length 0x%llx overflows 32 bits at descriptor %u", (ull)(rl + wl), i);
+            rc = -1; break;
+        }
+        if (len && vp_mem_check(q->mem, addr, len, sub, sizeof sub)) {
+            snprintf(err, el, "descriptor %u buffer: %s", i, sub);
+            rc = -1; break;
+        }
+        if (nseg >= max_segs) { rc = -2; break; }
+        segs[nseg].addr = addr;
+        segs[nseg].len = len;
+        segs[nseg].write = (flags & DESC_F_WRITE) ? 1 : 0;
+        nseg++;
+        if (!(flags & DESC_F_NEXT)) break;
+        i = next;
+    }
+    free(copy);
+    if (rc == 0) {
+        out->head = head;
+        out->nseg = nseg;
+        out->readable_len = (uint32_t)rl;
+        out->writable_len = (uint32_t)wl;
+    }
+    return rc;
+}
+
+int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
+           uint32_t max_segs) {
+    q->seg_overflow = 0;
+    if (q->broken || !limit) return 0;
+    int pending = vp_pending(q);
+    if (pending <= 0) return 0;
+    uint32_t n = (uint32_t)pending < limit ? (uint32_t)pending : limit;
+    uint32_t mask = q->size - 1, used_segs = 0, count = 0;
+    char err[256];
+    for (; count < n; count++) {
+        uint32_t slot = q->last_avail_idx & mask;
+        uint32_t head = ld16(q->avail + 4 + 2 * slot);
+        int rc = walk(q, head, segs + used_segs, max_segs - used_segs, &chains[count], err, sizeof err);
+        if (rc == -2) { q->seg_overflow = 1; break; }
+        if (rc) {
+            fail(q, "chain at avail slot %u (avail idx %u): %s", slot, q->last_avail_idx, err);
+            break;
+        }
+        chains[count].first = used_segs;
+        used_segs += chains[count].nseg;
+        q->last_avail_idx = (q->last_avail_idx + 1) & 0xFFFF;
+    }
+    if (count && q->event_idx && q->notify)
+        st16(q->used + 4 + 8 * q->size, (uint16_t)q->last_avail_idx);
+    return (int)count;
+}
+
+/* ---------------------------------------------------------------- used ring, notifications */
+
+void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
+    uint32_t mask = q->size - 1, idx = q->used_idx;
+    for (uint32_t k = 0; k < n; k++) {
+        uint8_t *e = q->used + 4 + 8 * (idx & mask);
+        memcpy(e, &items[2 * k], 8);
+        idx = (idx + 1) & 0xFFFF;
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE);   /* elements before used->idx */
+    st16(q->used + 2, (uint16_t)idx);
+    q->used_idx = idx;
+    q->unsignalled += n;
+}
+
+int vp_needs_notification(const struct vp_vq *q) {
+    if (!q->unsignalled) return 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* used->idx store before the driver's field load */
+    if (q->event_idx) {
+        if (!q->signal_valid || q->unsignalled >= 0x10000) return 1;
+        uint16_t event = ld16(q->avail + 4 + 2 * q->size);
+        uint16_t new_ = (uint16_t)q->used_idx, old = (uint16_t)(q->used_idx - q->unsignalled);
+        return (uint16_t)(new_ - event - 1) < (uint16_t)(new_ - old);
+    }
+    return !(ld16(q->avail) & 1);
+}
+
+int vp_signal(struct vp_vq *q, int call_fd) {
+    int need = vp_needs_notification(q);
+    if (q->unsignalled) {
+        q->unsignalled = 0;
+        q->signal_valid = 1;
+    }
+    if (need && call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t rc;
+        do rc = write(call_fd, &one, sizeof one); while (rc < 0 && errno == EINTR);
+        q->calls++;
+    }
+    return need;
+}
+
+void vp_disable_notifications(struct vp_vq *q) {
+    q->notify = 0;
+    if (q->event_idx) {
+        st16(q->used + 4 + 8 * q->size, (uint16_t)(q->last_avail_idx - 1));
+    } else {
+        st16(q->used, ld16(q->used) | 1);
+    }
+}
+
+int vp_enable_notifications(struct vp_vq *q) {
+    q->notify = 1;
+    if (q->event_idx) st16(q->used + 4 + 8 * q->size, (uint16_t)q->last_avail_idx);
+    else st16(q->used, ld16(q->used) & ~1u);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* our store before re-reading avail->idx */
+    return ld16(q->avail + 2) != (uint16_t)q->last_avail_idx;
+}
+
+/* ---------------------------------------------------------------- virtio-net */
+
+/* Gather `len` readable bytes of a chain from offset `skip` into dst. */
+static int gather(const struct vp_mem *m, const struct vp_seg *s, uint32_t nseg, uint64_t skip,
+                  uint8_t *dst, uint64_t len) {
+    for (uint32_t k = 0; k < nseg && len; k++) {
+        if (s[k].write) break;
+        uint64_t l = s[k].len;
+        if (skip >= l) { skip -= l; continue; }
+        uint64_t take = l - skip < len ? l - skip : len;
+        if (mem_copy(m, s[k].addr + skip, dst, take, 0)) return -1;
+        dst += take;
+        len -= take;
+        skip = 0;
+    }
+    return len ? -1 : 0;
+}
+
+static uint16_t checksum(const uint8_t *p, uint64_t n) {
+    uint64_t sum = 0;
+    for (; n >= 2; p += 2, n -= 2) sum += (uint32_t)p[0] << 8 | p[1];
+    if (n) sum += (uint32_t)p[0] << 8;
+    while (sum >> 16) sum = (sum & 0xFFFF) + (sum >> 16);
+    uint16_t c = (uint16_t)~sum;
+    return c ? c : 0xFFFF;
+}
+
+#define SEGS_LOCAL 2048
+
+int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, uint32_t limit,
+                    struct vp_net_stats *st, struct vp_frames *out, int call_fd) {
+    (void)call_fd;
+    struct vp_chain chains[256];
+    struct vp_seg segs_local[SEGS_LOCAL];
+    struct vp_seg *segs = segs_local;
+    uint32_t items[512];
+    if (limit > 256) limit = 256;
+    int n = vp_pop(q, limit, chains, segs, SEGS_LOCAL);
+    if (n == 0 && q->seg_overflow) {    /* one chain longer than SEGS_LOCAL descriptors */
+        uint32_t big = q->size + MAX_QUEUE_SIZE + 1;
+        segs = malloc(sizeof *segs * big);
+        if (!segs) return 0;
+        n = vp_pop(q, 1, chains, segs, big);
+    }
+    for (int c = 0; c < n; c++) {
+        const struct vp_chain *ch = &chains[c];
+        const struct vp_seg *s = segs + ch->first;
+        uint64_t total = ch->readable_len;
+        int reason = -1;
+        items[2 * c] = ch->head;
+        items[2 * c + 1] = 0;
+        if (total == 0) reason = DROP_EMPTY;
+        else if (total < hdr_len) reason = DROP_SHORT_HEADER;
+        else if (total == hdr_len) reason = DROP_HEADER_ONLY;
+        else if (total - hdr_len > MAX_FRAME) reason = DROP_OVERSIZE;
+        else if (total - hdr_len < ETH_HLEN) reason = DROP_RUNT;
+        uint8_t h[12];
+        uint32_t flen = (uint32_t)(total - hdr_len);
+        if (reason < 0 && gather(q->mem, s, ch->nseg, 0, h, hdr_len)) reason = DROP_SHORT_HEADER;
+        if (reason < 0) {
+            uint16_t cs_start, cs_off;
+            memcpy(&cs_start, h + 6, 2);
+            memcpy(&cs_off, h + 8, 2);
+            if (h[1] != 0) reason = DROP_GSO;
+            else if ((h[0] & 1) && (uint32_t)cs_start + cs_off + 2 > flen) reason = DROP_BAD_CSUM;
+            else if (out) {
+                if (out->n >= out->max || out->used + 16 + flen > out->cap) reason = DROP_OVERSIZE;
+                else {
+                    uint8_t *dst = out->buf + out->used + 16;
+                    if (gather(q->mem, s, ch->nseg, hdr_len, dst, flen)) reason = DROP_SHORT_HEADER;
+                    else {
+                        if (h[0] & 1) {
+                            uint32_t field = (uint32_t)cs_start + cs_off;
+                            uint16_t c16 = checksum(dst + cs_start, flen - cs_start);
+                            dst[field] = (uint8_t)(c16 >> 8);
+                            dst[field + 1] = (uint8_t)c16;
+                        }
+                        out->off[out->n] = out->used + 16;
+                        out->len[out->n] = flen;
+                        out->n++;
+                        out->used += 16 + flen;
+                    }
+                }
+            }
+        }
+        if (reason >= 0) {
+            st->drops[reason]++;
+            st->dropped++;
+        } else {
+            st->frames++;
+            st->bytes += flen;
+        }
+    }
+    if (n > 0) vp_add_used(q, items, (uint32_t)n);
+    if (segs != segs_local) free(segs);
+    return n;
+}
+
+/* Scatter the pieces (a, an) then (b, bn) into the writable segments of chains; returns the
+ * bytes written into each chain in `written`. */
+static void scatter(const struct vp_mem *m, const struct vp_chain *chains, uint32_t nchains,
+                    const struct vp_seg *segs, const uint8_t *a, uint64_t an, const uint8_t *b,
+                    uint64_t bn, uint32_t *written) {
+    for (uint32_t c = 0; c < nchains; c++) {
+        uint32_t done = 0;
+        const struct vp_seg *s = segs + chains[c].first;
+        for (uint32_t k = 0; k < chains[c].nseg && (an || bn); k++) {
+            if (!s[k].write) continue;
+            uint64_t room = s[k].len, gpa = s[k].addr;
+            while (room && (an || bn)) {
+                const uint8_t **src = an ? &a : &b;
+                uint64_t *left = an ? &an : &bn;
+                uint64_t take = *left < room ? *left : room;
+                mem_copy(m, gpa, (uint8_t *)*src, take, 1);
+                *src += take; *left -= take; gpa += take; room -= take; done += (uint32_t)take;
+            }
+        }
+        written[c] = done;
+    }
+}
+
+static void record(struct vp_frames *cap, const uint8_t *pre, uint32_t pn, const uint8_t *rest,
+                   uint32_t rn, uint32_t sec, uint32_t usec) {
+    uint32_t len = pn + rn;
+    if (!cap || cap->n >= cap->max || cap->used + 16 + len > cap->cap) return;
+    uint8_t *p = cap->buf + cap->used;
+    uint32_t h[4] = {sec, usec, len, len};
+    memcpy(p, h, 16);
+    memcpy(p + 16, pre, pn);
+    memcpy(p + 16 + pn, rest, rn);
+    cap->off[cap->n] = cap->used + 16;
+    cap->len[cap->n] = len;
+    cap->n++;
+    cap->used += 16 + len;
+}
+
+int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len,
+                    const struct vp_frames *src, const uint32_t *idx, uint32_t n, int swap,
+                    struct vp_net_stats *st, struct vp_net_stats *backlog,
+                    struct vp_frames *cap, uint32_t ts_sec, uint32_t ts_usec, int call_fd) {
+    (void)call_fd;
+    enum { MAXC = 64 };
+    struct vp_chain chains[MAXC];
+    struct vp_seg segs[SEGS_LOCAL];
+    uint32_t items[2 * 256], nitems = 0, written[MAXC];
+    uint32_t k;
+    for (k = 0; k < n; k++) {
+        if (q->broken) break;
+        uint32_t f = idx ? idx[k] : k;
+        uint32_t len = src->len[f];
+        const uint8_t *data = src->buf + src->off[f];
+        if (len < ETH_HLEN) { backlog->drops[DROP_RUNT]++; backlog->dropped++; continue; }
+        if (len > max_len) { backlog->drops[DROP_MTU]++; backlog->dropped++; continue; }
+        uint8_t pre[24] = {0};   /* virtio_net_hdr, then the first 12 frame bytes */
+        memcpy(pre + hdr_len, data + (swap ? 6 : 0), 6);
+        memcpy(pre + hdr_len + 6, data + (swap ? 0 : 6), 6);
+        uint64_t need = (uint64_t)hdr_len + len, room = 0;
+        uint32_t nc = 0, used_segs = 0;
+        int overflow = 0;
+        while (room < need && nc < q->size) {
+            if (nc >= MAXC) { overflow = 1; break; }
+            if (vp_pop(q, 1, &chains[nc], segs + used_segs, SEGS_LOCAL - used_segs) != 1) {
+                if (q->seg_overflow) overflow = 1;
+                break;
+            }
+            chains[nc].first = used_segs;
+            used_segs += chains[nc].nseg;
+            room += chains[nc].writable_len;
+            nc++;
+            if (!mrg) break;
+        }
+        if (q->broken) break;
+        if (overflow) {   /* too many buffers for our arrays: let Python place this frame */
+            q->last_avail_idx = (q->last_avail_idx - nc) & 0xFFFF;
+            break;
+        }
+        if (room < need) {
+            if (!mrg && nc) {
+                q->last_avail_idx = (q->last_avail_idx - 1) & 0xFFFF;
+                record(cap, pre + hdr_len, 12, data + 12, len - 12, ts_sec, ts_usec);
+                st->drops[DROP_RX_TOO_SMALL]++; st->dropped++;
+                continue;
+            }
+            q->last_avail_idx = (q->last_avail_idx - nc) & 0xFFFF;
+            if (nc >= q->size) {
+                record(cap, pre + hdr_len, 12, data + 12, len - 12, ts_sec, ts_usec);
+                st->drops[DROP_WHOLE_RING]++; st->dropped++;
+                continue;
+            }
+            break;   /* wait for buffers */
+        }
+        record(cap, pre + hdr_len, 12, data + 12, len - 12, ts_sec, ts_usec);
+        uint16_t nb = (uint16_t)(mrg ? nc : 1);
+        if (hdr_len >= 12) memcpy(pre + 10, &nb, 2);
+        scatter(q->mem, chains, nc, segs, pre, hdr_len + 12, data + 12, len - 12, written);
+        if (nitems + nc > 256) { vp_add_used(q, items, nitems); nitems = 0; }
+        for (uint32_t c = 0; c < nc; c++) {
+            items[2 * nitems] = chains[c].head;
+            items[2 * nitems + 1] = written[c];
+            nitems++;
+        }
+        st->frames++;
+        st->bytes += len;
+    }
+    if (nitems) vp_add_used(q, items, nitems);
+    return (int)k;
+}
+
+void vp_frames_from_flat(struct vp_frames *f, uint8_t *data, const uint32_t *lens, uint32_t n) {
+    uint64_t pos = 0;
+    f->buf = data;
+    for (uint32_t i = 0; i < n && i < f->max; i++) {
+        f->off[i] = pos;
+        f->len[i] = lens[i];
+        pos += lens[i];
+    }
+    f->n = n < f->max ? n : f->max;
+    f->used = pos;
+}
+
+void vp_pcap_headers(struct vp_frames *f, uint32_t ts_sec, uint32_t ts_usec) {
+    for (uint32_t i = 0; i < f->n; i++) {
+        uint32_t h[4] = {ts_sec, ts_usec, f->len[i], f->len[i]};
+        memcpy(f->buf + f->off[i] - 16, h, 16);
+    }
+}
+
+/* ---------------------------------------------------------------- switch */
+
+static inline uint32_t slot_of(const struct vp_switch *sw, uint64_t mac) {
+    return (uint32_t)((mac * 0x9E3779B97F4A7C15ull) >> 32) & (sw->cap - 1);
+}
+
+static struct vp_fdb_entry *fdb_find(const struct vp_switch *sw, uint64_t mac) {
+    for (uint32_t i = slot_of(sw, mac);; i = (i + 1) & (sw->cap - 1)) {
+        struct vp_fdb_entry *e = &sw->t[i];
+        if (e->mac == mac) return e;
+        if (e->mac == 0) return NULL;
+    }
+}
+
+static void fdb_put(struct vp_switch *sw, uint64_t mac, int32_t port, double seen) {
+    uint32_t i = slot_of(sw, mac);
+    while (sw->t[i].mac && sw->t[i].mac != mac) i = (i + 1) & (sw->cap - 1);
+    if (!sw->t[i].mac) sw->count++;
+    sw->t[i].mac = mac;
+    sw->t[i].port = port;
+    sw->t[i].seen = seen;
+}
+
+int vp_switch_init(struct vp_switch *sw, uint32_t max_entries) {
+    uint32_t cap = 16;
+    while (cap < 2 * (uint64_t)max_entries + 2) cap *= 2;
+    sw->t = calloc(cap, sizeof *sw->t);
+    if (!sw->t) return -1;
+    sw->cap = cap;
+    sw->count = 0;
+    sw->max_entries = max_entries;
+    return 0;
+}
+
+void vp_switch_free(struct vp_switch *sw) {
+    free(sw->t);
+    sw->t = NULL;
+    sw->cap = sw->count = 0;
+}
+
+int32_t vp_switch_lookup(const struct vp_switch *sw, uint64_t mac, double horizon) {
+    const struct vp_fdb_entry *e = mac ? fdb_find(sw, mac) : NULL;
+    return e && e->seen >= horizon ? e->port : -1;
+}
+
+void vp_switch_prune(struct vp_switch *sw, int32_t port, double horizon) {
+    uint32_t n = 0;
+    struct vp_fdb_entry *keep = malloc(sizeof *keep * (sw->count + 1));
+    if (!keep) return;
+    for (uint32_t i = 0; i < sw->cap; i++) {
+        struct vp_fdb_entry *e = &sw->t[i];
+        if (e->mac && e->seen >= horizon && (port < 0 || e->port != port)) keep[n++] = *e;
+    }
+    memset(sw->t, 0, sizeof *sw->t * sw->cap);
+    sw->count = 0;
+    for (uint32_t i = 0; i < n; i++) fdb_put(sw, keep[i].mac, keep[i].port, keep[i].seen);
+    free(keep);
+}
+
+uint32_t vp_switch_dump(const struct vp_switch *sw, uint64_t *macs, int32_t *ports, double *seen,
+                        uint32_t max) {
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < sw->cap && n < max; i++) {
+        if (!sw->t[i].mac) continue;
+        macs[n] = sw->t[i].mac;
+        ports[n] = sw->t[i].port;
+        seen[n] = sw->t[i].seen;
+        n++;
+    }
+    return n;
+}
+
+static inline uint64_t mac48(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 6; i++) v = v << 8 | p[i];
+    return v;
+}
+
+int vp_switch_classify(struct vp_switch *sw, const struct vp_frames *f, int32_t src,
+                       double now, double horizon, int32_t *dest) {
+    uint64_t fwd = 0, flood = 0, filt = 0, drop = 0;
+    for (uint32_t i = 0; i < f->n; i++) {
+        const uint8_t *p = f->buf + f->off[i];
+        if (f->len[i] < ETH_HLEN) { drop++; dest[i] = -2; continue; }
+        uint64_t smac = mac48(p + 6);
+        if ((p[6] & 1) || smac == 0) { drop++; dest[i] = -2; continue; }
+        struct vp_fdb_entry *e = fdb_find(sw, smac);
+        if (!e && sw->count >= sw->max_entries) {
+            /* table full: forward, do not learn */
+        } else if (!e || e->port != src || e->seen != now) {
+            fdb_put(sw, smac, src, now);
+        }
+        if (!(p[0] & 1)) {
+            uint64_t dmac = mac48(p);
+            e = dmac ? fdb_find(sw, dmac) : NULL;
+            if (e && e->seen >= horizon) {
+                if (e->port == src) { filt++; dest[i] = -3; }
+                else { fwd++; dest[i] = e->port; }
+                continue;
+            }
+        }
+        flood++;
+        dest[i] = -1;
+    }
+    sw->forwarded += fwd;
+    sw->flooded += flood;
+    sw->filtered += filt;
+    sw->dropped += drop;
+    return 0;
+}
+
+uint32_t vp_switch_select(const int32_t *dest, uint32_t n, int32_t port, uint32_t *idx) {
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (dest[i] == port || dest[i] == -1) idx[k++] = i;
+    return k;
+}

@@ -1,0 +1,132 @@
+/* vhostpy compiled fast path: declarations shared by _fastpath.c and the cffi cdef.
+ *
+ * This header is parsed by cffi's cdef (see _native_build.py), so it holds only plain C
+ * declarations: no preprocessor conditionals, no includes, no inline code.
+ *
+ * Contract: every function trusts only the structures Python built (region table, ring
+ * pointers checked by Virtqueue against the region table); everything read from guest memory
+ * (indices, descriptors, headers) is checked before use. Nothing here allocates Python
+ * objects or keeps pointers across calls except inside the structures passed in.
+ */
+
+/* One guest RAM region as C sees it: [gpa, gpa+size) at host address `host`. */
+struct vp_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+};
+
+/* The region table of one GuestMemory, sorted by gpa; rebuilt when its generation changes. */
+struct vp_mem {
+    uint32_t n;
+    struct vp_region *r;
+};
+
+/* One split ring's device-side state; the Python Virtqueue (cffi variant) reads and writes
+ * these fields directly, so both languages see one copy of the state. */
+struct vp_vq {
+    struct vp_mem *mem;
+    uint8_t *desc;
+    uint8_t *avail;
+    uint8_t *used;
+    uint32_t size;
+    uint32_t last_avail_idx;
+    uint32_t used_idx;
+    uint32_t event_idx;
+    uint32_t notify;
+    uint32_t signal_valid;
+    uint32_t unsignalled;
+    uint32_t broken;         /* set with `error` when the ring turned out hostile */
+    uint32_t seg_overflow;   /* vp_pop stopped because the segment array was full */
+    uint64_t calls;          /* call eventfd writes made by C */
+    char error[320];
+};
+
+/* A buffer of a popped chain (guest-physical address, length, device-writable?). */
+struct vp_seg {
+    uint64_t addr;
+    uint32_t len;
+    uint32_t write;
+};
+
+/* A popped chain: its head and its segments segs[first .. first+nseg). */
+struct vp_chain {
+    uint32_t head;
+    uint32_t first;
+    uint32_t nseg;
+    uint32_t readable_len;
+    uint32_t writable_len;
+};
+
+/* Frames in one flat buffer; each frame's bytes at buf[off[i] .. off[i]+len[i]) and
+ * preceded by a 16-byte slot where a pcap record header may be written. */
+struct vp_frames {
+    uint8_t *buf;
+    uint64_t cap;
+    uint64_t used;
+    uint32_t n;
+    uint32_t max;
+    uint64_t *off;
+    uint32_t *len;
+};
+
+/* Counters of one net queue (drop reasons in the order of net.DROP_REASONS). */
+struct vp_net_stats {
+    uint64_t frames;
+    uint64_t bytes;
+    uint64_t drops[10];
+    uint64_t dropped;   /* sum of drops[] since the counters were last collected */
+};
+
+/* The learning switch's forwarding database (open addressing, MAC 0 = empty). */
+struct vp_fdb_entry {
+    uint64_t mac;
+    int32_t port;
+    double seen;
+};
+
+struct vp_switch {
+    uint32_t cap;            /* power of two, at least 2 * max_entries */
+    uint32_t count;
+    uint32_t max_entries;
+    struct vp_fdb_entry *t;
+    uint64_t forwarded;
+    uint64_t flooded;
+    uint64_t filtered;
+    uint64_t dropped;
+};
+
+/* ---------------------------------------------------------------- memory and rings */
+int vp_mem_check(const struct vp_mem *m, uint64_t gpa, uint64_t len, char *err, size_t errlen);
+uint8_t *vp_mem_ptr(const struct vp_mem *m, uint64_t gpa, uint64_t len);
+
+int vp_pending(struct vp_vq *q);
+int vp_has_available(const struct vp_vq *q);
+int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
+           uint32_t max_segs);
+void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n);
+int vp_needs_notification(const struct vp_vq *q);
+int vp_signal(struct vp_vq *q, int call_fd);
+void vp_disable_notifications(struct vp_vq *q);
+int vp_enable_notifications(struct vp_vq *q);
+
+/* ---------------------------------------------------------------- virtio-net */
+int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, uint32_t limit,
+                    struct vp_net_stats *st, struct vp_frames *out, int call_fd);
+int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len,
+                    const struct vp_frames *src, const uint32_t *idx, uint32_t n, int swap,
+                    struct vp_net_stats *st, struct vp_net_stats *backlog,
+                    struct vp_frames *cap, uint32_t ts_sec, uint32_t ts_usec, int call_fd);
+void vp_frames_from_flat(struct vp_frames *f, uint8_t *data, const uint32_t *lens, uint32_t n);
+void vp_pcap_headers(struct vp_frames *f, uint32_t ts_sec, uint32_t ts_usec);
+
+/* ---------------------------------------------------------------- switch */
+int vp_switch_init(struct vp_switch *sw, uint32_t max_entries);
+void vp_switch_free(struct vp_switch *sw);
+int32_t vp_switch_lookup(const struct vp_switch *sw, uint64_t mac, double horizon);
+void vp_switch_prune(struct vp_switch *sw, int32_t port, double horizon);
+uint32_t vp_switch_dump(const struct vp_switch *sw, uint64_t *macs, int32_t *ports,
+                        double *seen, uint32_t max);
+int vp_switch_classify(struct vp_switch *sw, const struct vp_frames *f, int32_t src,
+                       double now, double horizon, int32_t *dest);
+uint32_t vp_switch_select(const int32_t *dest, uint32_t n, int32_t port, uint32_t *idx);

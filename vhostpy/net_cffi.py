@@ -1,0 +1,243 @@
+"""The compiled virtio-net data path: whole bursts in C, no Python bytecode per frame.
+
+`NetFastPath` belongs to one `NetDevice` (when `_accel.lib` is set). Its `drain_tx` pops a
+burst of transmit chains in one C call (`vp_net_tx_burst`: the checks of
+`NetDevice._frame_from`, drops counted by reason, NEEDS_CSUM completed, used entries
+published) and then hands the burst on:
+
+* nothing consumes frames (no handler, monitor, capture or built-in consumer): count only;
+* only built-in consumers (pcap capture, `reflect`, a native `Switch` between vhostpy
+  ports): capture records are written by C into the burst buffer and go to the file in one
+  write; frames are written by C (`vp_net_rx_place`) straight into the receive ring of the
+  destination port, MACs swapped for reflect;
+* Python code attached (a handler or monitor): the burst becomes a list of `bytes` built
+  without per-frame bytecode and goes through `NetPort.deliver` as before.
+
+`receive` is the other direction for frames already in a C burst buffer, and `send_bytes`
+for `transmit_to_guest` callers (lists of bytes): both fall back to the Python backlog path
+for whatever the ring cannot take at once, so ordering and counters are those of the
+reference. This module never imports `net` (the device is passed in).
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import _accel
+
+__all__ = ["DROP_REASONS", "NetFastPath", "frames_to_bytes"]
+
+
+ffi: Any = _accel.ffi
+lib: Any = _accel.lib
+
+#: Drop reasons in the order of `struct vp_net_stats.drops` (names as the Python path uses).
+DROP_REASONS = ("empty", "short header", "header only", "oversize", "runt", "gso",
+                "bad checksum offsets", "rx buffer too small", "larger than the whole ring",
+                "larger than MTU")
+MAX_FRAME = 65536
+BURST = 64
+RECORD = 16  # the pcap record header C leaves room for before each frame
+
+
+def new_frames(count: int, data_bytes: int) -> tuple[Any, Any]:
+    """A `struct vp_frames *` with room for `count` frames and `data_bytes` of data."""
+    f = ffi.new("struct vp_frames *")
+    buf = ffi.new("uint8_t[]", max(1, data_bytes)) if data_bytes else ffi.NULL
+    off = ffi.new("uint64_t[]", count)
+    lens = ffi.new("uint32_t[]", count)
+    f.buf, f.cap, f.max, f.off, f.len = buf, data_bytes, count, off, lens
+    return f, (buf, off, lens)
+
+
+def frames_to_bytes(f: Any, idx: Any = None, n: int | None = None, swap: bool = False
+                    ) -> list[bytes]:
+    """The frames of `f` (or those at `idx[:n]`) as bytes, without per-frame bytecode."""
+    count = f.n if n is None else n
+    if not count:
+        return []
+    blob = ffi.buffer(f.buf, f.used)[:]
+    offs = ffi.unpack(f.off, f.n)
+    lens = ffi.unpack(f.len, f.n)
+    if idx is not None:
+        pick = ffi.unpack(idx, count)
+        offs = list(map(offs.__getitem__, pick))
+        lens = list(map(lens.__getitem__, pick))
+    frames = list(map(blob.__getitem__, map(slice, offs, map(operator.add, offs, lens))))
+    if swap:
+        frames = list(map(_swap, frames))
+    return frames
+
+
+def _swap(frame: bytes) -> bytes:
+    return frame[6:12] + frame[0:6] + frame[12:]
+
+
+def pcap_time(ts: float) -> tuple[int, int]:
+    """(seconds, microseconds) exactly as `PcapWriter` rounds a timestamp."""
+    usec = round(ts * 1_000_000)
+    sec, usec = divmod(usec, 1_000_000)
+    return sec, usec
+
+
+class NetFastPath:
+    """The compiled data path of one `NetDevice` (see the module docstring)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.port = device.port
+        self.tx_stats = [ffi.new("struct vp_net_stats *") for _ in range(device.queue_pairs)]
+        self.rx_stats = [ffi.new("struct vp_net_stats *") for _ in range(device.queue_pairs)]
+        self.backlog_stats = ffi.new("struct vp_net_stats *")
+        self.burst, self._burst_keep = new_frames(BURST, BURST * (RECORD + MAX_FRAME))
+        self._cap: Any = None
+        self._cap_keep: Any = None
+        self._flat, self._flat_keep = new_frames(0, 0)
+        self._flat_max = 0
+        self.rejected = 0
+
+    # -- who consumes what -------------------------------------------------------------------
+    def python_consumers(self) -> bool:
+        """True when Python code must see the frames (handlers, monitors, a non-native capture)."""
+        port = self.port
+        capture = port.capture
+        return bool(port._handlers or port._monitors) or (
+            capture is not None and not getattr(capture, "native_ok", False))
+
+    def _rx_queue(self) -> Any:
+        queues = self.device._rx_queues
+        if len(queues) != 1:
+            return None
+        return next(iter(queues.values()))
+
+    # -- guest -> host -----------------------------------------------------------------------
+    def drain_tx(self, pair: int, vq: Any) -> None:
+        """Serve every transmit chain of `vq`, a burst per C call (as `batches()` does)."""
+        st = self.tx_stats[pair]
+        counters = self.device.tx_counters[pair]
+        port = self.port
+        hdr_len = self.device.hdr_len
+        out = self.burst
+        while vq.ready:
+            vq.disable_notifications()
+            q = vq.native()
+            if q is None:
+                break
+            consume = port.builtin is not None or port.capture is not None or \
+                self.python_consumers()
+            out.n = out.used = 0
+            n = lib.vp_net_tx_burst(q, hdr_len, BURST, st, out if consume else ffi.NULL, -1)
+            vq.check_broken()
+            if n == 0:
+                if not vq.ready or vq.polling or not vq.enable_notifications():
+                    break
+                continue
+            _fold(st, counters)
+            vq.signal_used()
+            if out.n and consume:
+                self._consume(out)
+
+    def _consume(self, out: Any) -> None:
+        port = self.port
+        if self.python_consumers():
+            port.deliver(frames_to_bytes(out))
+            return
+        capture = port.capture
+        if capture is not None:
+            sec, usec = pcap_time(time.time())
+            lib.vp_pcap_headers(out, sec, usec)
+            capture.write_records(ffi.buffer(out.buf, out.used), out.n,
+                                  out.used - RECORD * out.n)
+        if port.builtin == "reflect":
+            self.receive(out, None, out.n, swap=True)
+        elif port.builtin == "switch":
+            switch = port.switch
+            if hasattr(switch, "forward_burst"):
+                switch.forward_burst(port, out)
+            else:
+                switch.forward(port, frames_to_bytes(out))
+
+    # -- host -> guest -----------------------------------------------------------------------
+    def receive(self, src: Any, idx: Any, n: int, *, swap: bool = False) -> None:
+        """Frames of the C burst `src` (those at `idx[:n]`, or the first `n`) toward the guest."""
+        vq = self._rx_queue()
+        q = None
+        if vq is not None and not self.device.backlog and not self.python_consumers():
+            q = vq.native()
+        if q is None:
+            self.device.transmit_to_guest(frames_to_bytes(src, idx, n, swap))
+            return
+        done = self._place(vq, q, src, idx, n, swap)
+        if done < n:
+            if idx is None:
+                idx = ffi.new("uint32_t[]", list(range(n)))
+            self.device.transmit_to_guest(frames_to_bytes(src, idx + done, n - done, swap))
+
+    def send_bytes(self, frames: Sequence[bytes], *, backlog: bool = False) -> int:
+        """Place as many of `frames` as the receive ring takes now; returns how many were
+        taken (placed, or dropped and counted; `rejected` says how many of those were
+        refused before placement: runts, larger than the MTU). The caller queues the rest.
+        `backlog=True`: the frames are the backlog's head (already checked and captured)."""
+        self.rejected = 0
+        vq = self._rx_queue()
+        if vq is None or (self.device.backlog and not backlog) or self.python_consumers():
+            return 0
+        q = vq.native()
+        if q is None:
+            return 0
+        n = len(frames)
+        if n > self._flat_max:
+            self._flat, self._flat_keep = new_frames(n, 0)
+            self._flat_max = n
+        data = b"".join(frames)
+        lens = ffi.new("uint32_t[]", list(map(len, frames)))
+        pin = ffi.from_buffer("uint8_t[]", data)
+        lib.vp_frames_from_flat(self._flat, pin, lens, n)
+        return self._place(vq, q, self._flat, None, n, False, record=not backlog)
+
+    def _place(self, vq: Any, q: Any, src: Any, idx: Any, n: int, swap: bool, *,
+               record: bool = True) -> int:
+        dev = self.device
+        index = next(iter(dev._rx_queues))
+        capture = self.port.capture if record else None
+        cap = ffi.NULL
+        sec = usec = 0
+        if capture is not None:
+            cap = self._capture_buffer(n, dev.mtu + 18)
+            cap.n = cap.used = 0
+            sec, usec = pcap_time(time.time())
+        st, bl = self.rx_stats[index // 2], self.backlog_stats
+        done = lib.vp_net_rx_place(q, dev.hdr_len, dev._mrg, dev.mtu + 18, src,
+                                   idx if idx is not None else ffi.NULL, n, swap, st, bl, cap,
+                                   sec, usec, -1)
+        vq.check_broken()
+        self.rejected = int(bl.dropped)
+        _fold(st, dev.rx_counters[index // 2])
+        _fold(bl, dev.backlog_counters, frames=False)
+        vq.signal_used()
+        if capture is not None and cap.n:
+            capture.write_records(ffi.buffer(cap.buf, cap.used), cap.n, cap.used - RECORD * cap.n)
+        return int(done)
+
+    def _capture_buffer(self, n: int, max_len: int) -> Any:
+        need = n * (RECORD + max_len)
+        if self._cap is None or self._cap.max < n or self._cap.cap < need:
+            self._cap, self._cap_keep = new_frames(n, need)
+        return self._cap
+
+
+def _fold(st: Any, counters: Any, *, frames: bool = True) -> None:
+    """Move the C counters into a `QueueCounters` and zero them."""
+    if frames and st.frames:
+        counters.frames += st.frames
+        counters.bytes += st.bytes
+        st.frames = st.bytes = 0
+    if st.dropped:
+        for k, reason in enumerate(DROP_REASONS):
+            if st.drops[k]:
+                counters.drops[reason] += st.drops[k]
+                st.drops[k] = 0
+        st.dropped = 0

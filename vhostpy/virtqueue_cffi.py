@@ -1,0 +1,196 @@
+"""The compiled variant of `Virtqueue`: ring state in a C struct, ring walks in C.
+
+`CffiVirtqueue` is a subclass of the pure-Python reference that keeps the ring's state
+(indices, notification flags, the count of unsignalled entries) in a cffi `struct vp_vq`,
+which both languages read and write, and delegates `pop_many`, `add_used_many`, the
+notification decisions and `has_available` to `_fastpath.c`. Configuration, checks of the
+ring addresses, `fail()` and error reporting stay in the base class, so a hostile ring fails
+with the same message and the same single WARNING line.
+
+The C struct's ring pointers are host addresses inside the memory's region table; they are
+re-resolved (`_sync`) whenever the memory's generation moves, so C never sees a mapping
+that was removed. Imported by `virtqueue` only when `_accel.lib` is set.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from . import _accel
+from .memory import GuestMemory
+from .virtqueue import (
+    _MAX_CHAIN_BYTES,
+    MAX_QUEUE_SIZE,
+    DescriptorChain,
+    Virtqueue,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+
+__all__ = ["CffiVirtqueue"]
+
+ffi: Any = _accel.ffi
+lib: Any = _accel.lib
+
+_SEGS = 4096
+
+
+def _field(name: str, kind: type = int) -> property:
+    """A Virtqueue attribute stored in the C struct."""
+
+    def get(self: CffiVirtqueue) -> Any:
+        return kind(getattr(self._q, name))
+
+    def set_(self: CffiVirtqueue, value: Any) -> None:
+        setattr(self._q, name, int(value))
+
+    return property(get, set_)
+
+
+class CffiVirtqueue(Virtqueue):
+    """`Virtqueue` with the hot loops in C; same contract, same state, same failures."""
+
+    last_avail_idx = _field("last_avail_idx")
+    used_idx = _field("used_idx")
+    event_idx = _field("event_idx", bool)
+    _notify = _field("notify", bool)
+    _unsignalled = _field("unsignalled")
+    _signal_valid = _field("signal_valid", bool)
+
+    def __init__(self, memory: GuestMemory, index: int) -> None:
+        self._q: Any = ffi.new("struct vp_vq *")
+        self._c_gen = -1
+        self._table: Any = None
+        self._chains: Any = None
+        self._segs: Any = ffi.new("struct vp_seg[]", _SEGS)
+        self._nsegs = _SEGS
+        super().__init__(memory, index)
+
+    # ---------------------------------------------------------------- C state
+
+    def _drop_views(self) -> None:
+        super()._drop_views()
+        self._c_gen = -1
+
+    def reset(self) -> None:
+        super().reset()
+        self._q.broken = 0
+
+    def _sync(self) -> Any:
+        """The C struct, ready for a call (pointers valid now); None if the ring is unusable."""
+        if self._c_gen == self.memory.generation:
+            return self._q
+        rings = self._rings()  # validates the addresses; fails the ring if unmapped
+        if rings is None:
+            return None
+        table = self.memory.native_table()
+        q, size = self._q, self._size
+        q.mem = table
+        q.size = size
+        q.desc = lib.vp_mem_ptr(table, self._desc_addr, desc_table_size(size))
+        q.avail = lib.vp_mem_ptr(table, self._avail_addr, avail_ring_size(size))
+        q.used = lib.vp_mem_ptr(table, self._used_addr, used_ring_size(size))
+        if ffi.NULL in (q.desc, q.avail, q.used):  # cannot happen after _rings(): be safe
+            self.fail("ring not inside one region of the native table")
+            return None
+        self._table = table
+        self._c_gen = self.memory.generation
+        return q
+
+    def native(self) -> Any:
+        """For device fast paths: the synced `struct vp_vq *`, or None if not usable."""
+        return self._sync()
+
+    def check_broken(self) -> None:
+        """After a C call that walks the ring: report a ring C found hostile via `fail()`."""
+        if self._q.broken and self.error is None:
+            self.fail(ffi.string(self._q.error).decode("utf-8", "replace"))
+
+    # ---------------------------------------------------------------- ring access
+
+    def has_available(self) -> bool:
+        q = self._sync()
+        return q is not None and bool(lib.vp_has_available(q))
+
+    def pop_many(self, limit: int) -> list[DescriptorChain]:
+        if limit <= 0:
+            return []
+        q = self._sync()
+        if q is None:
+            return []
+        limit = min(limit, self._size)
+        if self._chains is None or len(self._chains) < limit:
+            self._chains = ffi.new("struct vp_chain[]", max(limit, 64))
+        chains, segs = self._chains, self._segs
+        n = lib.vp_pop(q, limit, chains, segs, self._nsegs)
+        if n == 0 and q.seg_overflow:  # one chain with more descriptors than we had room for
+            self._nsegs = self._size + MAX_QUEUE_SIZE + 1
+            self._segs = segs = ffi.new("struct vp_seg[]", self._nsegs)
+            n = lib.vp_pop(q, 1, chains, segs, self._nsegs)
+        out: list[DescriptorChain] = []
+        memory = self.memory
+        for k in range(n):
+            ch = chains[k]
+            readable: list[tuple[int, int]] = []
+            writable: list[tuple[int, int]] = []
+            for j in range(ch.first, ch.first + ch.nseg):
+                seg = segs[j]
+                (writable if seg.write else readable).append((seg.addr, seg.len))
+            out.append(DescriptorChain(memory, ch.head, readable, writable, ch.readable_len,
+                                       ch.writable_len))
+        self.check_broken()
+        return out
+
+    # ---------------------------------------------------------------- used ring
+
+    def add_used_many(self, items: Any) -> None:
+        if not items:
+            return
+        q = self._sync()
+        if q is None:
+            return
+        size = self._size
+        for head, length in items:
+            if not 0 <= head < size or not 0 <= length <= _MAX_CHAIN_BYTES:
+                raise ValueError(
+                    f"virtqueue {self.index}: add_used head {head} length {length} "
+                    f"invalid for size {size}"
+                )
+        flat = ffi.new("uint32_t[]", list(itertools.chain.from_iterable(items)))
+        lib.vp_add_used(q, flat, len(items))
+
+    # ---------------------------------------------------------------- notifications
+
+    def needs_notification(self) -> bool:
+        if self._q.unsignalled == 0:
+            return False
+        q = self._sync()
+        return q is not None and bool(lib.vp_needs_notification(q))
+
+    def signal_used(self) -> bool:
+        if self.call is None:
+            return False
+        q = self._sync()
+        if q is None:
+            if q is None and self._q.unsignalled:
+                self._q.unsignalled = 0
+                self._q.signal_valid = 1
+            return False
+        fd = self.call_fd
+        need = bool(lib.vp_signal(q, -1 if fd is None else fd))
+        if need and fd is None:
+            self.call()
+        return need
+
+    def disable_notifications(self) -> None:
+        self._q.notify = 0
+        q = self._sync()
+        if q is not None:
+            lib.vp_disable_notifications(q)
+
+    def enable_notifications(self) -> bool:
+        self._q.notify = 1
+        q = self._sync()
+        return q is not None and bool(lib.vp_enable_notifications(q))
