@@ -7,8 +7,8 @@ burst 32), pinned to one CPU; the back-end under test is pinned to the other:
   ``rxonly``, ``vhostpy net --no-respond`` (one port and no responder: the switch learns the
   source MAC of every frame and floods it to no one — the count/sink case);
 * back-end→guest (``b2g_*``): the back-end generates, the front-end runs ``rxonly``: DPDK in
-  ``txonly``, vhostpy ``bench/vhostpy_txgen.py`` (a `NetApp` topping its receive backlog up
-  through ``port.send``);
+  ``txonly``, vhostpy ``bench/vhostpy_txgen.py`` (a `NetApp` offering a prebuilt frame with
+  ``port.offer``: as many copies as the receive ring takes, nothing queued);
 * loop (``loop_*``): front-end ``io --tx-first`` (one burst of 32 frames circulates) against
   DPDK ``macswap`` (the reference: the same work as reflecting) and ``io``, and
   ``vhostpy net --reflect``.
@@ -16,7 +16,8 @@ burst 32), pinned to one CPU; the back-end under test is pinned to the other:
 64- and 1500-byte frames.  Every rate is read from the FRONT-END's periodic statistics
 (``tests/dpdk.py``'s ``rate()``; TX-packets for txonly, RX-packets otherwise), so all back-ends
 are measured by the same C code; the first round with traffic is skipped as warm-up (not
-with ``--quick``).
+with ``--quick``).  Under the compiled path each vhostpy case also has a ``vhostpy-python``
+row (``VHOSTPY_IMPLEMENTATION=python``, first ``PYTHON_REPS`` repetitions, not ``--quick``).
 
 Python level (group ``python``): frames per second through a user handler on the batch API
 (``bench/vhostpy_handler.py``: `NetDevice` + `Server` + ``port.add_handler``, no switch),
@@ -116,6 +117,8 @@ class Backend:
     dpdk_txpkts: bool = False        # net_vhost generates: --txpkts=<size>
     module: tuple[str, ...] = ()     # vhostpy: python -m <module...> --socket-path SOCK
     quick: bool = True               # also in --quick runs
+    implementation: str | None = None   # vhostpy: force VHOSTPY_IMPLEMENTATION
+    max_reps: int | None = None      # run in the first N repetitions only (slow back-ends)
 
     @property
     def is_dpdk(self) -> bool:
@@ -134,8 +137,22 @@ class Case:
     tx_first: bool = False
 
 
-def _vhostpy_label(text: str) -> str:
-    return f"{text} ({vhostpy_implementation()})"
+def _vhostpy_label(text: str, implementation: str | None = None) -> str:
+    return f"{text} ({implementation or vhostpy_implementation()})"
+
+
+#: Repetitions of the pure-Python rows (each run is as long as the others; they are slow
+#: only in what they measure, and the ratio to DPDK needs no more precision than this).
+PYTHON_REPS = 2
+
+
+def _python_twin(key: str, text: str, module: tuple[str, ...]) -> list[Backend]:
+    """The same vhostpy back-end forced onto the pure-Python fallback (issue 5: "the
+    pure-Python fallback measured too"), when the suite itself runs the compiled path."""
+    if vhostpy_implementation() != "cffi":
+        return []
+    return [Backend(f"{key}-python", _vhostpy_label(text, "python"), module=module,
+                    quick=False, implementation="python", max_reps=PYTHON_REPS)]
 
 
 def net_cases() -> list[Case]:
@@ -145,22 +162,28 @@ def net_cases() -> list[Case]:
                           "tx_packets", (
                               Backend("dpdk", "DPDK net_vhost, rxonly", True, "rxonly"),
                               Backend("vhostpy", _vhostpy_label("vhostpy net --no-respond"),
-                                      module=("vhostpy", "net", "--no-respond")))))
+                                      module=("vhostpy", "net", "--no-respond")),
+                              *_python_twin("vhostpy", "vhostpy net --no-respond",
+                                            ("vhostpy", "net", "--no-respond")))))
     for size in (64, 1500):
         cases.append(Case("net", f"b2g_{size}", f"back-end→guest, {size} B", size, "rxonly",
                           "rx_packets", (
                               Backend("dpdk", "DPDK net_vhost, txonly", True, "txonly",
                                       dpdk_txpkts=True),
                               Backend("vhostpy", _vhostpy_label(
-                                  "vhostpy NetApp + port.send generator"),
+                                  "vhostpy NetApp + port.offer generator"),
                                   module=("bench.vhostpy_txgen", "--size", str(size),
-                                          "--dst-mac", FE_MAC)))))
+                                          "--dst-mac", FE_MAC)),
+                              *_python_twin("vhostpy", "vhostpy NetApp + port.offer generator",
+                                            ("bench.vhostpy_txgen", "--size", str(size),
+                                             "--dst-mac", FE_MAC)))))
     for size in (64, 1500):
         backends = [Backend("dpdk", "DPDK net_vhost, macswap", True, "macswap")]
         if size == 64:
             backends.append(Backend("dpdk-io", "DPDK net_vhost, io", False, "io", quick=False))
         backends.append(Backend("vhostpy", _vhostpy_label("vhostpy net --reflect"),
                                 module=("vhostpy", "net", "--reflect")))
+        backends += _python_twin("vhostpy", "vhostpy net --reflect", ("vhostpy", "net", "--reflect"))
         cases.append(Case("net", f"loop_{size}", f"loop (io --tx-first), {size} B", size, "io",
                           "rx_packets", tuple(backends), tx_first=True))
     return cases
@@ -284,14 +307,19 @@ def _kill_leftovers() -> None:
 class _VhostpyProcess:
     """``taskset -c CPU python -m MODULE... --socket-path SOCK``, output to a log file."""
 
-    def __init__(self, module: Sequence[str], sock: str, cpu: int, log_path: Path) -> None:
+    def __init__(self, module: Sequence[str], sock: str, cpu: int, log_path: Path,
+                 implementation: str | None = None) -> None:
         self.sock = sock
         self.log_path = log_path
         taskset = shutil.which("taskset")
         self.argv = [*([taskset, "-c", str(cpu)] if taskset else []), sys.executable, "-m",
                      *module, "--socket-path", sock]
+        env = dict(os.environ)
+        if implementation is not None:
+            env["VHOSTPY_IMPLEMENTATION"] = implementation
+            self.argv = ["env", f"VHOSTPY_IMPLEMENTATION={implementation}", *self.argv]
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.DEVNULL, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         _live.add(self)
@@ -417,7 +445,8 @@ def run_once(case: Case, backend: Backend, rep: int, opts: Options,
             be_tp.wait_ready(30)
             _check_mode(be_tp, backend.dpdk_mode)
         else:
-            be_vh = _VhostpyProcess(backend.module, sock, opts.be_cpu, logs / "backend.log")
+            be_vh = _VhostpyProcess(backend.module, sock, opts.be_cpu, logs / "backend.log",
+                                    backend.implementation)
             commands.append(shell_join(be_vh.argv))
         be = be_tp or be_vh
         assert be is not None
@@ -486,7 +515,7 @@ def _results_for(cases: Sequence[Case], quick: bool) -> dict[tuple[str, str], Re
                            frontend_counter=case.attr, tx_first=case.tx_first,
                            runs=[])
             if not b.is_dpdk:
-                r.extra["implementation"] = vhostpy_implementation()
+                r.extra["implementation"] = b.implementation or vhostpy_implementation()
             results[(case.key, b.key)] = r
     return results
 
@@ -511,11 +540,13 @@ def _finish(cases: Sequence[Case], results: dict[tuple[str, str], Result]) -> li
 
 def _run_all(cases: Sequence[Case], opts: Options,
              results: dict[tuple[str, str], Result]) -> None:
-    total = len(results) * opts.repeat
+    total = sum(min(opts.repeat, b.max_reps or opts.repeat) for c in cases
+                for b in c.backends if (c.key, b.key) in results)
     done = 0
     for rep in range(opts.repeat):
         for case in cases:
-            for b in ordered([b for b in case.backends if (case.key, b.key) in results], rep):
+            for b in ordered([b for b in case.backends if (case.key, b.key) in results
+                              and (b.max_reps is None or rep < b.max_reps)], rep):
                 r = results[(case.key, b.key)]
                 done += 1
                 attempt = 0

@@ -1,9 +1,10 @@
 """Run the benchmark suite and write ``DIR/results.md`` and ``DIR/results.json``.
 
-    python -m bench.run [--quick] [--only net|blk|python] [--repeat N] [--out DIR]
+    python -m bench.run [--quick] [--only net|idle|blk|python] [--repeat N] [--out DIR]
 
 Groups: ``net`` (bench/net.py: vhostpy against DPDK net_vhost, DPDK virtio-user as the
-front-end), ``python`` (bench/net.py: frames/s through a Python handler, the switch alone;
+front-end), ``idle`` (bench/idle.py: each back-end's CPU use with a front-end attached and
+no traffic), ``python`` (bench/net.py: frames/s through a Python handler, the switch alone;
 plus ``run_python(args)`` of bench/python_level.py and bench/blk.py when they have one),
 ``blk`` (bench/blk.py's ``run_blk(args)``, skipped when that module is absent).  ``--only``
 may be repeated.
@@ -42,10 +43,11 @@ from bench.common import (
     write_results,
 )
 
-GROUPS = ("net", "python", "blk")
+GROUPS = ("net", "idle", "python", "blk")
 #: Benchmark modules written separately, imported lazily, each optional: (group, module,
 #: function).  A module that does not exist is skipped (said so for the blk group).
 OPTIONAL = (
+    ("idle", "bench.idle", "run_idle"),
     ("python", "bench.blk", "run_python"),
     ("python", "bench.python_level", "run_python"),
     ("blk", "bench.blk", "run_blk"),
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="about 1 s per run (default repetitions: 1)")
     parser.add_argument("--only", action="append", choices=GROUPS, metavar="GROUP",
-                        help="run only this group: net, blk or python (repeatable)")
+                        help="run only this group: net, idle, blk or python (repeatable)")
     parser.add_argument("--repeat", type=int, default=None, metavar="N",
                         help="repetitions of every run, interleaved (default 5; --quick: 1)")
     parser.add_argument("--seconds", type=float, default=None, metavar="S",

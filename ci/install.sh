@@ -32,7 +32,7 @@ stamp=.venv/.vhostpy-installed
 # Reinstall when the packaging or the compiled fast path's sources changed since the last
 # install (the editable install builds vhostpy/_native*.so once, from these files).
 stale=0
-for f in pyproject.toml setup.py vhostpy/_native_build.py vhostpy/_fastpath.c vhostpy/_fastpath.h; do
+for f in pyproject.toml setup.py vhostpy/_native_build.py vhostpy/_fastpath.c vhostpy/_fastpath_blk.c vhostpy/_fastpath.h; do
     if [ -f "$f" ] && [ "$f" -nt "$stamp" ]; then stale=1; fi
 done
 if [ ! -f "$stamp" ] || [ "$stale" = 1 ]; then

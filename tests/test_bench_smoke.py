@@ -1,7 +1,8 @@
-"""The benchmark suite runs end to end: `python -m bench.run --quick --only net --repeat 1`.
+"""The benchmark suite runs end to end: `python -m bench.run --quick --only net --only idle`.
 
 One quick pass over every net case (vhostpy and DPDK's net_vhost, both driven by DPDK's
-virtio-user testpmd), as a user runs it, in a subprocess.  It checks the shape of what is
+virtio-user testpmd) and the idle measurement (each back-end's CPU with that front-end
+attached and no traffic), as a user runs it, in a subprocess.  It checks the shape of what is
 written — every case measured for both back-ends, ratios, machine facts, the markdown
 table — and never a speed: figures on a shared 2-vCPU machine vary several-fold.
 """
@@ -33,21 +34,21 @@ NET_CASES = {
 def test_bench_net_quick(tmp_path: Path) -> None:
     require_dpdk()
     out = tmp_path / "bench-out"
-    cmd = [sys.executable, "-m", "bench.run", "--quick", "--only", "net", "--repeat", "1",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90,
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--only", "net", "--only", "idle",
+           "--repeat", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     doc = json.loads((out / "results.json").read_text())
-    assert doc["quick"] is True and doc["groups"] == ["net"] and not doc["interrupted"]
+    assert doc["quick"] is True and doc["groups"] == ["net", "idle"] and not doc["interrupted"]
     assert doc["skipped"] == {}, doc["skipped"]
     machine = doc["machine"]
     assert machine["dpdk"] and machine["dpdk"].startswith("DPDK "), machine
     for key in ("cpu_model", "cpus_online", "kernel", "python", "vhostpy_implementation"):
         assert machine[key], (key, machine)
 
-    results = {(r["case"], r["backend"]): r for r in doc["results"]}
+    results = {(r["case"], r["backend"]): r for r in doc["results"] if r["group"] == "net"}
     assert {case for case, _ in results} == set(NET_CASES), sorted(results)
     for case in NET_CASES:
         dpdk, vh = results[(case, "dpdk")], results[(case, "vhostpy")]
@@ -70,3 +71,13 @@ def test_bench_net_quick(tmp_path: Path) -> None:
         assert f"| {title} | DPDK net_vhost" in md, title
     assert md.count(f"({machine['vhostpy_implementation']}) |") >= len(NET_CASES), md[:3000]
     assert "## Command lines" in md and "## Machine" in md
+
+    idle = {r["backend"]: r for r in doc["results"] if r["group"] == "idle"}
+    impl = machine["vhostpy_implementation"]
+    assert set(idle) == {"dpdk", "vhostpy"} | ({"vhostpy-python"} if impl == "cffi" else set())
+    for r in idle.values():
+        assert r["case"] == "idle_net" and r["unit"] == "% of one CPU", r
+        assert r["errors"] == [] and r["runs"] == 1 and r["median"] >= 0, r
+        assert r["extra"]["runs"][0]["window_s"] > 0
+    assert idle["dpdk"]["reference"] and idle["dpdk"]["median"] > 0   # a PMD busy-polls
+    assert "| case | back-end | % of one CPU (median) |" in md

@@ -49,7 +49,9 @@ ALLOWED: dict[str, set[str] | None] = {
     # layer 2: the device interface
     "device": LAYER1 | {ROOT},
     # layer 3: device models, and the transport-free helpers beside them
-    "blk": MODEL_DEPS,
+    "blk": MODEL_DEPS | {"blk_cffi"},
+    # the compiled virtio-blk data path (blk's fast variant; never imports blk)
+    "blk_cffi": MODEL_DEPS | {"virtqueue_cffi"},
     "net": MODEL_DEPS | {"net_cffi"},
     # the compiled virtio-net data path (net's fast variant; never imports net)
     "net_cffi": {"_accel", "virtqueue", ROOT},

@@ -83,6 +83,7 @@ class Rig:
         self.vqs: dict[int, Virtqueue] = {}
         self.bufs: dict[int, dict[int, int]] = collections.defaultdict(dict)  # head -> addr
         self.calls: collections.Counter[int] = collections.Counter()
+        self.fds: dict[int, int] = {}   # ring index -> call eventfd (test_fastpath's rigs)
         self.batches: list[list[bytes]] = []
         self.features = self.dev.features() if features is None else features
         self.dev.set_features(self.features)
@@ -268,7 +269,8 @@ def test_tx_batches_exact_bytes_and_counters(rig: Rig) -> None:
     assert rig.batches == [frames]          # one kick, one batch, in order
     assert rig.calls[1] == 1                # the driver is told its buffers are back
     tx0 = port_counters(rig)["queues"]["tx0"]
-    assert tx0 == {"frames": 5, "bytes": sum(map(len, frames)), "drops": {}}
+    assert tx0 == {"frames": 5, "bytes": sum(map(len, frames)), "drops": {},
+                   "checksums": 0, "merged": 0}
     assert rig.port.from_guest.frames == 5
     assert rig.port.from_guest.bytes == sum(map(len, frames))
     assert rig.port.to_guest.frames == 0
@@ -364,7 +366,8 @@ def test_tx_all_invalid_in_one_batch(rig: Rig) -> None:
     assert rig.batches == [[good, good]]
     assert drops(rig.dev.tx_counters[0]) == dict(collections.Counter(r for r, _ in INVALID_TX))
     assert port_counters(rig)["from_guest"] == {
-        "frames": 2, "bytes": 200, "drops": dict(collections.Counter(r for r, _ in INVALID_TX))}
+        "frames": 2, "bytes": 200, "drops": dict(collections.Counter(r for r, _ in INVALID_TX)),
+        "checksums": 0, "merged": 0}
 
 
 def test_tx_largest_frame_accepted(rig: Rig) -> None:
@@ -470,7 +473,8 @@ def test_rx_backlog_bound() -> None:
     rig.process(0)
     assert rig.received_frames() == frames[:8]
     assert port_counters(rig)["to_guest"] == {
-        "frames": 8, "bytes": 8 * 80, "drops": {"no rx buffers": 4}}
+        "frames": 8, "bytes": 8 * 80, "drops": {"no rx buffers": 4}, "checksums": 0,
+        "merged": 0}
 
 
 def test_rx_mtu_limit_and_set_mtu(rig: Rig) -> None:
@@ -543,8 +547,10 @@ def test_multiqueue() -> None:
     rig.transmit([vhdr() + frame(70)], [vhdr() + frame(71)], index=1)
     rig.transmit([vhdr() + frame(72)], index=3)
     queues = port_counters(rig)["queues"]
-    assert queues["tx0"] == {"frames": 2, "bytes": 141, "drops": {}}
-    assert queues["tx1"] == {"frames": 1, "bytes": 72, "drops": {}}
+    assert queues["tx0"] == {"frames": 2, "bytes": 141, "drops": {},
+                              "checksums": 0, "merged": 0}
+    assert queues["tx1"] == {"frames": 1, "bytes": 72, "drops": {},
+                              "checksums": 0, "merged": 0}
     assert rig.port.from_guest.frames == 3
     assert [len(f) for f in rig.delivered] == [70, 71, 72]
 

@@ -195,7 +195,8 @@ def test_invalid_frames_dropped_counted_port_still_works(make_app: Callable[...,
         assert tx0["drops"].get(reason) == 1, (reason, tx0)
     want = {reason: 1 for reason, _ in INVALID}
     counters = port_counters(app)
-    assert counters["queues"]["tx0"] == {"frames": 0, "bytes": 0, "drops": want}
+    assert counters["queues"]["tx0"] == {"frames": 0, "bytes": 0, "drops": want,
+                                              "checksums": 0, "merged": 0}
     assert counters["from_guest"]["drops"] == want
     # All of them again in one kick: one batch, the same drops.
     used = guest.transmit(*[parts for _, parts in INVALID])

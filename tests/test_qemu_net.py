@@ -50,7 +50,6 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils import rdpcap
 
-import vhostpy.net
 from vhostpy.net import VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF
 from vhostpy.netapp import RESPONDER_MAC, NetApp
 from vhostpy.packets import EchoReply, verify_l4_checksums
@@ -102,18 +101,9 @@ def _rx_values(console: str) -> list[int]:
 
 
 @pytest.mark.qemu
-def test_guest_pings_responder_udp_and_pcap(net_app: Callable[..., NetApp], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guest_pings_responder_udp_and_pcap(net_app: Callable[..., NetApp],
+                                            tmp_path: Path) -> None:
     require_qemu()
-    # Every partial checksum the device completes (VIRTIO_NET_HDR_F_NEEDS_CSUM frames).
-    completed: list[tuple[int, int]] = []
-    real_complete = vhostpy.net.complete_checksum
-
-    def recording_complete(frame: Any, start: int, offset: int) -> None:
-        completed.append((start, offset))
-        real_complete(frame, start, offset)
-    monkeypatch.setattr(vhostpy.net, "complete_checksum", recording_complete)
-
     pcap_path = tmp_path / "guest.pcap"
     app = net_app(num_queues=2, pcap=str(pcap_path))
     udp_log = FrameLog()
@@ -151,11 +141,12 @@ def test_guest_pings_responder_udp_and_pcap(net_app: Callable[..., NetApp], tmp_
         assert frame[UDP].dport == TFTP_PORT
         assert bytes(frame[UDP].payload) == RRQ, bytes(frame[UDP].payload)
         assert verify_l4_checksums(bytes(frame)) is True
-    # The guest left its UDP checksum to the device: csum_start at the UDP header (14 + 20),
-    # csum_offset 6 (the UDP checksum field).
-    assert completed.count((34, 6)) >= len(udp), completed
-
     counters = app.call(app.counters)
+    # The guest left its UDP checksums to the device (NEEDS_CSUM): each such frame was counted
+    # (by the C burst or the Python path, whichever runs), and the frames above, checked
+    # after completion, carry valid checksums.
+    from_guest = counters["ports"][0]["from_guest"]  # type: ignore[index]
+    assert from_guest["checksums"] >= len(udp), from_guest
     app.stop()
     app.close()
 
@@ -330,19 +321,6 @@ def test_mtu_9000_jumbo_frames_use_mergeable_buffers(net_app: Callable[..., NetA
     require_qemu()
     app = net_app()
     dev = app.devices[0]
-    # Record how each frame to the guest was laid out: (frame length, bytes per buffer).
-    placed: list[tuple[int, list[int]]] = []
-    real_place = dev._place
-
-    def recording_place(frame: bytes, vq: Any, used: list[tuple[int, int]],
-                        counters: Any) -> str:
-        before = len(used)
-        status = real_place(frame, vq, used, counters)
-        if status == "done":
-            assert dev.has_feature(VIRTIO_NET_F_MRG_RXBUF)
-            placed.append((len(frame), [n for _, n in used[before:]]))
-        return status
-    dev._place = recording_place  # type: ignore[method-assign]
     app.start_thread()
 
     script = (GUEST_FUNCTIONS + configure(mtu=9000)
@@ -366,12 +344,12 @@ def test_mtu_9000_jumbo_frames_use_mergeable_buffers(net_app: Callable[..., NetA
     assert result.lines[-1] == "9000"
     assert app.call(lambda: list(responder.echo_replies)) == [EchoReply(GUEST_IP, 0x7670, 7, 8000)]
 
-    jumbo = [(n, parts) for n, parts in placed if n > 8000]
-    # 2 replies to the guest's pings + the responder's own request: 14 + 20 + 8 + 8000 bytes.
-    assert [n for n, _ in jumbo] == [8042, 8042, 8042], placed
-    for n, parts in jumbo:
-        assert len(parts) >= 2 and max(parts) < n, parts  # spread over several buffers
-        assert sum(parts) == n + VIRTIO_NET_HDR_MRG_LEN
+    assert app.call(lambda: dev.has_feature(VIRTIO_NET_F_MRG_RXBUF))
+    # 2 replies to the guest's pings + the responder's own request: 14 + 20 + 8 + 8000 bytes
+    # each, larger than any one receive buffer the guest posts, so each was spread over
+    # several (the `merged` counter, kept by the C and the Python placement alike); every
+    # smaller frame fitted in one. The guest's ping statistics above show they arrived whole.
+    assert app.call(lambda: app.ports[0].to_guest.merged) == 3
     counters = app.ports[0].to_guest
     assert counters.drops == {} and counters.bytes >= 3 * 8042
 

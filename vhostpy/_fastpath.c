@@ -71,6 +71,16 @@ uint8_t *vp_mem_ptr(const struct vp_mem *m, uint64_t gpa, uint64_t len) {
     return r->host + (gpa - r->gpa);
 }
 
+uint8_t *vp_mem_span(const struct vp_mem *m, uint64_t gpa, uint64_t *room) {
+    const struct vp_region *r = find_region(m, gpa);
+    if (!r) {
+        *room = 0;
+        return NULL;
+    }
+    *room = r->size - (gpa - r->gpa);
+    return r->host + (gpa - r->gpa);
+}
+
 /* Copy between guest memory (possibly across adjacent regions) and a host buffer. */
 static int mem_copy(const struct vp_mem *m, uint64_t gpa, uint8_t *host, uint64_t len, int to_guest) {
     while (len) {
@@ -388,6 +398,7 @@ int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, uint32_t limit,
         } else {
             st->frames++;
             st->bytes += flen;
+            if (h[0] & 1) st->checksums++;
         }
     }
     if (n > 0) vp_add_used(q, items, (uint32_t)n);
@@ -500,6 +511,7 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
         }
         st->frames++;
         st->bytes += len;
+        if (nc > 1) st->merged++;
     }
     if (nitems) vp_add_used(q, items, nitems);
     return (int)k;

@@ -76,6 +76,8 @@ struct vp_net_stats {
     uint64_t bytes;
     uint64_t drops[10];
     uint64_t dropped;   /* sum of drops[] since the counters were last collected */
+    uint64_t checksums; /* accepted frames with a partial checksum (NEEDS_CSUM) to complete */
+    uint64_t merged;    /* frames spread over more than one receive buffer (MRG_RXBUF) */
 };
 
 /* The learning switch's forwarding database (open addressing, MAC 0 = empty). */
@@ -99,6 +101,9 @@ struct vp_switch {
 /* ---------------------------------------------------------------- memory and rings */
 int vp_mem_check(const struct vp_mem *m, uint64_t gpa, uint64_t len, char *err, size_t errlen);
 uint8_t *vp_mem_ptr(const struct vp_mem *m, uint64_t gpa, uint64_t len);
+/* Host address of guest byte `gpa` and in *room how many bytes from there lie in its region
+ * (NULL and 0 when unmapped); for callers that split a guest range into host pieces. */
+uint8_t *vp_mem_span(const struct vp_mem *m, uint64_t gpa, uint64_t *room);
 
 int vp_pending(struct vp_vq *q);
 int vp_has_available(const struct vp_vq *q);
@@ -130,3 +135,43 @@ uint32_t vp_switch_dump(const struct vp_switch *sw, uint64_t *macs, int32_t *por
 int vp_switch_classify(struct vp_switch *sw, const struct vp_frames *f, int32_t src,
                        double now, double horizon, int32_t *dest);
 uint32_t vp_switch_select(const int32_t *dest, uint32_t n, int32_t port, uint32_t *idx);
+
+/* ---------------------------------------------------------------- virtio-blk (_fastpath_blk.c) */
+
+/* One BlockDevice as C sees it, and the request counters C adds to (BlkStats folds them). */
+struct vp_blk {
+    int32_t fd;
+    uint32_t read_only;
+    uint64_t capacity;       /* in 512-byte sectors */
+    uint8_t id[20];          /* the serial, zero-padded (GET_ID) */
+    uint64_t reads;
+    uint64_t writes;
+    uint64_t flushes;
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t errors;
+};
+
+/* A burst of popped chains being served, with room to resume after a hand-back to Python:
+ * chains[pos .. count) are still to serve; items[2k], items[2k+1] = head, used length. */
+struct vp_blk_burst {
+    struct vp_chain *chains;
+    struct vp_seg *segs;
+    uint32_t *items;
+    uint32_t max_chains;
+    uint32_t max_segs;
+    uint32_t count;
+    uint32_t pos;
+    uint64_t served;         /* chains whose used entries were published */
+    char error[256];         /* why the request at pos - 1 failed (VP_BLK_FAILED) */
+};
+
+/* vp_blk_drain's return values: what Python must do before calling it again. */
+#define VP_BLK_DONE 0        /* ring empty (or broken): nothing left to do */
+#define VP_BLK_PYTHON 1      /* serve chains[pos] with handle_chain, set items[2*pos+1], pos++ */
+#define VP_BLK_FAILED 2      /* the request before pos failed: log `error` */
+#define VP_BLK_CALL 3        /* the driver wants an interrupt and call_fd was -1: call it */
+#define VP_BLK_SEGS 4        /* one chain has more descriptors than segs holds: grow it */
+
+int vp_blk_drain(struct vp_blk *b, struct vp_vq *q, struct vp_blk_burst *bu, uint32_t limit,
+                 int polling, int call_fd);

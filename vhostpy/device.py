@@ -63,6 +63,13 @@ class Device:
     name: str = "device"
     num_queues: int = 1
     max_queue_size: int = 1024
+    #: A host that can busy-poll rings starts polling one when a kick made the device take
+    #: at least this many chains (0: never poll). 1 suits streams (net); a device whose
+    #: requests are answered one at a time (blk at queue depth 1) wastes a spin per request.
+    poll_after: int = 1
+    #: How long (seconds) such a host keeps polling an empty ring before it asks for kicks
+    #: again; None: the host's default.
+    poll_idle: float | None = None
 
     def __init__(self) -> None:
         self.acked_features = 0

@@ -3,7 +3,12 @@
 `NetFastPath` belongs to one `NetDevice` (when `_accel.lib` is set). Its `drain_tx` pops a
 burst of transmit chains in one C call (`vp_net_tx_burst`: the checks of
 `NetDevice._frame_from`, drops counted by reason, NEEDS_CSUM completed, used entries
-published) and then hands the burst on:
+published) and then hands the burst on. When the consumer needs no Python at all (count
+only, a switch the port is alone on, reflect with an empty backlog; no capture, calls
+through eventfds) one `vp_net_tx_poll` call serves up to `POLL_BURSTS` bursts the same way,
+signals included (`_fastpath_net.c`), with its parameters (`struct vp_net_poll`) built once
+and reused while the consumer, header length, call fds and receive ring stay the same.
+Otherwise, per burst:
 
 * nothing consumes frames (no handler, monitor, capture or built-in consumer): count only;
 * only built-in consumers (pcap capture, `reflect`, a native `Switch` between vhostpy
@@ -13,8 +18,9 @@ published) and then hands the burst on:
 * Python code attached (a handler or monitor): the burst becomes a list of `bytes` built
   without per-frame bytecode and goes through `NetPort.deliver` as before.
 
-`receive` is the other direction for frames already in a C burst buffer, and `send_bytes`
-for `transmit_to_guest` callers (lists of bytes): both fall back to the Python backlog path
+`receive` is the other direction for frames already in a C burst buffer, `offer` for
+`NetPort.offer` (a prebuilt `FrameBatch`, flattened once, placed cyclically in one C call),
+and `send_bytes` for `transmit_to_guest` callers (lists of bytes): both fall back to the Python backlog path
 for whatever the ring cannot take at once, so ordering and counters are those of the
 reference. This module never imports `net` (the device is passed in).
 """
@@ -40,6 +46,8 @@ DROP_REASONS = ("empty", "short header", "header only", "oversize", "runt", "gso
                 "larger than MTU")
 MAX_FRAME = 65536
 BURST = 64
+#: Bursts one `vp_net_tx_poll` call may serve before Python gets control back.
+POLL_BURSTS = 32
 RECORD = 16  # the pcap record header C leaves room for before each frame
 
 
@@ -98,6 +106,11 @@ class NetFastPath:
         self._flat, self._flat_keep = new_frames(0, 0)
         self._flat_max = 0
         self.rejected = 0
+        self._plans: dict[int, tuple[tuple[Any, ...], Any]] = {}   # pair -> (key, plan)
+        self._plan_rxq: Any = None
+        self._dest = ffi.new("int32_t[]", BURST)
+        self._offer_idx: Any = None
+        self._offer_n = 0
 
     # -- who consumes what -------------------------------------------------------------------
     def python_consumers(self) -> bool:
@@ -115,17 +128,34 @@ class NetFastPath:
 
     # -- guest -> host -----------------------------------------------------------------------
     def drain_tx(self, pair: int, vq: Any) -> None:
-        """Serve every transmit chain of `vq`, a burst per C call (as `batches()` does)."""
+        """Serve every transmit chain of `vq`: many bursts per C call when a built-in
+        consumer needs no Python (`vp_net_tx_poll`), else a burst per C call (as `batches()`
+        does)."""
         st = self.tx_stats[pair]
         counters = self.device.tx_counters[pair]
         port = self.port
         hdr_len = self.device.hdr_len
         out = self.burst
         while vq.ready:
-            vq.disable_notifications()
             q = vq.native()
             if q is None:
                 break
+            if q.notify:   # a polled ring has them off already: skip the C call
+                vq.disable_notifications()
+            plan = self._plan(pair, vq, q)
+            if plan is not None:
+                rc = lib.vp_net_tx_poll(q, st, out, plan)
+                if plan.bursts or rc == lib.VP_POLL_BROKEN:
+                    vq.check_broken()
+                    _fold(st, counters)
+                    if plan.mode == lib.VP_TX_REFLECT:
+                        self._after_reflect(plan, rc, out)
+                if rc == lib.VP_POLL_EMPTY:
+                    if vq.polling or not vq.ready or not vq.enable_notifications():
+                        break
+                elif rc == lib.VP_POLL_BROKEN:
+                    break
+                continue
             consume = port.builtin is not None or port.capture is not None or \
                 self.python_consumers()
             out.n = out.used = 0
@@ -139,6 +169,93 @@ class NetFastPath:
             vq.signal_used()
             if out.n and consume:
                 self._consume(out)
+
+    def _plan(self, pair: int, vq: Any, q: Any) -> Any:
+        """The `struct vp_net_poll` for serving `vq` in C with a built-in consumer, or None
+        when some burst needs Python (handlers, monitors, a capture, a switch with other
+        ports, a receive backlog, a call only Python can make). Built once and reused while
+        what it depends on (consumer, header, call fds, receive ring) stays the same."""
+        port = self.port
+        if port.capture is not None or port._handlers or port._monitors:
+            return None
+        dev = self.device
+        builtin = port.builtin
+        rxq = rq = None
+        if builtin == "reflect":
+            rxq = self._rx_queue()
+            if rxq is None or dev.backlog:
+                return None
+            rq = rxq.native()
+            if rq is None:
+                return None
+            key: tuple[Any, ...] = (builtin, q, vq.call is None, vq.call_fd, dev._hdr_len, rq,
+                                    rxq.call is None, rxq.call_fd, dev._mrg, dev.mtu)
+        else:
+            key = (builtin, q, vq.call is None, vq.call_fd, dev._hdr_len, port.switch)
+        cached = self._plans.get(pair)
+        if cached is not None and cached[0] == key:
+            plan = cached[1]
+            if plan is None or builtin != "switch":
+                return plan
+            args = port.switch.solo(port)
+            if args is None:
+                return None
+            plan.now, plan.horizon = args[2], args[3]
+            return plan
+        plan = self._build_plan(vq, rxq, rq)
+        self._plans[pair] = (key, plan)
+        if plan is not None and builtin == "switch":
+            return self._plan(pair, vq, q)   # the switch's state is checked on every call
+        return plan
+
+    def _build_plan(self, vq: Any, rxq: Any, rq: Any) -> Any:
+        port, dev = self.port, self.device
+        signal = _signal_mode(vq)
+        if signal is None:
+            return None
+        plan = ffi.new("struct vp_net_poll *")
+        plan.burst = BURST
+        plan.max_bursts = POLL_BURSTS
+        plan.dest = self._dest
+        plan.hdr_len = dev.hdr_len
+        plan.signal, plan.call_fd = signal
+        builtin = port.builtin
+        if builtin is None:
+            plan.mode = lib.VP_TX_SINK
+        elif builtin == "switch":
+            solo = getattr(port.switch, "solo", None)
+            args = solo(port) if solo is not None else None
+            if args is None:
+                return None
+            plan.mode = lib.VP_TX_CLASSIFY
+            plan.sw, plan.src = args[0], args[1]
+        elif builtin == "reflect":
+            rx_signal = _signal_mode(rxq)
+            if rx_signal is None:
+                return None
+            plan.mode = lib.VP_TX_REFLECT
+            plan.rxq = rq
+            plan.rx_signal, plan.rx_call_fd = rx_signal
+            plan.mrg = dev._mrg
+            plan.max_len = dev.mtu + 18
+            plan.rx_st = self.rx_stats[rxq.index // 2]
+            plan.backlog = self.backlog_stats
+            self._plan_rxq = rxq
+        else:
+            return None
+        return plan
+
+    def _after_reflect(self, plan: Any, rc: int, out: Any) -> None:
+        """Fold the receive side of a reflecting `vp_net_tx_poll`; queue what did not fit."""
+        dev = self.device
+        rxq = self._plan_rxq
+        rxq.check_broken()
+        _fold(plan.rx_st, dev.rx_counters[rxq.index // 2])
+        _fold(self.backlog_stats, dev.backlog_counters, frames=False)
+        if rc == lib.VP_POLL_STALLED:
+            done, n = int(plan.placed), int(out.n)
+            idx = ffi.new("uint32_t[]", list(range(done, n)))
+            dev.transmit_to_guest(frames_to_bytes(out, idx, n - done, True))
 
     def _consume(self, out: Any) -> None:
         port = self.port
@@ -198,6 +315,31 @@ class NetFastPath:
         lib.vp_frames_from_flat(self._flat, pin, lens, n)
         return self._place(vq, q, self._flat, None, n, False, record=not backlog)
 
+    def offer(self, batch: Any, count: int) -> int | None:
+        """`NetPort.offer` in one C call: frames of `batch` (cyclically, `count` at most)
+        into the receive ring; how many were taken, or None when Python must do it."""
+        vq = self._rx_queue()
+        if vq is None or self.python_consumers():
+            return None
+        q = vq.native()
+        if q is None:
+            return None
+        flat = batch.native
+        if flat is None:
+            n = len(batch.frames)
+            flat, keep = new_frames(n, 0)
+            data = ffi.new("uint8_t[]", b"".join(batch.frames))
+            lens = ffi.new("uint32_t[]", [len(f) for f in batch.frames])
+            lib.vp_frames_from_flat(flat, data, lens, n)
+            batch.native = flat = (flat, keep, data, lens)
+        frames = flat[0]
+        idx = self._offer_idx
+        if idx is None or len(idx) < count or self._offer_n != frames.n:
+            nframes = frames.n
+            idx = self._offer_idx = ffi.new("uint32_t[]", [k % nframes for k in range(count)])
+            self._offer_n = nframes
+        return self._place(vq, q, frames, idx, count, False)
+
     def _place(self, vq: Any, q: Any, src: Any, idx: Any, n: int, swap: bool, *,
                record: bool = True) -> int:
         dev = self.device
@@ -229,12 +371,26 @@ class NetFastPath:
         return self._cap
 
 
+def _signal_mode(vq: Any) -> tuple[int, int] | None:
+    """(signal?, call fd) for C to signal `vq` as `signal_used` would; None when only
+    Python can (a call without an fd, as in tests)."""
+    if vq.call is None:
+        return 0, -1
+    if vq.call_fd is None:
+        return None
+    return 1, vq.call_fd
+
+
 def _fold(st: Any, counters: Any, *, frames: bool = True) -> None:
     """Move the C counters into a `QueueCounters` and zero them."""
     if frames and st.frames:
         counters.frames += st.frames
         counters.bytes += st.bytes
         st.frames = st.bytes = 0
+    if st.checksums or st.merged:
+        counters.checksums += st.checksums
+        counters.merged += st.merged
+        st.checksums = st.merged = 0
     if st.dropped:
         for k, reason in enumerate(DROP_REASONS):
             if st.drops[k]:

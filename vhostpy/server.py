@@ -7,12 +7,13 @@ connection's `Decoder`; every decoded message to its `Session`. Whatever the fro
 does (garbage, truncation, a vanished peer) ends at most that connection, never the
 process.
 
-Polling with a budget: a kick that finds work starts polling that ring with kicks disabled
-(`vq.polling`). Each turn serves the ring for up to `POLL_TURN` seconds and then yields to
-the event loop (a zero-delay timer), so the control socket and other rings are served in
-between. After `POLL_IDLE` seconds without work the ring asks for kicks again, re-checks it
-(work that raced in keeps the polling going) and goes back to waiting on its kick eventfd:
-an idle back-end uses no CPU.
+Polling with a budget: a kick that finds work (at least `device.poll_after` chains: a
+device answering one request per kick, such as virtio-blk at queue depth 1, gains nothing
+from a spin after each) starts polling that ring with kicks disabled (`vq.polling`). Each
+turn serves the ring for up to `POLL_TURN` seconds and then yields to the event loop (a
+zero-delay timer), so the control socket and other rings are served in between. After `POLL_IDLE` seconds (or the device's `poll_idle`) without work the ring asks
+for kicks again, re-checks it (work that raced in keeps the polling going) and goes back to
+waiting on its kick eventfd: an idle back-end uses no CPU.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Connection:
         self.kicks: dict[int, int] = {}
         self.polling: dict[int, float] = {}   # ring index -> when it last had work
         self.session = Session(server.device, self)
+        self.poll_after = server.device.poll_after
+        idle = server.device.poll_idle
+        self.poll_idle = POLL_IDLE if idle is None else idle
         self.closed = False
         sock.setblocking(False)
 
@@ -82,7 +86,8 @@ class Connection:
             log.warning("kick fd %d of vring %d: %s; no longer watched", fd, index, exc)
             self.unwatch_kick(fd)
             return
-        if self.session.kick(index) and index not in self.polling:
+        served = self.session.kick(index)
+        if self.poll_after and served >= self.poll_after and index not in self.polling:
             self._start_polling(index)
 
     # -- polling ---------------------------------------------------------------------------
@@ -107,7 +112,7 @@ class Connection:
                     break
                 continue
             now = time.monotonic()
-            if now - last_work >= POLL_IDLE:
+            if now - last_work >= self.poll_idle:
                 # Idle: ask for kicks again, then look once more (the driver may have
                 # published in between without kicking).
                 vq.polling = False

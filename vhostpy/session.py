@@ -233,24 +233,26 @@ class Session:
             if ring.err_fd is not None:
                 _eventfd_signal(ring.err_fd)()
 
-    def kick(self, index: int) -> bool:
+    def kick(self, index: int) -> int:
         """The driver kicked ring `index` (its kick eventfd was read by the host).
 
-        Returns whether the device made progress on the ring (chains popped or used).
+        Returns what `poll` returns: how many chains the device took (truthy on progress).
         """
         self.rings[index].kicks += 1
         return self.poll(index)
 
-    def poll(self, index: int) -> bool:
-        """Serve ring `index` without a kick (a polling host); True if the device made
-        progress. A host that polls sets `vq.polling` meanwhile (see `Virtqueue`)."""
+    def poll(self, index: int) -> int:
+        """Serve ring `index` without a kick (a polling host); returns how many chains the
+        device popped, or 1 if it only published used entries (0: no progress). A host
+        that polls sets `vq.polling` meanwhile (see `Virtqueue`)."""
         ring = self.rings[index]
         if not ring.live:
-            return False
+            return 0
         vq = ring.vq
-        before = (vq.last_avail_idx, vq.used_idx)
+        avail, used = vq.last_avail_idx, vq.used_idx
         self._run_device(ring, self.device.process_queue)
-        return (vq.last_avail_idx, vq.used_idx) != before
+        popped: int = (vq.last_avail_idx - avail) & 0xFFFF
+        return popped or int(vq.used_idx != used)
 
     def _stop_ring(self, ring: Vring) -> None:
         ring.started = False

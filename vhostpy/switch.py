@@ -271,6 +271,17 @@ class NativeSwitch(Switch):
             return
         self._switch(src, burst, None)
 
+    def solo(self, src: Port) -> tuple[Any, int, float, float] | None:
+        """When `src` is the only attached port (its frames are learned and flooded to no
+        one): what a C loop needs to switch its bursts without Python, `vp_switch_classify`'s
+        (switch, src, now, horizon), after the sweep `forward_burst` would make. Else None."""
+        if len(self._ports) != 1 or id(src) not in self._ports:
+            return None
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return self._sw, self._number[id(src)], now, now - self.aging
+
     def _switch(self, src: Port, burst: Any, frames: Sequence[bytes] | None) -> None:
         ffi, lib = _accel.ffi, _accel.lib
         now = self.clock()

@@ -1,0 +1,123 @@
+"""The compiled virtio-blk data path: whole bursts of requests in C, no bytecode per request.
+
+`BlkFastPath` belongs to one `BlockDevice` (when `_accel.lib` is set) and serves a ring
+whose `Virtqueue` is the compiled variant. One `drain` is the reference `device.drain`
+loop in a single C call (`vp_blk_drain` in `_fastpath_blk.c`): kicks disabled, a burst of
+`BURST` chains popped by the shared ring walker, IN / OUT / FLUSH / GET_ID served with
+preadv / pwritev straight into guest memory, used entries published and the driver
+notified once per burst, kicks re-enabled when the ring is empty (not while polled).
+
+C returns to Python only for what the reference must do itself, in ring order:
+
+* a request C does not serve (no status byte, DISCARD, WRITE_ZEROES, unknown types):
+  `BlockDevice.handle_chain` serves it and C goes on with the rest of the burst;
+* a request that failed in C: its WARNING line, worded as `BlockDevice` words it;
+* an interrupt when the transport's `call` is not an eventfd C can write;
+* a chain with more descriptors than the segment array holds: a bigger array.
+
+So used rings, status bytes, data and `BlkStats` are those of the pure-Python path (C's
+counters are folded into `BlkStats` after each drain). This module never imports `blk`
+(the device is passed in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _accel
+from .virtqueue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue
+from .virtqueue_cffi import CffiVirtqueue
+
+__all__ = ["BURST", "BlkFastPath"]
+
+ffi: Any = _accel.ffi
+lib: Any = _accel.lib
+
+#: Chains per burst: `device.BATCH`, so used->idx moves and interrupts come as in the reference.
+BURST = 64
+_SEGS = 4096
+_ID_BYTES = 20
+_NO_SIGNAL = -2   # call_fd for C: the transport installed no `call`
+_PY_CALL = -1     # call_fd for C: decide, but let Python call `vq.call()`
+
+
+class BlkFastPath:
+    """The compiled data path of one `BlockDevice` (see the module docstring)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        b = self.blk = ffi.new("struct vp_blk *")
+        b.id = device.serial.ljust(_ID_BYTES, b"\0")[:_ID_BYTES]
+        self._chains = ffi.new("struct vp_chain[]", BURST)
+        self._items = ffi.new("uint32_t[]", 2 * BURST)
+        self._segs = ffi.new("struct vp_seg[]", _SEGS)
+        bu = self.burst = ffi.new("struct vp_blk_burst *")
+        bu.chains, bu.items, bu.segs = self._chains, self._items, self._segs
+        bu.max_chains, bu.max_segs = BURST, _SEGS
+
+    @staticmethod
+    def serves(vq: Virtqueue) -> bool:
+        """Whether `vq` is a ring this path can drive (the compiled `Virtqueue` variant)."""
+        return isinstance(vq, CffiVirtqueue)
+
+    def drain(self, index: int, vq: Any) -> None:
+        """Serve every available request of ring `index` (what `device.drain` does)."""
+        if not vq.ready:
+            return
+        q = vq.native()
+        if q is None:
+            return
+        dev = self.device
+        b, bu, items = self.blk, self.burst, self._items
+        b.fd, b.read_only, b.capacity = dev.fd, dev.read_only, dev.capacity
+        bu.count = bu.pos = 0
+        if vq.call is None:
+            call_fd = _NO_SIGNAL
+        else:
+            call_fd = _PY_CALL if vq.call_fd is None else vq.call_fd
+        polling = 1 if vq.polling else 0
+        drain = lib.vp_blk_drain
+        try:
+            while True:
+                rc = drain(b, q, bu, BURST, polling, call_fd)
+                if rc == 0:  # VP_BLK_DONE
+                    break
+                if rc == 1:  # VP_BLK_PYTHON
+                    k = bu.pos
+                    items[2 * k + 1] = dev.handle_chain(index, vq, self._chain(vq, k))
+                    bu.pos = k + 1
+                elif rc == 2:  # VP_BLK_FAILED
+                    dev.request_failed(index, items[2 * bu.pos - 2],
+                                       ffi.string(bu.error).decode("utf-8", "replace"))
+                elif rc == 3:  # VP_BLK_CALL
+                    vq.call()
+                else:  # VP_BLK_SEGS
+                    self._segs = ffi.new("struct vp_seg[]", vq.size + MAX_QUEUE_SIZE + 1)
+                    bu.segs, bu.max_segs = self._segs, len(self._segs)
+        finally:
+            vq.check_broken()
+            self._fold()
+
+    def _chain(self, vq: Any, k: int) -> DescriptorChain:
+        """Chain `k` of the current burst as the reference's `DescriptorChain`."""
+        ch = self._chains[k]
+        segs = self._segs
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        for j in range(ch.first, ch.first + ch.nseg):
+            seg = segs[j]
+            (writable if seg.write else readable).append((seg.addr, seg.len))
+        return DescriptorChain(vq.memory, ch.head, readable, writable, ch.readable_len,
+                               ch.writable_len)
+
+    def _fold(self) -> None:
+        """Move C's counters into the device's `BlkStats` and zero them."""
+        b, st = self.blk, self.device.stats
+        if b.reads or b.writes or b.flushes or b.errors:
+            st.reads += b.reads
+            st.writes += b.writes
+            st.flushes += b.flushes
+            st.bytes_read += b.bytes_read
+            st.bytes_written += b.bytes_written
+            st.errors += b.errors
+            b.reads = b.writes = b.flushes = b.bytes_read = b.bytes_written = b.errors = 0
