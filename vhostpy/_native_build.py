@@ -16,21 +16,34 @@ from cffi import FFI  # type: ignore[import-untyped]
 
 HERE = Path(__file__).resolve().parent
 
-ffibuilder = FFI()
-ffibuilder.cdef((HERE / "_fastpath.h").read_text() + (HERE / "_fastpath_net.h").read_text())
-ffibuilder.set_source(
-    "vhostpy._native",
-    '#include "_fastpath.h"\n#include "_fastpath_net.h"\n',
-    sources=[str(Path("vhostpy") / "_fastpath.c"), str(Path("vhostpy") / "_fastpath_blk.c"),
-             str(Path("vhostpy") / "_fastpath_net.c")],
-    include_dirs=[str(Path("vhostpy"))],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-)
+#: The C files compiled into the extension, in the package directory.
+SOURCES = ("_fastpath.c", "_fastpath_blk.c", "_fastpath_net.c")
+HEADERS = ("_fastpath.h", "_fastpath_net.h")
+
+
+def make_builder(package_dir: str) -> FFI:
+    """The cffi builder with the C files under `package_dir`.
+
+    setuptools wants paths relative to the project root ("vhostpy"); a build by hand passes
+    the absolute directory, because cffi compiles from inside its temporary directory.
+    """
+    builder = FFI()
+    builder.cdef("".join((HERE / h).read_text() for h in HEADERS))
+    builder.set_source(
+        "vhostpy._native",
+        "".join(f'#include "{h}"\n' for h in HEADERS),
+        sources=[str(Path(package_dir) / name) for name in SOURCES],
+        include_dirs=[package_dir],
+        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+    )
+    return builder
+
+
+ffibuilder = make_builder("vhostpy")
 
 if __name__ == "__main__":
-    import os
     import shutil
 
-    os.chdir(HERE.parent)
-    built = ffibuilder.compile(tmpdir="build/cffi", verbose=False)
+    built = make_builder(str(HERE)).compile(tmpdir=str(HERE.parent / "build" / "cffi"),
+                                            verbose=False)
     shutil.copy(built, HERE / Path(built).name)

@@ -347,15 +347,19 @@ class Launcher:
         self.devices.append(device)
 
     # -- devices ---------------------------------------------------------------------------
+    def _adopt(self, device: Device, close: Callable[[], None]) -> None:
+        """Add `device` to the page and close it with the Launcher (at once if adding fails)."""
+        try:
+            self._add(device)
+        except BaseException:
+            close()
+            raise
+        self.closers.append(close)
+
     def add_block(self, path: str, *, read_only: bool = False) -> BlockDevice:
         """A virtio-blk device over the raw image `path`."""
         dev = BlockDevice.open_image(path, read_only=read_only, queue_size=LGUEST_QUEUE_SIZE)
-        try:
-            self._add(dev)
-        except BaseException:
-            dev.close()
-            raise
-        self.closers.append(dev.close)
+        self._adopt(dev, dev.close)
         return dev
 
     def add_net(self) -> NetDevice:
@@ -400,12 +404,7 @@ class Launcher:
             fe.close()
             raise ConfigurationError(f"--vhost-user {kind}:{socket_path}: the back-end "
                                      f"refused: {exc}") from exc
-        try:
-            self._add(proxy)
-        except BaseException:
-            proxy.close()
-            raise
-        self.closers.append(proxy.close)
+        self._adopt(proxy, proxy.close)
         return proxy
 
     # -- boot and run ----------------------------------------------------------------------

@@ -512,15 +512,9 @@ class Virtqueue:
             log.debug("virtqueue %d: add_used on a queue that is not ready: dropped", self.index)
             return
         used = rings[2]
-        size = self._size
-        mask = size - 1
+        self._check_used(items)
+        mask = self._size - 1
         idx = self.used_idx
-        for head, length in items:
-            if not 0 <= head < size or not 0 <= length <= _MAX_CHAIN_BYTES:
-                raise ValueError(
-                    f"virtqueue {self.index}: add_used head {head} length {length} "
-                    f"invalid for size {size}"
-                )
         for head, length in items:
             _USED_ELEM.pack_into(used, 4 + USED_ELEM_SIZE * (idx & mask), head, length)
             idx = (idx + 1) & 0xFFFF
@@ -528,6 +522,16 @@ class Virtqueue:
         _store_u16(used, 2, idx)
         self.used_idx = idx
         self._unsignalled += len(items)
+
+    def _check_used(self, items: Sequence[tuple[int, int]]) -> None:
+        """Refuse (ValueError) a used entry the driver could not make sense of: a device bug."""
+        size = self._size
+        for head, length in items:
+            if not 0 <= head < size or not 0 <= length <= _MAX_CHAIN_BYTES:
+                raise ValueError(
+                    f"virtqueue {self.index}: add_used head {head} length {length} "
+                    f"invalid for size {size}"
+                )
 
     # ---------------------------------------------------------------- notifications
 

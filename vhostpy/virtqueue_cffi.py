@@ -20,7 +20,6 @@ from typing import Any
 from . import _accel
 from .memory import GuestMemory
 from .virtqueue import (
-    _MAX_CHAIN_BYTES,
     MAX_QUEUE_SIZE,
     DescriptorChain,
     Virtqueue,
@@ -151,13 +150,7 @@ class CffiVirtqueue(Virtqueue):
         q = self._sync()
         if q is None:
             return
-        size = self._size
-        for head, length in items:
-            if not 0 <= head < size or not 0 <= length <= _MAX_CHAIN_BYTES:
-                raise ValueError(
-                    f"virtqueue {self.index}: add_used head {head} length {length} "
-                    f"invalid for size {size}"
-                )
+        self._check_used(items)
         flat = ffi.new("uint32_t[]", list(itertools.chain.from_iterable(items)))
         lib.vp_add_used(q, flat, len(items))
 
