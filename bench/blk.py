@@ -17,6 +17,10 @@ process (``/proc/PID/stat``) when it sees them, and divides by the requests the 
 layer completed in that window (``/sys/block/vda/stat``) to get back-end CPU µs per I/O.
 fio's JSON goes to the serial console between markers and is parsed on the host.
 
+The last job, ``idle``, runs no fio: the guest sleeps for the job's runtime and the figure is
+the back-end's CPU over that window in % of one CPU (issue 5's goal: under 1% with a guest
+attached and no traffic); QEMU's built-in device has no process of its own, so no figure.
+
 A guest-only reference runs in every boot too: fio's ``null`` engine (4k, QD32), the most
 IOPS this TCG guest's fio can issue, so a back-end faster than the guest shows as such.
 
@@ -71,6 +75,7 @@ class Job:
     metric: str  # "iops" or "MB/s"
     engine: str | None = None  # None: the run's chosen engine (libaio)
     guest_only: bool = False  # never touches the disk (null engine)
+    idle: bool = False  # no fio: the guest sleeps; the figure is the back-end's CPU use
 
 
 JOBS: tuple[Job, ...] = (
@@ -78,6 +83,9 @@ JOBS: tuple[Job, ...] = (
     Job("randread-4k-qd32", "4k randread QD32", "randread", "4k", 32, "iops"),
     Job("randwrite-4k-qd32", "4k randwrite QD32", "randwrite", "4k", 32, "iops"),
     Job("read-128k-qd8", "128k read QD8", "read", "128k", 8, "MB/s"),
+    # Issue 5's idle goal: the back-end's CPU while a guest is attached and does no I/O
+    # (after the jobs above, so a back-end that keeps polling once work stops shows it).
+    Job("idle", "idle, guest attached (back-end CPU)", "idle", "-", 0, "% of a CPU", idle=True),
 )
 NULL_JOB = Job("null-4k-qd32", "4k randread QD32, fio null engine (guest ceiling)",
                "randread", "4k", 32, "iops", engine="null", guest_only=True)
@@ -365,12 +373,15 @@ def guest_script(jobs: Sequence[Job], engine: str, runtime: float) -> str:
         "rc_all=0",
     ]
     for job in jobs:
-        args = shlex.join(fio_args(job, engine, runtime))
+        if job.idle:
+            work = f"sleep {runtime:g}; echo '{{}}' > /tmp/{job.key}.json"
+        else:
+            work = f"$FIO {shlex.join(fio_args(job, engine, runtime))} --output=/tmp/{job.key}.json"
         lines += [
             f'echo "{MARK} BEGIN {job.key}"',
             "sleep 0.2",
             "s0=$(cat /sys/block/vda/stat)",
-            f"$FIO {args} --output=/tmp/{job.key}.json",
+            work,
             "rc=$?",
             "s1=$(cat /sys/block/vda/stat)",
             f'echo "{MARK} END {job.key} rc=$rc"',
@@ -676,7 +687,6 @@ def boot_and_measure(spec: Backend, jobs: Sequence[Job], engine: str, runtime: f
             raise RuntimeError(
                 f"{spec.name}: fio job {job.key} failed (rc={got.get('rc')}, "
                 f"{got.get('json_error', '')})\n--- guest console ---\n{result.console[-6000:]}")
-        figures = fio_figures(got["json"])
         s = samples.get(job.key, [])
         cpu = wall = other = steal = None
         if len(s) == 2 and s[1].time > s[0].time:
@@ -689,6 +699,12 @@ def boot_and_measure(spec: Backend, jobs: Sequence[Job], engine: str, runtime: f
             known = be + (b.qemu - a.qemu) + (b.me - a.me)
             other = max(0.0, (b.busy - a.busy - known) / CLK_TCK / wall * 100)
             steal = (b.steal - a.steal) / CLK_TCK / wall * 100
+        if job.idle:
+            if cpu is not None and wall:  # no figure for QEMU's built-in device
+                results[job.key] = JobResult(cpu / wall * 100, 0.0, cpu, wall,
+                                             int(got.get("ios", 0)), None, other, steal)
+            continue
+        figures = fio_figures(got["json"])
         ios = int(got.get("ios", figures["total_ios"]))
         per_io = cpu / ios * 1e6 if cpu is not None and ios > 0 else None
         results[job.key] = JobResult(figures[job.metric], figures["iops"], cpu, wall or 0.0,
@@ -768,10 +784,11 @@ def run_blk(args: Any = None) -> list[dict[str, Any]]:
                                               opts.qemu_affinity)
                 facts.update({k: v for k, v in f.items() if k != "qemu_command"})
                 facts[f"qemu_command[{name}]"] = f["qemu_command"]
-                for job in jobs:
+                done = [job for job in jobs if job.key in results]
+                for job in done:
                     per.setdefault((job.key, name), []).append(results[job.key])
                 say(f"rep {rep + 1}/{opts.repetitions} {name} ({time.monotonic() - t0:.0f} s): "
-                    + ", ".join(_fmt(job, results[job.key]) for job in jobs))
+                    + ", ".join(_fmt(job, results[job.key]) for job in done))
             order = order[1:] + order[:1]  # rotate: no back-end always boots first
     except KeyboardInterrupt as exc:
         exc.partial_results = records()  # type: ignore[attr-defined]
@@ -796,7 +813,8 @@ def _records(opts: Options, jobs: Sequence[Job], specs: dict[str, Backend],
             cpu_values = [r.cpu_per_io_us for r in rs if r.cpu_per_io_us is not None]
             util = [r.cpu_seconds / r.wall_seconds for r in rs
                     if r.cpu_seconds is not None and r.wall_seconds > 0]
-            fio_cmd = guest_command(job, engine, opts.runtime)
+            fio_cmd = (f"sleep {opts.runtime:g}" if job.idle
+                       else guest_command(job, engine, opts.runtime))
             qemu_cmd = facts.get(f"qemu_command[{name}]", "")
             commands = ([spec.command] if spec.argv else []) + [qemu_cmd, f"(guest) {fio_cmd}"]
             out.append(_record(
@@ -837,7 +855,7 @@ def _record(job: Job, backend: str, values: list[float], cpu_per_io: float | Non
             **extra: Any) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "case": job.case, "backend": backend, "metric": job.metric, "values": values,
-        "cpu_per_io_us": cpu_per_io, "command": command,
+        "cpu_per_io_us": cpu_per_io, "command": command, "higher_is_better": not job.idle,
     }
     rec.update(_summary(values))
     rec.update(job=job.key, rw=job.rw, bs=job.bs, iodepth=job.iodepth, ioengine=engine,
@@ -853,7 +871,8 @@ def _fmt(job: Job, r: JobResult) -> str:
     other = ""
     if r.other_cpu_percent is not None and r.other_cpu_percent > DISTURBED_PERCENT:
         other = f" (DISTURBED: others {r.other_cpu_percent:.0f}% CPU)"
-    return f"{job.key} {r.value:.0f} {job.metric}{cpu}{other}"
+    value = f"{r.value:.1f}" if job.idle else f"{r.value:.0f}"
+    return f"{job.key} {value} {job.metric}{cpu}{other}"
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

@@ -15,9 +15,9 @@ says it is forwarding, wait ``SETTLE`` seconds (connection set-up, the last poll
 then read the back-end's CPU time (``/proc/PID/task/*/schedstat``, ns resolution; utime +
 stime from ``/proc/PID/stat`` where that is missing) over a fixed window
 (``WINDOW`` s, 1.5 s with ``--quick``).  The figure is % of one CPU (100 = one CPU busy).
-Not measured here: blk's idle cost (``vhostpy blk`` vs qemu-storage-daemon with a TCG guest
-attached), which needs a QEMU guest per run; tests/test_fastpath.py checks vhostpy net's
-idle cost with a scripted front-end.
+blk's idle cost (``vhostpy blk`` vs qemu-storage-daemon with a TCG guest attached) is the
+``idle`` job of bench/blk.py, measured in the blk group's guest boots; tests/test_fastpath.py
+checks vhostpy net's idle cost with a scripted front-end.
 """
 
 from __future__ import annotations

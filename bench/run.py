@@ -102,10 +102,11 @@ def as_results(group: str, items: list[Any]) -> list[Result]:
         commands = [command] if isinstance(command, str) else [str(c) for c in command]
         values = [float(v) for v in rec.get("values") or []]
         known = {"case", "job", "backend", "metric", "values", "command", "median", "min",
-                 "max", "cpu_per_io_us", "cpu_per_io_us_values"}
+                 "max", "cpu_per_io_us", "cpu_per_io_us_values", "higher_is_better"}
         r = Result(group=group, case=key, title=title, backend=backend, label=backend,
                    unit={"iops": "IOPS"}.get(str(rec.get("metric")), str(rec.get("metric"))),
                    reference=backend == BLK_REFERENCE, values=values,
+                   higher_is_better=bool(rec.get("higher_is_better", True)),
                    repetitions=list(range(len(values))), commands=commands,
                    extra={k: v for k, v in rec.items() if k not in known})
         out.append(r)

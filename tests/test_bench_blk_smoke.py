@@ -39,10 +39,19 @@ def test_run_blk_quick_every_backend() -> None:
     require_qemu()
     _require_tool("fio", "ci/bench/install-deps.sh")
     _require_tool("qemu-storage-daemon", "ci/qemu/install-deps.sh: qemu-utils")
-    args = argparse.Namespace(quick=True, repetitions=1, blk_jobs="randread-4k-qd32",
+    args = argparse.Namespace(quick=True, repetitions=1, blk_jobs="randread-4k-qd32,idle",
                               blk_runtime=1.0, blk_image_mb=64, blk_no_null=True)
     records = blk.run_blk(args)
 
+    # The idle job: a back-end's CPU while the guest sleeps, for the back-ends that are
+    # processes of their own (QEMU's built-in device has no separate figure).
+    idle = [r for r in records if r["job"] == "idle"]
+    assert {r["backend"] for r in idle} == {"vhostpy", "qemu-storage-daemon"}, idle
+    for r in idle:
+        assert r["metric"] == "% of a CPU" and r["higher_is_better"] is False
+        assert len(r["values"]) == 1 and 0 <= r["values"][0] <= 100, r
+        assert r["command"].endswith("guest: sleep 1"), r["command"]
+    records = [r for r in records if r["job"] != "idle"]
     assert {r["backend"] for r in records} == set(blk.BACKENDS)
     for r in records:
         assert r["case"] == "4k randread QD32"
