@@ -2,7 +2,8 @@
 
 `FakeLguest` (tests/lguest_model.py) models the kernel side of /dev/lguest as the 3.x
 lguest_user.c describes it; here it runs non-blocking (an empty read gives EAGAIN).
-It is a model, not the kernel: DevLguestHost has never run on a real lguest host.
+It is a model, not the kernel: CI never runs DevLguestHost on a real lguest host (it has run on
+one by hand, under `vhostpy lguest`: see the README).
 """
 
 from __future__ import annotations

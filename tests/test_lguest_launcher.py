@@ -5,7 +5,7 @@ through the guest_base and pfnlimit the Launcher wrote in LHREQ_INITIALIZE (as t
 does); the Launcher's run loop reads the model's /dev/lguest on the test's thread, the devices
 run on the Launcher's device thread, interrupts come back as LHREQ_IRQ writes. The command
 line is driven as a process (tests/lguest_model.py as a script) with pipes and signals.
-Nothing here ran on a real lguest host.
+Nothing here runs on a real lguest host (see the README for the check done by hand).
 """
 
 from __future__ import annotations

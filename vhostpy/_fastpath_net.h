@@ -20,6 +20,9 @@ struct vp_net_poll {
     uint32_t hdr_len;
     uint32_t burst;           /* chains per burst (at most 256, at most out->max) */
     uint32_t max_bursts;
+    uint64_t spin_ns;         /* an empty ring is re-checked for this long before the call
+                                 returns VP_POLL_EMPTY (0: at once; only while the ring is
+                                 polled, its kicks off) */
     int32_t call_fd;          /* its call eventfd, -1 for none */
     uint32_t signal;          /* 1: vp_signal after each burst (a call is configured) */
     /* VP_TX_CLASSIFY */

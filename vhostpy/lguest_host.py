@@ -13,8 +13,9 @@ Two adapters:
   LHREQ_INITIALIZE {guest_base, pfnlimit, start}, LHREQ_IRQ {irq} per interrupt, LHREQ_EVENTFD
   {address, fd} per queue, and the run loop of `pread(fd, word, cpu)` returning the next notify
   address. Words are the Launcher's `unsigned long` (4 bytes on i386; a parameter, default
-  native). IT HAS NOT RUN ON A REAL LGUEST HOST: no kernel since 4.14 has lguest. It is tested
-  only against a software model of the device (tests/test_lguest_host.py).
+  native). No kernel since 4.14 has lguest, so CI cannot run it on a real host: it is tested
+  against a software model of the device (tests/test_lguest_host.py); by hand it has run a
+  real 3.11 i386 lguest host's guest under `vhostpy lguest`.
 
 Neither adapter knows about vhost-user sessions; both leave guest mistakes to the bridge.
 """
@@ -254,8 +255,8 @@ class RunExit:
 class DevLguestHost:
     """The Launcher's run loop over /dev/lguest (or `opener(path)`), feeding an `LguestBridge`.
 
-    NOT RUN ON A REAL LGUEST HOST (no kernel since 4.14 has lguest): checked only against a
-    software model of /dev/lguest. With `eventfds=True`, each queue of a started device gets
+    In CI (no kernel since 4.14 has lguest) checked against a software model of /dev/lguest;
+    it has also driven a real 3.11 lguest host, by hand. With `eventfds=True`, each queue of a started device gets
     an eventfd registered with LHREQ_EVENTFD (the kernel then signals it instead of returning
     the notify from pread); `poll_eventfds()` or an `attach`ed EventLoop serves them.
     `dispatch(address)` receives the notifies the run loop reads (default `bridge.notify` on

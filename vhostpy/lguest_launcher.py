@@ -28,8 +28,9 @@ on the console exits too (the 3.x Launcher's hack: ISIG is off on a raw tty).
 Only the 3.x layout boots: a 2.6.24 Launcher also had to build the guest's initial page
 tables and pass pgdir in LHREQ_INITIALIZE, which this module does not do, so it refuses that
 layout. It uses only the standard library (it must run under a 32-bit Python 3.11 on a
-Linux 3.11 i386 host, with 4-byte /dev/lguest words and mappings below 2 GiB). IT HAS NOT
-RUN ON A REAL LGUEST HOST: CI drives it against a software model of /dev/lguest.
+Linux 3.11 i386 host, with 4-byte /dev/lguest words and mappings below 2 GiB). CI drives it
+against a software model of /dev/lguest; it has booted a real Linux 3.11.10 i386 lguest guest
+by hand (console, blk, rng and net to the responder; see the README), never in CI.
 It must never let a guest mistake kill the process (the bridge logs and survives those).
 """
 

@@ -48,6 +48,9 @@ MAX_FRAME = 65536
 BURST = 64
 #: Bursts one `vp_net_tx_poll` call may serve before Python gets control back.
 POLL_BURSTS = 32
+#: While a ring is polled (kicks off), how long one `vp_net_tx_poll` call re-checks it once
+#: empty before returning: a loop whose frames come back within this long stays in C.
+POLL_SPIN_NS = 20_000
 RECORD = 16  # the pcap record header C leaves room for before each frame
 
 
@@ -144,6 +147,7 @@ class NetFastPath:
                 vq.disable_notifications()
             plan = self._plan(pair, vq, q)
             if plan is not None:
+                plan.spin_ns = POLL_SPIN_NS if vq.polling else 0
                 rc = lib.vp_net_tx_poll(q, st, out, plan)
                 if plan.bursts or rc == lib.VP_POLL_BROKEN:
                     vq.check_broken()
