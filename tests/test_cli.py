@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scripted
 from conftest import Backend
+from procs import stop
 from scripted import ScriptedGuest, blk_request
 
 from vhostpy import cli
@@ -56,17 +57,6 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> 
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.005)
-
-
-def stop(proc: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> tuple[int, str]:
-    if proc.poll() is None:
-        proc.send_signal(signum)
-    try:
-        _, err = proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return proc.returncode, err.decode(errors="replace")
 
 
 @pytest.fixture
@@ -363,13 +353,7 @@ def test_fd_inherited_connected_socket(monkeypatch: pytest.MonkeyPatch,
     theirs.close()
     monkeypatch.setattr(scripted.Frontend, "connect",
                         classmethod(lambda cls, path, timeout=5.0: cls(ours, timeout=timeout)))
-    guest = ScriptedGuest("(socketpair)")
-    try:
-        guest.start()
-        guest.setup_ring(0)
-        io_roundtrip(guest)
-    finally:
-        guest.close()
+    serve_guest("(socketpair)")   # `connect` above hands it our end of the pair
     rc, err = stop(proc)
     assert rc == 0, err
 

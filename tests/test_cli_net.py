@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import stop
 from scripted import ScriptedGuest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,16 +55,6 @@ def wait_for(paths: list[Path], proc: subprocess.Popen[bytes], timeout: float = 
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, f"{paths} never all appeared"
         time.sleep(0.01)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return proc.returncode, err.decode(errors="replace")
 
 
 def counters_line(stderr: str) -> dict:
