@@ -8,8 +8,8 @@ interrupts and WARNING lines. The scripts mix what C serves (IN, OUT, FLUSH, GET
 their failures) with what it hands back to Python (DISCARD, WRITE_ZEROES, unknown types, no
 status byte), hostile rings, chains longer than C's segment array and IOV_MAX, and short
 reads from an image that shrank. Last, the polling policy: a kick starts busy-polling only
-when it brought at least `device.poll_after` chains (2 for virtio-blk). Without the extension only the Python runs happen (the
-suite also runs whole under each implementation).
+when it brought at least `device.poll_after` chains (2 for virtio-blk). Without the
+extension only the Python runs happen (the suite also runs whole under each implementation).
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def batches(vq: Virtqueue, size: int = BATCH) -> Iterator[list[DescriptorChain]]
 
     Stops when the ring is empty (or breaks). The race between the last pop and re-enabling
     kicks is closed by `enable_notifications()`, which reports buffers that arrived in
-    between. While the transport polls the ring (`vq.polling`), kicks stay disabled. The caller publishes each batch's used entries before asking for the next.
+    between. While the transport polls the ring (`vq.polling`), kicks stay disabled. The
+    caller publishes each batch's used entries before asking for the next.
     """
     while vq.ready:
         vq.disable_notifications()

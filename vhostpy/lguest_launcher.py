@@ -70,9 +70,9 @@ from vhostpy.switch import Switch
 from vhostpy.tap import TapPort
 from vhostpy.vhost_proxy import VhostUserProxy
 
-__all__ = ["DEFAULT_MEMORY_MIB", "DEFAULT_OPENER", "POWER_OFF_REASON", "LaunchOptions", "LaunchResult",
-           "Launcher", "NetOptions", "build", "create_memory_fd", "exit_status", "launch", "max_memory_mib",
-           "parse_vhost_user", "terminal_mode"]
+__all__ = ["DEFAULT_MEMORY_MIB", "DEFAULT_OPENER", "POWER_OFF_REASON", "LaunchOptions",
+           "LaunchResult", "Launcher", "NetOptions", "build", "create_memory_fd", "exit_status",
+           "launch", "max_memory_mib", "parse_vhost_user", "terminal_mode"]
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ Otherwise, per burst:
 
 `receive` is the other direction for frames already in a C burst buffer, `offer` for
 `NetPort.offer` (a prebuilt `FrameBatch`, flattened once, placed cyclically in one C call),
-and `send_bytes` for `transmit_to_guest` callers (lists of bytes): both fall back to the Python backlog path
-for whatever the ring cannot take at once, so ordering and counters are those of the
-reference. This module never imports `net` (the device is passed in).
+and `send_bytes` for `transmit_to_guest` callers (lists of bytes): both fall back to the
+Python backlog path for whatever the ring cannot take at once, so ordering and counters are
+those of the reference. This module never imports `net` (the device is passed in).
 """
 
 from __future__ import annotations

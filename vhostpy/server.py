@@ -11,9 +11,10 @@ Polling with a budget: a kick that finds work (at least `device.poll_after` chai
 device answering one request per kick, such as virtio-blk at queue depth 1, gains nothing
 from a spin after each) starts polling that ring with kicks disabled (`vq.polling`). Each
 turn serves the ring for up to `POLL_TURN` seconds and then yields to the event loop (a
-zero-delay timer), so the control socket and other rings are served in between. After `POLL_IDLE` seconds (or the device's `poll_idle`) without work the ring asks
-for kicks again, re-checks it (work that raced in keeps the polling going) and goes back to
-waiting on its kick eventfd: an idle back-end uses no CPU.
+zero-delay timer), so the control socket and other rings are served in between. After
+`POLL_IDLE` seconds (or the device's `poll_idle`) without work the ring asks for kicks again,
+re-checks it (work that raced in keeps the polling going) and goes back to waiting on its
+kick eventfd: an idle back-end uses no CPU.
 """
 
 from __future__ import annotations

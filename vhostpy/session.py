@@ -89,6 +89,13 @@ def _eventfd_signal(fd: int) -> Callable[[], None]:
     return signal
 
 
+def _install_call(vq: Virtqueue, fd: int | None) -> None:
+    """Point the ring's interrupt at call eventfd `fd` (None: no interrupts): both the callable
+    Python devices use and the fd the compiled path writes, so they never disagree."""
+    vq.call = _eventfd_signal(fd) if fd is not None else None
+    vq.call_fd = fd
+
+
 class Session:
     """One front-end's view of one device; see the module docstring for the contract."""
 
@@ -201,8 +208,7 @@ class Session:
                 log.warning("vring %d cannot start: %s", ring.vq.index, exc)
                 return
             ring.vq.event_idx = bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
-            ring.vq.call = _eventfd_signal(ring.call_fd) if ring.call_fd is not None else None
-            ring.vq.call_fd = ring.call_fd
+            _install_call(ring.vq, ring.call_fd)
             ring.live = True
             log.debug("vring %d live (size %d, base %d)", ring.vq.index, ring.vq.size,
                       ring.vq.last_avail_idx)
@@ -268,7 +274,7 @@ class Session:
             _close(fd)
         vq = ring.vq
         vq.reset()
-        vq.call = vq.call_fd = None  # the fds are closed: their numbers may be reused
+        _install_call(vq, None)  # the fds are closed: their numbers may be reused
         ring.__init__(vq)  # type: ignore[misc]
 
     def _reset_device(self) -> None:
@@ -441,8 +447,7 @@ class Session:
         ring, fd = self._vring_fd(msg)
         _close(ring.call_fd)
         ring.call_fd = self._keep(fd) if fd is not None else None
-        ring.vq.call = _eventfd_signal(fd) if fd is not None else None
-        ring.vq.call_fd = fd
+        _install_call(ring.vq, ring.call_fd)
 
     def _on_set_vring_err(self, msg: p.Message) -> None:
         ring, fd = self._vring_fd(msg)
