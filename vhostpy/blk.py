@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 
 from vhostpy import _accel
-from vhostpy.device import VIRTIO_ID_BLOCK, Device, batches
+from vhostpy.device import VIRTIO_ID_BLOCK, Device
 from vhostpy.errors import ConfigurationError
 from vhostpy.memory import GuestMemory
 from vhostpy.virtqueue import DescriptorChain, Virtqueue
@@ -195,11 +195,7 @@ class BlockDevice(Device):
         if fast is not None and fast.serves(vq):
             fast.drain(index, vq)
             return
-        # device.drain without its per-chain lambda.
-        handle = self.handle_chain
-        for chains in batches(vq):
-            vq.add_used_many([(chain.head, handle(index, vq, chain)) for chain in chains])
-            vq.signal_used()
+        super().process_queue(index, vq)   # the reference: device.drain over handle_chain
 
     def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> int:
         writable_len = chain.writable_len
