@@ -361,10 +361,15 @@ def guest_command(job: Job, engine: str, runtime: float) -> str:
 
 
 def guest_script(jobs: Sequence[Job], engine: str, runtime: float) -> str:
-    """The guest script: for each job, BEGIN marker, disk stats, fio, disk stats, END marker,
-    then the JSON between markers."""
+    """The guest script: for each job, BEGIN marker, disk stats and interrupt count, fio,
+    the same again, END marker, then the JSON between markers."""
     lines = [
         f'FIO="{_FIO_IN_GUEST}"',
+        # The disk's interrupts: every /proc/interrupts line of its virtio device
+        # ("virtio0-config", "virtio0-req.0", ...), summed over CPUs.
+        'dev=$(basename "$(readlink /sys/block/vda/device)")',
+        ("irqs() { awk -v d=\"$dev-\" 'index($0, d) { for (i = 2; i <= NF; i++) "
+         "if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }"),
         f'echo "{MARK} fio=$($FIO --version)"',
         f'echo "{MARK} kernel=$(uname -r)"',
         f'echo "{MARK} sched=$(cat /sys/block/vda/queue/scheduler 2>/dev/null)"',
@@ -380,13 +385,14 @@ def guest_script(jobs: Sequence[Job], engine: str, runtime: float) -> str:
         lines += [
             f'echo "{MARK} BEGIN {job.key}"',
             "sleep 0.2",
-            "s0=$(cat /sys/block/vda/stat)",
+            "s0=$(cat /sys/block/vda/stat); i0=$(irqs)",
             work,
             "rc=$?",
-            "s1=$(cat /sys/block/vda/stat)",
+            "s1=$(cat /sys/block/vda/stat); i1=$(irqs)",
             f'echo "{MARK} END {job.key} rc=$rc"',
             '[ "$rc" = 0 ] || rc_all=$rc',
             f'echo "{MARK} STAT {job.key} $s0 / $s1"',
+            f'echo "{MARK} IRQ {job.key} $i0 / $i1"',
             f'echo "{MARK} JSON-BEGIN {job.key}"',
             f"cat /tmp/{job.key}.json",
             f'echo "{MARK} JSON-END {job.key}"',
@@ -400,7 +406,8 @@ _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
 
 
 def parse_guest_output(console: str) -> dict[str, dict[str, Any]]:
-    """Per job key: ``{"json": fio's JSON, "rc": int, "ios": requests the disk completed}``."""
+    """Per job key: ``{"json": fio's JSON, "rc": int, "ios": requests the disk completed,
+    "irqs": interrupts its virtio device raised}``."""
     out: dict[str, dict[str, Any]] = {}
     lines = [ln for ln in console.splitlines() if not _KERNEL_LINE.match(ln)]
     i = 0
@@ -416,6 +423,9 @@ def parse_guest_output(console: str) -> dict[str, dict[str, Any]]:
             # /sys/block/X/stat: field 0 reads completed, field 4 writes completed.
             if len(s0) >= 5 and len(s1) >= 5:
                 out.setdefault(m.group(1), {})["ios"] = (s1[0] - s0[0]) + (s1[4] - s0[4])
+        m = re.search(rf"{MARK} IRQ (\S+) (\d+) / (\d+)$", line)
+        if m:
+            out.setdefault(m.group(1), {})["irqs"] = int(m.group(3)) - int(m.group(2))
         m = re.search(rf"{MARK} JSON-BEGIN (\S+)$", line)
         if m:
             key = m.group(1)
@@ -611,6 +621,7 @@ class JobResult:
     cpu_per_io_us: float | None
     other_cpu_percent: float | None = None  # everything but QEMU, back-end and us
     steal_percent: float | None = None
+    irqs_per_io: float | None = None  # the guest disk's interrupts per completed request
 
 
 class _ConsoleTail:
@@ -707,8 +718,10 @@ def boot_and_measure(spec: Backend, jobs: Sequence[Job], engine: str, runtime: f
         figures = fio_figures(got["json"])
         ios = int(got.get("ios", figures["total_ios"]))
         per_io = cpu / ios * 1e6 if cpu is not None and ios > 0 else None
+        irqs = got.get("irqs")
         results[job.key] = JobResult(figures[job.metric], figures["iops"], cpu, wall or 0.0,
-                                     ios, per_io, other, steal)
+                                     ios, per_io, other, steal,
+                                     irqs / ios if irqs is not None and ios > 0 else None)
     return results, facts
 
 
@@ -823,6 +836,7 @@ def _records(opts: Options, jobs: Sequence[Job], specs: dict[str, Backend],
                 f"{spec.command} ; guest: {fio_cmd}", engine, facts, opts.runtime,
                 commands=commands, cpu_per_io_us_values=cpu_values, cpu_util_values=util,
                 iops_values=[r.iops for r in rs], ios_values=[r.ios for r in rs],
+                irqs_per_io_values=[r.irqs_per_io for r in rs if r.irqs_per_io is not None],
                 other_cpu_percent_values=[r.other_cpu_percent for r in rs],
                 steal_percent_values=[r.steal_percent for r in rs],
                 warnings=_warnings(rs),

@@ -12,7 +12,10 @@ Conventions every module follows (so the tables mean the same thing):
 * Exactly one result per case may be the ``reference`` (the C baseline: DPDK ``net_vhost``,
   qemu-storage-daemon); every other result of the case gets a ratio to it, both as the ratio
   of the medians and per repetition (the two runs of one repetition ran back to back, so
-  their ratio is the least noisy figure on a shared machine).
+  their ratio is the least noisy figure on a shared machine), and as the ratio of the best
+  repetitions (highest rate, lowest cost): a disturbance on a shared machine only ever
+  slows a run down, so the best run of each side is the closest to what it can do, and
+  that ratio does not depend on which side a slow spell happened to hit.
 * Repetitions are interleaved (reference, candidate, reference, candidate...) and numbered
   from 0; ``Result.add(value, rep)`` keeps the number so ratios pair the right runs.
 * ``commands`` are the exact command lines of one repetition, shell-quoted
@@ -122,6 +125,11 @@ class Result:
     def max(self) -> float | None:
         return max(self.values) if self.values else None
 
+    @property
+    def best(self) -> float | None:
+        """The best repetition: the highest value, or the lowest if lower is better."""
+        return self.max if self.higher_is_better else self.min
+
     def by_rep(self) -> dict[int, float]:
         return dict(zip(self.repetitions, self.values))
 
@@ -139,8 +147,9 @@ def ordered(backends: Sequence[Any], rep: int) -> list[Any]:
 
 def ratios(results: Sequence[Result]) -> dict[tuple[str, str, str], dict[str, Any]]:
     """For every non-reference result whose case has a reference: ``of_medians`` (the ratio
-    of the medians), ``per_repetition`` (value / reference value of the same repetition),
-    their ``min``, ``median`` and ``max``.  Keyed by (group, case, backend)."""
+    of the medians), ``of_best`` (the ratio of the best repetitions), ``per_repetition``
+    (value / reference value of the same repetition), their ``min``, ``median`` and ``max``.
+    Keyed by (group, case, backend)."""
     refs = {(r.group, r.case): r for r in results if r.reference}
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in results:
@@ -148,10 +157,12 @@ def ratios(results: Sequence[Result]) -> dict[tuple[str, str, str], dict[str, An
         if ref is None or ref is r:
             continue
         info: dict[str, Any] = {"reference": ref.backend, "of_medians": None,
-                                "per_repetition": {}, "min": None, "median": None,
-                                "max": None}
+                                "of_best": None, "per_repetition": {}, "min": None,
+                                "median": None, "max": None}
         if r.median is not None and ref.median:
             info["of_medians"] = r.median / ref.median
+        if r.best is not None and ref.best:
+            info["of_best"] = r.best / ref.best
         mine, theirs = r.by_rep(), ref.by_rep()
         pairs = {rep: mine[rep] / theirs[rep] for rep in sorted(mine)
                  if theirs.get(rep)}
@@ -296,7 +307,8 @@ def _group_table(results: Sequence[Result],
         head.append("unit")
     head.append("runs")
     if has_ref:
-        head.append("vs reference: ratio of medians (per-repetition min–max)")
+        head += ["vs reference: ratio of medians (per-repetition min–max)",
+                 "ratio of best runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     first_seen: dict[str, int] = {}
     for i, r in enumerate(results):
@@ -315,7 +327,7 @@ def _group_table(results: Sequence[Result],
         row.append(runs)
         if has_ref:
             if r.reference:
-                row.append("reference")
+                row += ["reference", ""]
             else:
                 info = rat.get((r.group, r.case, r.backend))
                 if info is None or info["of_medians"] is None:
@@ -325,6 +337,8 @@ def _group_table(results: Sequence[Result],
                     if info["min"] is not None:
                         cell += f" ({info['min']:.3f}–{info['max']:.3f})"
                     row.append(cell)
+                row.append("—" if info is None or info["of_best"] is None
+                           else f"{info['of_best']:.3f}")
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return lines
 

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def as_results(group: str, items: list[Any]) -> list[Result]:
     """``Result`` objects as they are; bench/blk.py's dict records converted (one Result
-    per record, plus one for the back-end CPU per I/O when the record has it)."""
+    per record, plus one each for the back-end CPU per I/O and the guest's interrupts per
+    I/O when the record has them)."""
     out: list[Result] = []
     for item in items:
         if isinstance(item, Result):
@@ -102,7 +103,8 @@ def as_results(group: str, items: list[Any]) -> list[Result]:
         commands = [command] if isinstance(command, str) else [str(c) for c in command]
         values = [float(v) for v in rec.get("values") or []]
         known = {"case", "job", "backend", "metric", "values", "command", "median", "min",
-                 "max", "cpu_per_io_us", "cpu_per_io_us_values", "higher_is_better"}
+                 "max", "cpu_per_io_us", "cpu_per_io_us_values", "irqs_per_io_values",
+                 "higher_is_better"}
         r = Result(group=group, case=key, title=title, backend=backend, label=backend,
                    unit={"iops": "IOPS"}.get(str(rec.get("metric")), str(rec.get("metric"))),
                    reference=backend == BLK_REFERENCE, values=values,
@@ -110,13 +112,16 @@ def as_results(group: str, items: list[Any]) -> list[Result]:
                    repetitions=list(range(len(values))), commands=commands,
                    extra={k: v for k, v in rec.items() if k not in known})
         out.append(r)
-        cpu = [float(v) for v in rec.get("cpu_per_io_us_values") or []]
-        if cpu:
-            out.append(Result(group=group, case=key + "/cpu", title=title + ": back-end CPU",
-                              backend=backend, label=backend, unit="µs CPU per I/O",
-                              reference=backend == BLK_REFERENCE, higher_is_better=False,
-                              values=cpu, repetitions=list(range(len(cpu))),
-                              commands=commands))
+        for field, suffix, what, unit in (
+                ("cpu_per_io_us_values", "cpu", "back-end CPU", "µs CPU per I/O"),
+                ("irqs_per_io_values", "irqs", "guest interrupts", "interrupts per I/O")):
+            per_io = [float(v) for v in rec.get(field) or []]
+            if per_io:
+                out.append(Result(group=group, case=f"{key}/{suffix}", title=f"{title}: {what}",
+                                  backend=backend, label=backend, unit=unit,
+                                  reference=backend == BLK_REFERENCE, higher_is_better=False,
+                                  values=per_io, repetitions=list(range(len(per_io))),
+                                  commands=commands))
     return out
 
 

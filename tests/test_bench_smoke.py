@@ -64,6 +64,7 @@ def test_bench_net_quick(tmp_path: Path) -> None:
         assert vh["extra"]["implementation"] == machine["vhostpy_implementation"]
         assert vh["ratio"]["reference"] == "dpdk"
         assert vh["ratio"]["of_medians"] == pytest.approx(vh["median"] / dpdk["median"])
+        assert vh["ratio"]["of_best"] == pytest.approx(vh["max"] / dpdk["max"])
 
     md = (out / "results.md").read_text()
     assert "| case | back-end | Mpps (median) | min–max | runs |" in md, md[:2000]

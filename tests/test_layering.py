@@ -54,7 +54,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "blk_cffi": MODEL_DEPS | {"virtqueue_cffi"},
     "net": MODEL_DEPS | {"net_cffi"},
     # the compiled virtio-net data path (net's fast variant; never imports net)
-    "net_cffi": {"_accel", "virtqueue", ROOT},
+    "net_cffi": {"_accel", "virtqueue", "virtqueue_cffi", ROOT},
     "rng": MODEL_DEPS,
     "console": MODEL_DEPS,
     "packets": set(),  # standard library only (its docstring)

@@ -166,48 +166,60 @@ static int io_failed(int e, uint64_t at, char *err, size_t el) {
     return -1;
 }
 
+/* IN and OUT: the data of one request between the file at `sector` and guest memory.
+ *
+ * out == 0 (VIRTIO_BLK_T_IN): preadv into the writable bytes before the status byte, which
+ *   are then *written (the used length without the status byte).
+ * out == 1 (VIRTIO_BLK_T_OUT): pwritev from the readable bytes after the 16-byte header;
+ *   refused on a read-only device. *written is left alone (0).
+ *
+ * The checks and their order are blk.py's: read-only (OUT), then _check_range, then the
+ * transfer (an errno, then a short transfer). Returns 0 with the direction's counters
+ * (reads / writes and their bytes) bumped, or -1 with blk.py's message in `err` and those
+ * counters untouched (serve_chain counts the error). */
+static int serve_data(struct vp_blk *b, const struct vp_mem *m, const struct vp_chain *ch,
+                      const struct vp_seg *s, int out, uint64_t sector, uint64_t *written,
+                      char *err, size_t el) {
+    const char *what = out ? "write" : "read";
+    uint64_t length = out ? ch->readable_len - HDR_LEN : ch->writable_len - 1;
+    struct cursor c;
+    int e;
+    if (out && b->read_only) {
+        snprintf(err, el, "write at sector %llu to a read-only device", (ull)sector);
+        return -1;
+    }
+    if (check_range(b, what, sector, length, err, el)) return -1;
+    /* IN fills the writable segments from their first byte; OUT reads the readable ones
+     * from just past the header. */
+    cur_init(&c, s, ch->nseg, out ? 0 : 1);
+    if (out) cur_skip(&c, HDR_LEN);
+    uint64_t done = transfer(b, m, &c, length, sector * SECTOR, out, &e);
+    if (e) return io_failed(e, sector * SECTOR + done, err, el);
+    if (done != length) {
+        snprintf(err, el, "short %s: %llu of %llu bytes at sector %llu", what, (ull)done,
+                 (ull)length, (ull)sector);
+        return -1;
+    }
+    if (out) {
+        b->writes++;
+        b->bytes_written += length;
+    } else {
+        b->reads++;
+        b->bytes_read += length;
+        *written = length;
+    }
+    return 0;
+}
+
 /* Serve one request: 0 and *written (bytes before the status byte), or -1 and a message. */
 static int serve_request(struct vp_blk *b, const struct vp_mem *m, const struct vp_chain *ch,
                          const struct vp_seg *s, uint32_t type, uint64_t sector,
                          uint64_t *written, char *err, size_t el) {
-    uint64_t data_in = ch->writable_len - 1, data_out = ch->readable_len - HDR_LEN;
+    uint64_t data_in = ch->writable_len - 1;
     struct cursor c;
-    int e;
     *written = 0;
-    if (type == T_IN) {
-        if (check_range(b, "read", sector, data_in, err, el)) return -1;
-        cur_init(&c, s, ch->nseg, 1);
-        uint64_t done = transfer(b, m, &c, data_in, sector * SECTOR, 0, &e);
-        if (e) return io_failed(e, sector * SECTOR + done, err, el);
-        if (done != data_in) {
-            snprintf(err, el, "short read: %llu of %llu bytes at sector %llu", (ull)done,
-                     (ull)data_in, (ull)sector);
-            return -1;
-        }
-        b->reads++;
-        b->bytes_read += data_in;
-        *written = data_in;
-        return 0;
-    }
-    if (type == T_OUT) {
-        if (b->read_only) {
-            snprintf(err, el, "write at sector %llu to a read-only device", (ull)sector);
-            return -1;
-        }
-        if (check_range(b, "write", sector, data_out, err, el)) return -1;
-        cur_init(&c, s, ch->nseg, 0);
-        cur_skip(&c, HDR_LEN);
-        uint64_t done = transfer(b, m, &c, data_out, sector * SECTOR, 1, &e);
-        if (e) return io_failed(e, sector * SECTOR + done, err, el);
-        if (done != data_out) {
-            snprintf(err, el, "short write: %llu of %llu bytes at sector %llu", (ull)done,
-                     (ull)data_out, (ull)sector);
-            return -1;
-        }
-        b->writes++;
-        b->bytes_written += data_out;
-        return 0;
-    }
+    if (type == T_IN || type == T_OUT)
+        return serve_data(b, m, ch, s, type == T_OUT, sector, written, err, el);
     if (type == T_FLUSH) {
         if (!b->read_only) {
             int rc;

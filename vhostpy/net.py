@@ -21,7 +21,7 @@ import itertools
 import logging
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +225,13 @@ class FrameBatch:
         return len(self.frames)
 
 
+def _heads(queue: collections.deque[bytes]) -> Iterator[bytes]:
+    """The frame at the head of `queue`, again after each time the consumer pops it, until
+    `queue` is empty (the consumer pops; iterating the deque itself would forbid that)."""
+    while queue:
+        yield queue[0]
+
+
 def _sum_counters(items: Sequence[QueueCounters]) -> QueueCounters:
     total = QueueCounters()
     for c in items:
@@ -324,7 +331,7 @@ class NetDevice(Device):
 
     # -- guest -> host ---------------------------------------------------------------------
     def _drain_tx(self, pair: int, vq: Virtqueue) -> None:
-        if self._fast is not None and hasattr(vq, "native"):
+        if self._fast is not None and self._fast.serves(vq):
             self._fast.drain_tx(pair, vq)
             return
         counters = self.tx_counters[pair]
@@ -379,8 +386,6 @@ class NetDevice(Device):
     # -- host -> guest ---------------------------------------------------------------------
     def transmit_to_guest(self, frames: Sequence[bytes]) -> int:
         """Queue frames for the driver's receive buffers; returns how many were accepted."""
-        counters = self.backlog_counters
-        limit = self.mtu + ETH_OVERHEAD
         if self._fast is not None and frames and not self.backlog:
             taken = self._fast.send_bytes(frames)   # straight into the ring, in C
             if taken:
@@ -389,12 +394,10 @@ class NetDevice(Device):
                 return accepted_now + (self.transmit_to_guest(frames) if frames else 0)
         accepted: list[bytes] = []
         for frame in frames:
-            if len(frame) < ETH_MIN_FRAME:
-                counters.drops["runt"] += 1
-            elif len(frame) > limit:
-                counters.drops["larger than MTU"] += 1
-            elif len(self.backlog) + len(accepted) >= self.rx_backlog:
-                counters.drops["no rx buffers"] += 1
+            if self._refused(frame):
+                continue
+            if len(self.backlog) + len(accepted) >= self.rx_backlog:
+                self.backlog_counters.drops["no rx buffers"] += 1
             else:
                 accepted.append(frame)
         if accepted:
@@ -416,38 +419,18 @@ class NetDevice(Device):
             taken = self._fast.offer(batch, count)
             if taken is not None:
                 return int(taken)
-        counters = self.backlog_counters
-        limit = self.mtu + ETH_OVERHEAD
-        touched: dict[int, tuple[Virtqueue, list[tuple[int, int]]]] = {}
-        taken_frames: list[bytes] = []
-        nframes = len(frames)
-        for k in range(count):
-            frame = frames[k % nframes]
-            if len(frame) < ETH_MIN_FRAME:
-                counters.drops["runt"] += 1
-                continue
-            if len(frame) > limit:
-                counters.drops["larger than MTU"] += 1
-                continue
-            picked = self._pick_rx(frame)
-            if picked is None:
-                break
-            index, vq = picked
-            used = touched.setdefault(index, (vq, []))[1]
-            if self._place(frame, vq, used, self.rx_counters[index // 2]) == "wait":
-                break
-            taken_frames.append(frame)
-            if len(used) >= BATCH:
-                vq.add_used_many(used)
-                used.clear()
+        return self._place_frames(itertools.islice(itertools.cycle(frames), count), fresh=True)
+
+    def _refused(self, frame: bytes) -> bool:
+        """Whether `frame` may never go to the driver: a runt, or longer than the MTU plus
+        `ETH_OVERHEAD`. A refused frame is counted as a drop in `backlog_counters`."""
+        if len(frame) < ETH_MIN_FRAME:
+            self.backlog_counters.drops["runt"] += 1
+        elif len(frame) > self.mtu + ETH_OVERHEAD:
+            self.backlog_counters.drops["larger than MTU"] += 1
         else:
-            k = count
-        for vq, used in touched.values():
-            vq.add_used_many(used)
-            vq.signal_used()
-        if taken_frames:
-            self.port.observe("to_guest", taken_frames)
-        return k
+            return False
+        return True
 
     def _pick_rx(self, frame: bytes) -> tuple[int, Virtqueue] | None:
         queues = self._rx_queues
@@ -469,24 +452,56 @@ class NetDevice(Device):
                 rest = list(itertools.islice(self.backlog, taken, None))
                 self.backlog.clear()
                 self.backlog.extend(rest)
-        touched: dict[int, tuple[Virtqueue, list[tuple[int, int]]]] = {}
         backlog = self.backlog
-        while backlog:
-            picked = self._pick_rx(backlog[0])
+        self._place_frames(_heads(backlog), fresh=False, on_taken=backlog.popleft)
+
+    def _place_frames(self, frames: Iterable[bytes], *, fresh: bool,
+                      on_taken: Callable[[], object] | None = None) -> int:
+        """Write `frames`, in order, into the driver's receive buffers (the pure-Python path
+        of `_flush_rx` and `offer_to_guest`); returns how many were taken, a prefix of them.
+
+        * Each frame goes to the receive queue `_pick_rx` picks and is written by `_place`,
+          which counts it in that pair's `rx_counters`: placed, or dropped because no buffer
+          can hold it. Both count as taken.
+        * Placement stops at the first frame with no receive queue or no buffers yet: it and
+          the frames after it are not taken (nothing after it is read from `frames`).
+        * `fresh=True` (frames not from the backlog): each frame is first checked as
+          `transmit_to_guest` checks it (`_refused`: counted, taken, never placed), and the
+          placed and dropped ones are shown to the port ("to_guest") after the signals.
+          `fresh=False`: backlog frames, already checked and shown when they were queued.
+        * `on_taken()`, if given, runs right after each frame `_place` placed or dropped,
+          before its used entry can be published (`_flush_rx` pops its backlog there).
+        * Used entries are published per queue every `BATCH` entries and at the end; then
+          each queue a frame was offered to is signalled once (`signal_used`).
+        """
+        touched: dict[int, tuple[Virtqueue, list[tuple[int, int]]]] = {}
+        shown: list[bytes] = []
+        taken = 0
+        for frame in frames:
+            if fresh and self._refused(frame):
+                taken += 1
+                continue
+            picked = self._pick_rx(frame)
             if picked is None:
                 break
             index, vq = picked
             used = touched.setdefault(index, (vq, []))[1]
-            status = self._place(backlog[0], vq, used, self.rx_counters[index // 2])
-            if status == "wait":
+            if self._place(frame, vq, used, self.rx_counters[index // 2]) == "wait":
                 break
-            backlog.popleft()
+            taken += 1
+            if on_taken is not None:
+                on_taken()
+            if fresh:
+                shown.append(frame)
             if len(used) >= BATCH:
                 vq.add_used_many(used)
                 used.clear()
         for vq, used in touched.values():
             vq.add_used_many(used)
             vq.signal_used()
+        if shown:
+            self.port.observe("to_guest", shown)
+        return taken
 
     def _place(self, frame: bytes, vq: Virtqueue, used: list[tuple[int, int]],
                counters: QueueCounters) -> str:

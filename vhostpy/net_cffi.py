@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _accel
+from .virtqueue import Virtqueue
+from .virtqueue_cffi import CffiVirtqueue
 
 __all__ = ["DROP_REASONS", "NetFastPath", "frames_to_bytes"]
 
@@ -114,6 +116,11 @@ class NetFastPath:
         self._dest = ffi.new("int32_t[]", BURST)
         self._offer_idx: Any = None
         self._offer_n = 0
+
+    @staticmethod
+    def serves(vq: Virtqueue) -> bool:
+        """Whether `vq` is a ring this path can drive (the compiled `Virtqueue` variant)."""
+        return isinstance(vq, CffiVirtqueue)
 
     # -- who consumes what -------------------------------------------------------------------
     def python_consumers(self) -> bool:
