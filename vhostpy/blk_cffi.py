@@ -71,7 +71,7 @@ class BlkFastPath:
         b, bu, items = self.blk, self.burst, self._items
         b.fd, b.read_only, b.capacity = dev.fd, dev.read_only, dev.capacity
         bu.count = bu.pos = 0
-        if vq.call is None:
+        if vq.call is None or vq.hold_signals:
             call_fd = _NO_SIGNAL
         else:
             call_fd = _PY_CALL if vq.call_fd is None else vq.call_fd

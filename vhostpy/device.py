@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from vhostpy.errors import UnsupportedError
 from vhostpy.virtqueue import (
@@ -52,6 +53,24 @@ RING_FEATURES = (
 BATCH = 64
 
 
+@dataclass(frozen=True)
+class Coalescing:
+    """When a polling host may hold a ring's interrupts, and for how long (seconds).
+
+    A driver whose last interrupt covered two or more completions is streaming: it keeps
+    several requests in flight, and each interrupt costs it time it would rather spend
+    submitting (a TCG vCPU, a busy guest). The host then holds the interrupts of the
+    requests that follow, keeps polling, and interrupts once the ring has been `quiet` that
+    long, `batch` completions wait, or the oldest waited `wait`. A driver that waits for each
+    completion (queue depth 1: every interrupt covers one) is interrupted at once, so its
+    latency does not change.
+    """
+
+    quiet: float = 50e-6
+    batch: int = 32
+    wait: float = 500e-6
+
+
 class Device:
     """Base class of every virtio device model; optional hooks have sensible defaults.
 
@@ -70,6 +89,9 @@ class Device:
     #: How long (seconds) such a host keeps polling an empty ring before it asks for kicks
     #: again; None: the host's default.
     poll_idle: float | None = None
+    #: Interrupt coalescing for a driver that streams requests (see `Coalescing`); None:
+    #: every batch the device completes gets its interrupt decision at once.
+    coalesce: Coalescing | None = None
 
     def __init__(self) -> None:
         self.acked_features = 0

@@ -15,6 +15,13 @@ zero-delay timer), so the control socket and other rings are served in between. 
 `POLL_IDLE` seconds (or the device's `poll_idle`) without work the ring asks for kicks again,
 re-checks it (work that raced in keeps the polling going) and goes back to waiting on its
 kick eventfd: an idle back-end uses no CPU.
+
+Interrupt coalescing, for a device with `coalesce` set (`device.Coalescing`): once an
+interrupt covered two or more completions the driver counts as streaming, and the next
+kick's completions are held (`vq.hold_signals`) while the ring is polled; the driver is
+interrupted once when the ring has been quiet for `quiet`, `batch` completions wait or the
+oldest waited `wait`, and always before the ring goes back to kicks. Held completions are
+already in the used ring; only the interrupt waits.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import socket
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from vhostpy import protocol as p
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError, ProtocolError
 from vhostpy.loop import EventLoop
 from vhostpy.session import Session
+from vhostpy.virtqueue import Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,15 @@ SEND_TIMEOUT = 10.0
 POLL_TURN = 0.0005
 #: How long a polled ring may stay empty before it waits for kicks again (seconds).
 POLL_IDLE = 0.0002
+
+
+@dataclass
+class _Held:
+    """The interrupt coalescing state of one ring."""
+
+    last_batch: int = 0        # completions the last interrupt decision covered
+    since: float | None = None  # when the oldest held completion was seen (None: none held)
+    streaming: bool = False     # whether the held ones may wait (see `Coalescing`)
 
 
 def _fd_space() -> int:
@@ -63,6 +81,8 @@ class Connection:
         self.poll_after = server.device.poll_after
         idle = server.device.poll_idle
         self.poll_idle = POLL_IDLE if idle is None else idle
+        self.coalesce = server.device.coalesce
+        self.held: dict[int, _Held] = {}   # ring index -> its coalescing state
         self.closed = False
         sock.setblocking(False)
 
@@ -87,14 +107,33 @@ class Connection:
             log.warning("kick fd %d of vring %d: %s; no longer watched", fd, index, exc)
             self.unwatch_kick(fd)
             return
+        vq = self.session.rings[index].vq
+        held = self.held.setdefault(index, _Held()) if self.coalesce is not None else None
+        streaming = held is not None and held.last_batch >= 2 and vq.call is not None
+        vq.hold_signals = streaming or (held is not None and index in self.polling)
         served = self.session.kick(index)
+        if held is not None and vq.hold_signals:
+            if vq.unsignalled:
+                if held.since is None:
+                    held.since, held.streaming = time.monotonic(), streaming
+                if index not in self.polling:
+                    self._start_polling(index)
+                return
+            if index not in self.polling:
+                vq.hold_signals = False
+        elif held is not None and served:
+            held.last_batch = served
         if self.poll_after and served >= self.poll_after and index not in self.polling:
             self._start_polling(index)
 
     # -- polling ---------------------------------------------------------------------------
     def _start_polling(self, index: int) -> None:
         self.polling[index] = time.monotonic()
-        self.session.rings[index].vq.polling = True
+        vq = self.session.rings[index].vq
+        vq.polling = True
+        if self.coalesce is not None:
+            vq.hold_signals = True
+            self.held.setdefault(index, _Held())
         self.server.loop.call_later(0, lambda: self._poll_turn(index))
 
     def _poll_turn(self, index: int) -> None:
@@ -106,30 +145,65 @@ class Connection:
         now = time.monotonic()
         end = now + POLL_TURN
         last_work = self.polling[index]
+        held = self.held.get(index) if self.coalesce is not None else None
         while ring.live and vq.polling:
             if self.session.poll(index):
                 last_work = now = time.monotonic()
+                if held is not None:
+                    self._coalesce(vq, held, now, last_work)
                 if now >= end:
                     break
                 continue
             now = time.monotonic()
-            if now - last_work >= self.poll_idle:
+            if held is not None:
+                self._coalesce(vq, held, now, last_work)
+            if now - last_work >= self.poll_idle and (held is None or held.since is None):
                 # Idle: ask for kicks again, then look once more (the driver may have
                 # published in between without kicking).
+                self._release(vq, held)
                 vq.polling = False
                 if ring.live and vq.enable_notifications():
                     vq.polling = True
+                    vq.hold_signals = held is not None
                     last_work = now
                     continue
                 del self.polling[index]
                 return
             break
         if not ring.live or not vq.polling:
+            self._release(vq, held)
             vq.polling = False
             self.polling.pop(index, None)
             return
         self.polling[index] = last_work
         self.server.loop.call_later(0, lambda: self._poll_turn(index))
+
+    # -- interrupt coalescing (see the module docstring) -----------------------------------
+    def _coalesce(self, vq: Virtqueue, held: _Held, now: float, last_work: float) -> None:
+        """Interrupt the driver for what `vq` holds, once `Coalescing` says it is time."""
+        pending = vq.unsignalled
+        if not pending or vq.call is None:
+            return
+        if held.since is None:
+            held.since, held.streaming = now, held.last_batch >= 2
+        c = self.coalesce
+        assert c is not None
+        if (not held.streaming or pending >= c.batch or now - last_work >= c.quiet
+                or now - held.since >= c.wait):
+            self._release(vq, held)
+            vq.hold_signals = True
+
+    def _release(self, vq: Virtqueue, held: _Held | None) -> None:
+        """Stop holding `vq`'s interrupts; interrupt the driver for what was held (if it
+        asked for it: `signal_used`)."""
+        if held is not None:
+            held.since = None
+        if not vq.hold_signals:
+            return
+        vq.hold_signals = False
+        if held is not None and vq.unsignalled:
+            held.last_batch = vq.unsignalled
+        vq.signal_used()
 
     # -- socket ----------------------------------------------------------------------------
     def on_readable(self) -> None:
@@ -214,7 +288,8 @@ class Connection:
         for fd in list(self.kicks):
             self.unwatch_kick(fd)
         for index in self.polling:
-            self.session.rings[index].vq.polling = False
+            vq = self.session.rings[index].vq
+            vq.polling = vq.hold_signals = False
         self.polling.clear()
         try:
             self.session.close()

@@ -223,6 +223,10 @@ class Virtqueue:
         #: kicks disabled when it finds the ring empty; the transport re-enables them (and
         #: re-checks the ring) before it stops polling.
         self.polling = False
+        #: Set by a polling transport that coalesces interrupts: `signal_used()` then decides
+        #: nothing (entries stay pending, `unsignalled` counts them) until the transport
+        #: clears it and calls `signal_used()` itself.
+        self.hold_signals = False
         self.event_idx = False
         self.error: str | None = None
         self._size = 0
@@ -329,7 +333,13 @@ class Virtqueue:
         self._unsignalled = 0
         self._signal_valid = False
         self.polling = False
+        self.hold_signals = False
         self._drop_views()
+
+    @property
+    def unsignalled(self) -> int:
+        """Used entries published since the last signal decision."""
+        return self._unsignalled
 
     @property
     def ready(self) -> bool:
@@ -561,7 +571,7 @@ class Virtqueue:
         Call after each batch of add_used. The entries are then considered handled, whether or
         not the driver wanted an interrupt for them; with no `call` installed they stay pending.
         """
-        if self.call is None:
+        if self.call is None or self.hold_signals:
             return False
         need = self.needs_notification()
         if self._unsignalled:

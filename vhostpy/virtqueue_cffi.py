@@ -163,7 +163,7 @@ class CffiVirtqueue(Virtqueue):
         return q is not None and bool(lib.vp_needs_notification(q))
 
     def signal_used(self) -> bool:
-        if self.call is None:
+        if self.call is None or self.hold_signals:
             return False
         q = self._sync()
         if q is None:
