@@ -62,6 +62,8 @@ class _Held:
     last_batch: int = 0        # completions the last interrupt decision covered
     since: float | None = None  # when the oldest held completion was seen (None: none held)
     streaming: bool = False     # whether the held ones may wait (see `Coalescing`)
+    held: int = 0               # completions whose interrupt waited, in all
+    releases: int = 0           # interrupt decisions that covered them
 
 
 def _fd_space() -> int:
@@ -196,13 +198,18 @@ class Connection:
     def _release(self, vq: Virtqueue, held: _Held | None) -> None:
         """Stop holding `vq`'s interrupts; interrupt the driver for what was held (if it
         asked for it: `signal_used`)."""
+        waited = held is not None and held.since is not None and held.streaming
         if held is not None:
             held.since = None
         if not vq.hold_signals:
             return
         vq.hold_signals = False
-        if held is not None and vq.unsignalled:
-            held.last_batch = vq.unsignalled
+        pending = vq.unsignalled
+        if held is not None and pending:
+            held.last_batch = pending
+            if waited:
+                held.held += pending
+                held.releases += 1
         vq.signal_used()
 
     # -- socket ----------------------------------------------------------------------------
@@ -291,6 +298,10 @@ class Connection:
             vq = self.session.rings[index].vq
             vq.polling = vq.hold_signals = False
         self.polling.clear()
+        for index, held in sorted(self.held.items()):
+            if held.releases:
+                log.info("vring %d: interrupt coalescing: %d completions held, %d interrupt "
+                         "decisions for them", index, held.held, held.releases)
         try:
             self.session.close()
         finally:
