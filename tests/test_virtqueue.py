@@ -354,6 +354,32 @@ def test_event_idx_windows_are_consumed(rb: RingBuilder, vq: Virtqueue) -> None:
     assert not vq.signal_used() and len(calls) == 2
 
 
+def test_held_signals_wait_for_one_decision_over_the_whole_window(
+        rb: RingBuilder, vq: Virtqueue) -> None:
+    """`hold_signals` (a host coalescing interrupts): no decision while set, entries stay
+    pending, and the one decision after it covers them all, EVENT_IDX window included."""
+    calls: list[int] = []
+    vq.event_idx = True
+    vq.call = lambda: calls.append(1)
+    add_and_complete(rb, vq, 1)
+    assert vq.signal_used() and calls == [1]
+    rb.set_used_event(vq.used_idx)   # the driver consumed entry 0; wants the next one
+    vq.hold_signals = True
+    for k in range(1, 4):
+        add_and_complete(rb, vq, 1)
+        assert not vq.signal_used() and vq.unsignalled == k and calls == [1]
+    vq.hold_signals = False
+    assert vq.signal_used() and calls == [1, 1]   # one interrupt for the three held
+    assert vq.unsignalled == 0
+    # Held entries the driver did not ask about (used_event behind them) stay quiet.
+    vq.hold_signals = True
+    add_and_complete(rb, vq, 2)
+    vq.hold_signals = False
+    assert not vq.signal_used() and calls == [1, 1] and vq.unsignalled == 0
+    vq.reset()
+    assert vq.hold_signals is False
+
+
 def test_kick_suppression_flags(rb: RingBuilder, vq: Virtqueue) -> None:
     assert not rb.no_notify
     vq.disable_notifications()

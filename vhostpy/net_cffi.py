@@ -199,10 +199,10 @@ class NetFastPath:
             rq = rxq.native()
             if rq is None:
                 return None
-            key: tuple[Any, ...] = (builtin, q, vq.call is None, vq.call_fd, dev._hdr_len, rq,
-                                    rxq.call is None, rxq.call_fd, dev._mrg, dev.mtu)
+            key: tuple[Any, ...] = (builtin, q, _signal_mode(vq), dev._hdr_len, rq,
+                                    _signal_mode(rxq), dev._mrg, dev.mtu)
         else:
-            key = (builtin, q, vq.call is None, vq.call_fd, dev._hdr_len, port.switch)
+            key = (builtin, q, _signal_mode(vq), dev._hdr_len, port.switch)
         cached = self._plans.get(pair)
         if cached is not None and cached[0] == key:
             plan = cached[1]
@@ -384,8 +384,9 @@ class NetFastPath:
 
 def _signal_mode(vq: Any) -> tuple[int, int] | None:
     """(signal?, call fd) for C to signal `vq` as `signal_used` would; None when only
-    Python can (a call without an fd, as in tests)."""
-    if vq.call is None:
+    Python can (a call without an fd, as in tests). A ring whose host holds its interrupts
+    (`hold_signals`) is not signalled: its entries stay pending for the host's decision."""
+    if vq.call is None or vq.hold_signals:
         return 0, -1
     if vq.call_fd is None:
         return None
