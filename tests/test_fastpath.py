@@ -24,6 +24,7 @@ from test_net import HDR_MRG, PEER_MAC, Rig, frame, vhdr
 
 from vhostpy import _accel
 from vhostpy.errors import ConfigurationError
+from vhostpy.net import FrameBatch
 from vhostpy.pcap import PcapWriter
 from vhostpy.switch import PythonSwitch, Switch
 from vhostpy.virtqueue import (
@@ -158,9 +159,10 @@ def test_c_and_python_agree(seed: int, event_idx: bool) -> None:
 
 
 def _rig(impl: str, *, reflect: bool = False, capture: PcapWriter | None = None,
-         fds: bool = False) -> Rig:
+         fds: bool = False, python_rings: tuple[int, ...] = ()) -> Rig:
     """A Rig on `impl`'s virtqueues; `fds=True`: calls go through eventfds (as a session sets
-    them up), so the compiled path may signal from C and serve many bursts per call."""
+    them up), so the compiled path may signal from C and serve many bursts per call.
+    `python_rings`: rings that are `PythonVirtqueue`s whatever `impl` is."""
     rig = Rig()
     rig.port.remove_handler(rig.handler)
     if impl == "python":
@@ -169,10 +171,10 @@ def _rig(impl: str, *, reflect: bool = False, capture: PcapWriter | None = None,
         rig.port.set_consumer("reflect")
     if capture is not None:
         rig.port.set_capture(capture)
-    cls = PythonVirtqueue if impl == "python" else Virtqueue
     for index in (0, 1):
         rb = rig.ring(index, start=False)
-        vq = cls(rig.mem, index)
+        python = impl == "python" or index in python_rings
+        vq = (PythonVirtqueue if python else Virtqueue)(rig.mem, index)
         rb.attach(vq)
         vq.call = rig.vqs[index].call
         if fds:
@@ -183,6 +185,23 @@ def _rig(impl: str, *, reflect: bool = False, capture: PcapWriter | None = None,
         rig.vqs[index] = vq
         rig.dev.queue_started(index, vq)
     return rig
+
+
+@needs_cffi
+def test_a_pure_python_receive_ring_under_the_compiled_path() -> None:
+    """C fills only a compiled receive ring: with a `PythonVirtqueue` there (a transport
+    that built one itself), the generator, `transmit_to_guest` and reflect go through Python,
+    with the same result as the pure-Python device."""
+    seen = {}
+    for impl, python_rings in (("python", ()), ("cffi", (0,))):
+        rig = _rig(impl, reflect=True, python_rings=python_rings)
+        rig.post(12)
+        taken = rig.port.offer(FrameBatch([frame(64, k) for k in range(3)]), 4)
+        accepted = rig.dev.transmit_to_guest([frame(70, 7), b"runt"])
+        rig.transmit(*[[vhdr(), frame(80, k)] for k in range(3)])
+        seen[impl] = (taken, accepted, rig.received_frames(), rig.port.counters())
+    assert seen["cffi"] == seen["python"]
+    assert seen["cffi"][:2] == (4, 1) and len(seen["cffi"][2]) == 8
 
 
 BAD_CHAINS = [
@@ -372,7 +391,6 @@ def test_poll_loop_reflect_and_solo_switch_match_python() -> None:
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_offer_fills_the_ring_and_queues_nothing(impl: str, tmp_path: Path) -> None:
-    from vhostpy.net import FrameBatch
     with PcapWriter(tmp_path / "x.pcap") as writer:
         rig = _loop_rig(impl, capture=writer)
         batch = FrameBatch([frame(64, 1), frame(1400, 2), b"\x01" * 10])

@@ -131,10 +131,13 @@ class NetFastPath:
             capture is not None and not getattr(capture, "native_ok", False))
 
     def _rx_queue(self) -> Any:
+        """The receive ring C may fill: the only one, if it is the compiled variant (None:
+        several rings or a pure-Python one, so Python places the frames)."""
         queues = self.device._rx_queues
         if len(queues) != 1:
             return None
-        return next(iter(queues.values()))
+        vq = next(iter(queues.values()))
+        return vq if self.serves(vq) else None
 
     # -- guest -> host -----------------------------------------------------------------------
     def drain_tx(self, pair: int, vq: Any) -> None:
