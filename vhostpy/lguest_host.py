@@ -257,10 +257,11 @@ class DevLguestHost:
 
     In CI (no kernel since 4.14 has lguest) checked against a software model of /dev/lguest;
     it has also driven a real 3.11 lguest host, by hand. With `eventfds=True`, each queue of
-    a started device gets an eventfd registered with LHREQ_EVENTFD (the kernel then signals it instead of returning
-    the notify from pread); `poll_eventfds()` or an `attach`ed EventLoop serves them.
-    `dispatch(address)` receives the notifies the run loop reads (default `bridge.notify` on
-    the run loop's thread; a Launcher hands them to its device thread instead).
+    a started device gets an eventfd registered with LHREQ_EVENTFD (the kernel then signals
+    it instead of returning the notify from pread); `poll_eventfds()` or an `attach`ed
+    EventLoop serves them. `dispatch(address)` receives the notifies the run loop reads
+    (default `bridge.notify` on the run loop's thread; a Launcher hands them to its device
+    thread instead).
     """
 
     def __init__(self, memory: GuestMemory, ram_size: int, *, layout: Layout = "3.x",

@@ -202,10 +202,12 @@ class NetFastPath:
             rq = rxq.native()
             if rq is None:
                 return None
-            key: tuple[Any, ...] = (builtin, q, _signal_mode(vq), dev._hdr_len, rq,
-                                    _signal_mode(rxq), dev._mrg, dev.mtu)
+            key: tuple[Any, ...] = (builtin, q, vq.call is None, vq.call_fd, vq.hold_signals,
+                                    dev._hdr_len, rq, rxq.call is None, rxq.call_fd,
+                                    rxq.hold_signals, dev._mrg, dev.mtu)
         else:
-            key = (builtin, q, _signal_mode(vq), dev._hdr_len, port.switch)
+            key = (builtin, q, vq.call is None, vq.call_fd, vq.hold_signals, dev._hdr_len,
+                   port.switch)
         cached = self._plans.get(pair)
         if cached is not None and cached[0] == key:
             plan = cached[1]

@@ -133,9 +133,7 @@ class Connection:
         self.polling[index] = time.monotonic()
         vq = self.session.rings[index].vq
         vq.polling = True
-        if self.coalesce is not None:
-            vq.hold_signals = True
-            self.held.setdefault(index, _Held())
+        vq.hold_signals = self.coalesce is not None   # `_on_kick` made its `_Held`
         self.server.loop.call_later(0, lambda: self._poll_turn(index))
 
     def _poll_turn(self, index: int) -> None:
@@ -147,7 +145,7 @@ class Connection:
         now = time.monotonic()
         end = now + POLL_TURN
         last_work = self.polling[index]
-        held = self.held.get(index) if self.coalesce is not None else None
+        held = self.held.get(index)   # None unless the device coalesces
         while ring.live and vq.polling:
             if self.session.poll(index):
                 last_work = now = time.monotonic()

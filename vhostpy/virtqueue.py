@@ -569,7 +569,8 @@ class Virtqueue:
         """Interrupt the driver if it wants it (`call()`); returns whether it was signalled.
 
         Call after each batch of add_used. The entries are then considered handled, whether or
-        not the driver wanted an interrupt for them; with no `call` installed they stay pending.
+        not the driver wanted an interrupt for them; with no `call` installed, or while
+        `hold_signals` is set, no decision is made and they stay pending.
         """
         if self.call is None or self.hold_signals:
             return False
