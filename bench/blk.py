@@ -51,11 +51,14 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _TESTS = str(REPO_ROOT / "tests")
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+for _path in (_TESTS, str(REPO_ROOT)):   # standalone runs reach bench.common too
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import qemu_guest  # tests/ is not a package: the path is set just above
 from procs import terminate  # tests/ is on sys.path
+
+from bench.common import pick_named
 
 MiB = 1 << 20
 
@@ -185,8 +188,8 @@ class Options:
         reps = get("blk_repetitions", get("repetitions", get("reps", None)))
         if reps is None:
             reps = 1 if quick else DEFAULT_REPETITIONS
-        jobs = _pick(get("blk_jobs"), {j.key: j for j in JOBS}, "job")
-        backends = _pick(get("blk_backends"), {b: b for b in BACKENDS}, "back-end")
+        jobs = pick_named(get("blk_jobs"), {j.key: j for j in JOBS}, "job")
+        backends = pick_named(get("blk_backends"), {b: b for b in BACKENDS}, "back-end")
         return cls(
             quick=quick,
             repetitions=int(reps),
@@ -203,20 +206,6 @@ class Options:
             qemu_affinity=get("qemu_affinity", "guest"),
             verbose=not get("quiet", False),
         )
-
-
-def _pick(value: Any, known: dict[str, Any], what: str) -> list[Any]:
-    if value is None:
-        return []
-    names = value.split(",") if isinstance(value, str) else list(value)
-    out = []
-    for name in (n.strip() for n in names):
-        if not name:
-            continue
-        if name not in known:
-            raise ValueError(f"unknown {what} {name!r} (known: {', '.join(known)})")
-        out.append(known[name])
-    return out
 
 
 # ------------------------------------------------------------------------------------------

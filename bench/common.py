@@ -49,6 +49,7 @@ __all__ = [
     "machine_facts",
     "now_utc",
     "ordered",
+    "pick_named",
     "ratios",
     "render_markdown",
     "render_tables",
@@ -143,6 +144,24 @@ def ordered(backends: Sequence[Any], rep: int) -> list[Any]:
     """The back-ends of one case in the order to run them in repetition ``rep``: as given
     on even repetitions, reversed on odd ones, so neither side always runs first."""
     return list(backends) if rep % 2 == 0 else list(reversed(backends))
+
+
+def pick_named(value: str | Sequence[str] | None, known: dict[str, Any],
+               what: str) -> list[Any]:
+    """The entries of ``known`` named in ``value`` (a comma-separated string or a list of
+    names), in the order given; ``[]`` for ``None`` (meaning "all", the caller's default).
+    An unknown name raises ValueError listing the known ones."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for name in (n.strip() for n in names):
+        if not name:
+            continue
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r} (known: {', '.join(known)})")
+        out.append(known[name])
+    return out
 
 
 def ratios(results: Sequence[Result]) -> dict[tuple[str, str, str], dict[str, Any]]:

@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from bench.common import (
     Result,
     log,
     ordered,
+    pick_named,
     shell_join,
     tests_on_path,
     vhostpy_implementation,
@@ -671,12 +672,57 @@ def switch_flood_rate(seconds: float, cpu: int | None = None) -> tuple[float, fl
     return n / elapsed, on_cpu
 
 
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The net benchmark's options, for ``bench/run.py`` (all default to everything).
+    Unknown names are refused when the command line is parsed."""
+    cases = net_cases()
+    case_keys = {c.key: c.key for c in cases}
+    backend_keys = {b.key: b.key for c in cases for b in c.backends}
+
+    def names(known: dict[str, str], what: str) -> Callable[[str], str]:
+        def check(value: str) -> str:
+            try:
+                pick_named(value, known, what)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+            return value
+        return check
+
+    g = ap.add_argument_group("net (DPDK virtio-user front-end)")
+    g.add_argument("--net-cases", default=None, metavar="K1,K2",
+                   type=names(case_keys, "net case"),
+                   help=f"net cases to run (default all: {','.join(case_keys)})")
+    g.add_argument("--net-backends", default=None, metavar="B1,B2",
+                   type=names(backend_keys, "net back-end"),
+                   help=f"back-ends to run in each case (default all: "
+                        f"{','.join(backend_keys)}); a case keeps its reference, so ratios "
+                        "still come out")
+
+
+def selected_cases(cases: Sequence[Case], names: str | None,
+                   backends: str | None) -> list[Case]:
+    """``cases`` cut down to those named in ``names`` and, in each, to the back-ends named
+    in ``backends`` plus the case's reference (both comma-separated; ``None``: all).
+    Unknown names raise ValueError listing the known ones."""
+    chosen = pick_named(names, {c.key: c for c in cases}, "net case") or list(cases)
+    known = {b.key: b.key for c in cases for b in c.backends}
+    wanted = set(pick_named(backends, known, "net back-end")) or set(known)
+    out = []
+    for c in chosen:
+        kept = tuple(b for b in c.backends if b.reference or b.key in wanted)
+        if any(not b.reference for b in kept):
+            out.append(replace(c, backends=kept))
+    return out
+
+
 def run_net(args: argparse.Namespace) -> list[Result]:
     """The ``net`` group (DPDK needed; raises :class:`Skipped` without it)."""
+    cases = selected_cases(net_cases(), getattr(args, "net_cases", None),
+                           getattr(args, "net_backends", None))
     require_testpmd()
     opts = options_from(args)
     _warn_cpus(opts)
-    return run_cases(net_cases(), opts)
+    return run_cases(cases, opts)
 
 
 def run_python(args: argparse.Namespace) -> list[Result]:

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the machine was idle before it (default 2; --quick: 0)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", metavar="DIR",
                         help="where results.md, results.json and logs/ go (default bench/out)")
-    for name in dict.fromkeys(module for _, module, _ in OPTIONAL):
+    for name in dict.fromkeys(["bench.net", *(module for _, module, _ in OPTIONAL)]):
         try:
             mod = _load(name)
         except Exception:  # noqa: BLE001 (reported when its group runs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.common import Result, ratios, render_tables
+from bench.common import Result, pick_named, ratios, render_tables
 
 
 def _result(backend: str, values: list[float], *, reference: bool = False,
@@ -43,3 +43,26 @@ def test_table_shows_both_ratios_and_a_dash_without_values() -> None:
     assert "| 0.682 (0.600–0.750) | 0.750 |" in md, md
     assert "| reference |  |" in md, md
     assert "| 0 | — | — |" in md, md
+
+
+def test_pick_named_keeps_the_given_order_and_refuses_unknown_names() -> None:
+    known = {"a": 1, "b": 2, "c": 3}
+    assert pick_named(None, known, "job") == []
+    assert pick_named("c, a,", known, "job") == [3, 1]
+    assert pick_named(["b"], known, "job") == [2]
+    with pytest.raises(ValueError, match=r"unknown job 'd' \(known: a, b, c\)"):
+        pick_named("a,d", known, "job")
+
+
+def test_net_case_filter_keeps_each_cases_reference() -> None:
+    from bench.net import net_cases, selected_cases
+
+    every = net_cases()
+    assert selected_cases(every, None, None) == every
+    (loop,) = selected_cases(every, "loop_1500", "vhostpy")
+    assert [b.key for b in loop.backends] == ["dpdk", "vhostpy"]
+    assert loop.backends[0].reference
+    # a back-end no chosen case has leaves nothing to compare: the case is dropped
+    assert [c.key for c in selected_cases(every, "g2b_64,loop_64", "dpdk-io")] == ["loop_64"]
+    with pytest.raises(ValueError, match="unknown net case 'loop'"):
+        selected_cases(every, "loop", None)

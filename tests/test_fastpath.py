@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from ringbuilder import RingBuilder, anon_memory, layout
 from scripted import ScriptedGuest
-from test_net import HDR_MRG, PEER_MAC, Rig, frame, vhdr
+from test_net import HDR_MRG, MODERN_NO_MRG, PEER_MAC, Rig, frame, vhdr
 
 from vhostpy import _accel
 from vhostpy.errors import ConfigurationError
@@ -159,11 +159,12 @@ def test_c_and_python_agree(seed: int, event_idx: bool) -> None:
 
 
 def _rig(impl: str, *, reflect: bool = False, capture: PcapWriter | None = None,
-         fds: bool = False, python_rings: tuple[int, ...] = ()) -> Rig:
+         fds: bool = False, python_rings: tuple[int, ...] = (), features: int | None = None
+         ) -> Rig:
     """A Rig on `impl`'s virtqueues; `fds=True`: calls go through eventfds (as a session sets
     them up), so the compiled path may signal from C and serve many bursts per call.
     `python_rings`: rings that are `PythonVirtqueue`s whatever `impl` is."""
-    rig = Rig()
+    rig = Rig(features=features)
     rig.port.remove_handler(rig.handler)
     if impl == "python":
         rig.dev._fast = None
@@ -387,6 +388,65 @@ def test_poll_loop_reflect_and_solo_switch_match_python() -> None:
     assert len(got) == 45 and backlog == 0
     assert counters["to_guest"]["frames"] == 45
     assert outcomes["switch-cffi"][0]["flooded"] == 50
+
+
+def _odd_shapes(rng: random.Random) -> list[tuple[list[bytes], bool]]:
+    """Transmit chains (parts, indirect) of every shape the reflect loop copies from: frames
+    cut anywhere (inside the MACs, inside the header), in more pieces than C resolves at once,
+    with a checksum to complete, larger than the MTU, in indirect tables, and bad ones."""
+    chains: list[tuple[list[bytes], bool]] = []
+    for k in range(24):   # a 64-entry ring: most cut-up chains go in indirect tables
+        f = frame(rng.choice([60, 61, 100, 333, 1000, 1514]), k)
+        data = vhdr() + f
+        cuts = sorted(rng.sample(range(1, len(data)), rng.choice([0, 1, 2, 5])))
+        parts = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+        chains.append((parts, len(parts) > 1 and k % 3 != 0))
+    f = frame(120, 1)
+    chains.append(([vhdr(), *[f[i:i + 5] for i in range(0, len(f), 5)]], True))  # 25 pieces
+    csum = bytearray(frame(90, 9))
+    csum[14 + 20:14 + 22] = b"\x12\x34"
+    chains.append(([vhdr(flags=1, csum_start=14, csum_offset=20), bytes(csum[:30]),
+                    bytes(csum[30:])], False))
+    chains.append(([vhdr() + frame(1600, 2)], False))       # larger than the MTU
+    chains += [(parts, False) for parts in ONE_PART_BAD]
+    rng.shuffle(chains)
+    return chains
+
+
+@needs_cffi
+@pytest.mark.parametrize("mrg", [True, False], ids=["mrg", "no-mrg"])
+@pytest.mark.usefixtures("small_bursts")
+def test_poll_loop_reflect_copies_every_chain_shape_like_python(mrg: bool) -> None:
+    """The C reflect loop copies each frame once, straight from transmit to receive
+    buffers: the same frames, headers, used entries, counters and backlog as Python."""
+    features = None if mrg else MODERN_NO_MRG
+    outcomes = {}
+    for impl in ("python", "cffi"):
+        rig = _loop_rig(impl, reflect=True, features=features)
+        rig.post(30 if mrg else 8, size=400)   # merged frames, or too small without mrg
+        rig.post(6 if mrg else 0, size=2048)
+        rb = rig.rbs[1]
+        for parts, indirect in _odd_shapes(random.Random(5)):
+            rb.add_chain(parts, indirect=indirect)
+        rig.process(1)
+        tx_used = rb.get_used()
+        got = rig.received()
+        backlog = len(rig.dev.backlog)
+        rig.post(20, size=2048)
+        rig.process(0)
+        got += rig.received()
+        outcomes[impl] = (tx_used, [(h, f, [n for _, n in e]) for h, f, e in got],
+                          rig.port.counters(), backlog, len(rig.dev.backlog))
+        assert impl == "python" or _used_poll_loop(rig)
+    assert outcomes["cffi"] == outcomes["python"]
+    counters, waited = outcomes["cffi"][2], outcomes["cffi"][3]
+    assert counters["from_guest"]["frames"] == 27
+    assert counters["to_guest"]["drops"].get("larger than MTU") == 1
+    assert waited > 0 and outcomes["cffi"][4] == 0
+    if mrg:
+        assert counters["to_guest"]["merged"] > 0
+    else:
+        assert counters["to_guest"]["drops"].get("rx buffer too small", 0) > 0
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

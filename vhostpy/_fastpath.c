@@ -325,6 +325,41 @@ static int gather(const struct vp_mem *m, const struct vp_seg *s, uint32_t nseg,
     return len ? -1 : 0;
 }
 
+/* Bytes in host memory, one piece of what is written into receive buffers. */
+struct span {
+    const uint8_t *p;
+    uint64_t n;
+};
+
+#define MAX_SPANS 16
+
+/* The readable bytes [skip, skip + len) of a chain as host spans (split where a region ends):
+ * how many, or -1 when that takes more than `max` spans or leaves guest memory. */
+static int spans_of(const struct vp_mem *m, const struct vp_seg *s, uint32_t nseg, uint64_t skip,
+                    uint64_t len, struct span *sp, int max) {
+    int n = 0;
+    for (uint32_t k = 0; k < nseg && len; k++) {
+        if (s[k].write) break;
+        uint64_t l = s[k].len;
+        if (skip >= l) { skip -= l; continue; }
+        uint64_t gpa = s[k].addr + skip, left = l - skip < len ? l - skip : len;
+        skip = 0;
+        while (left) {
+            uint64_t room;
+            const uint8_t *p = vp_mem_span(m, gpa, &room);
+            if (!p || n >= max) return -1;
+            uint64_t take = room < left ? room : left;
+            sp[n].p = p;
+            sp[n].n = take;
+            n++;
+            gpa += take;
+            left -= take;
+            len -= take;
+        }
+    }
+    return len ? -1 : n;
+}
+
 static uint16_t checksum(const uint8_t *p, uint64_t n) {
     uint64_t sum = 0;
     for (; n >= 2; p += 2, n -= 2) sum += (uint32_t)p[0] << 8 | p[1];
@@ -336,6 +371,75 @@ static uint16_t checksum(const uint8_t *p, uint64_t n) {
 
 #define SEGS_LOCAL 2048
 
+/* Check one transmit chain as net.NetDevice does and read its virtio-net header into h:
+ * a drop reason, or -1 with the frame's length in *flen. */
+static int tx_check(const struct vp_mem *m, const struct vp_chain *ch, const struct vp_seg *s,
+                    uint32_t hdr_len, uint8_t h[12], uint32_t *flen) {
+    uint64_t total = ch->readable_len;
+    if (total == 0) return DROP_EMPTY;
+    if (total < hdr_len) return DROP_SHORT_HEADER;
+    if (total == hdr_len) return DROP_HEADER_ONLY;
+    if (total - hdr_len > MAX_FRAME) return DROP_OVERSIZE;
+    if (total - hdr_len < ETH_HLEN) return DROP_RUNT;
+    *flen = (uint32_t)(total - hdr_len);
+    if (gather(m, s, ch->nseg, 0, h, hdr_len)) return DROP_SHORT_HEADER;
+    uint16_t cs_start, cs_off;
+    memcpy(&cs_start, h + 6, 2);
+    memcpy(&cs_off, h + 8, 2);
+    if (h[1] != 0) return DROP_GSO;
+    if ((h[0] & 1) && (uint32_t)cs_start + cs_off + 2 > *flen) return DROP_BAD_CSUM;
+    return -1;
+}
+
+/* Append the frame of a checked chain to `out`, its partial checksum completed when the
+ * header asks for one: a drop reason, or -1. */
+static int tx_keep(const struct vp_mem *m, const struct vp_seg *s, uint32_t nseg, uint32_t hdr_len,
+                   const uint8_t h[12], uint32_t flen, struct vp_frames *out) {
+    if (out->n >= out->max || out->used + 16 + flen > out->cap) return DROP_OVERSIZE;
+    uint8_t *dst = out->buf + out->used + 16;
+    if (gather(m, s, nseg, hdr_len, dst, flen)) return DROP_SHORT_HEADER;
+    if (h[0] & 1) {
+        uint16_t cs_start, cs_off;
+        memcpy(&cs_start, h + 6, 2);
+        memcpy(&cs_off, h + 8, 2);
+        uint32_t field = (uint32_t)cs_start + cs_off;
+        uint16_t c16 = checksum(dst + cs_start, flen - cs_start);
+        dst[field] = (uint8_t)(c16 >> 8);
+        dst[field + 1] = (uint8_t)c16;
+    }
+    out->off[out->n] = out->used + 16;
+    out->len[out->n] = flen;
+    out->n++;
+    out->used += 16 + flen;
+    return -1;
+}
+
+static void tx_count(struct vp_net_stats *st, int reason, uint32_t flen, const uint8_t h[12]) {
+    if (reason >= 0) {
+        st->drops[reason]++;
+        st->dropped++;
+    } else {
+        st->frames++;
+        st->bytes += flen;
+        if (h[0] & 1) st->checksums++;
+    }
+}
+
+/* Pop up to `limit` chains for the transmit functions; *segs is replaced by a heap array
+ * (to free) when one chain has more descriptors than the local array holds. */
+static int tx_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg **segs) {
+    if (limit > 256) limit = 256;
+    int n = vp_pop(q, limit, chains, *segs, SEGS_LOCAL);
+    if (n == 0 && q->seg_overflow) {    /* one chain longer than SEGS_LOCAL descriptors */
+        uint32_t big = q->size + MAX_QUEUE_SIZE + 1;
+        struct vp_seg *heap = malloc(sizeof *heap * big);
+        if (!heap) return 0;
+        *segs = heap;
+        n = vp_pop(q, 1, chains, heap, big);
+    }
+    return n;
+}
+
 int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, uint32_t limit,
                     struct vp_net_stats *st, struct vp_frames *out, int call_fd) {
     (void)call_fd;
@@ -343,86 +447,49 @@ int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, uint32_t limit,
     struct vp_seg segs_local[SEGS_LOCAL];
     struct vp_seg *segs = segs_local;
     uint32_t items[512];
-    if (limit > 256) limit = 256;
-    int n = vp_pop(q, limit, chains, segs, SEGS_LOCAL);
-    if (n == 0 && q->seg_overflow) {    /* one chain longer than SEGS_LOCAL descriptors */
-        uint32_t big = q->size + MAX_QUEUE_SIZE + 1;
-        segs = malloc(sizeof *segs * big);
-        if (!segs) return 0;
-        n = vp_pop(q, 1, chains, segs, big);
-    }
+    int n = tx_pop(q, limit, chains, &segs);
     for (int c = 0; c < n; c++) {
         const struct vp_chain *ch = &chains[c];
         const struct vp_seg *s = segs + ch->first;
-        uint64_t total = ch->readable_len;
-        int reason = -1;
         items[2 * c] = ch->head;
         items[2 * c + 1] = 0;
-        if (total == 0) reason = DROP_EMPTY;
-        else if (total < hdr_len) reason = DROP_SHORT_HEADER;
-        else if (total == hdr_len) reason = DROP_HEADER_ONLY;
-        else if (total - hdr_len > MAX_FRAME) reason = DROP_OVERSIZE;
-        else if (total - hdr_len < ETH_HLEN) reason = DROP_RUNT;
         uint8_t h[12];
-        uint32_t flen = (uint32_t)(total - hdr_len);
-        if (reason < 0 && gather(q->mem, s, ch->nseg, 0, h, hdr_len)) reason = DROP_SHORT_HEADER;
-        if (reason < 0) {
-            uint16_t cs_start, cs_off;
-            memcpy(&cs_start, h + 6, 2);
-            memcpy(&cs_off, h + 8, 2);
-            if (h[1] != 0) reason = DROP_GSO;
-            else if ((h[0] & 1) && (uint32_t)cs_start + cs_off + 2 > flen) reason = DROP_BAD_CSUM;
-            else if (out) {
-                if (out->n >= out->max || out->used + 16 + flen > out->cap) reason = DROP_OVERSIZE;
-                else {
-                    uint8_t *dst = out->buf + out->used + 16;
-                    if (gather(q->mem, s, ch->nseg, hdr_len, dst, flen)) reason = DROP_SHORT_HEADER;
-                    else {
-                        if (h[0] & 1) {
-                            uint32_t field = (uint32_t)cs_start + cs_off;
-                            uint16_t c16 = checksum(dst + cs_start, flen - cs_start);
-                            dst[field] = (uint8_t)(c16 >> 8);
-                            dst[field + 1] = (uint8_t)c16;
-                        }
-                        out->off[out->n] = out->used + 16;
-                        out->len[out->n] = flen;
-                        out->n++;
-                        out->used += 16 + flen;
-                    }
-                }
-            }
-        }
-        if (reason >= 0) {
-            st->drops[reason]++;
-            st->dropped++;
-        } else {
-            st->frames++;
-            st->bytes += flen;
-            if (h[0] & 1) st->checksums++;
-        }
+        uint32_t flen = 0;
+        int reason = tx_check(q->mem, ch, s, hdr_len, h, &flen);
+        if (reason < 0 && out) reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
+        tx_count(st, reason, flen, h);
     }
     if (n > 0) vp_add_used(q, items, (uint32_t)n);
     if (segs != segs_local) free(segs);
     return n;
 }
 
-/* Scatter the pieces (a, an) then (b, bn) into the writable segments of chains; returns the
- * bytes written into each chain in `written`. */
+/* Scatter the spans into the writable segments of chains; returns the bytes written into
+ * each chain in `written`. */
 static void scatter(const struct vp_mem *m, const struct vp_chain *chains, uint32_t nchains,
-                    const struct vp_seg *segs, const uint8_t *a, uint64_t an, const uint8_t *b,
-                    uint64_t bn, uint32_t *written) {
+                    const struct vp_seg *segs, const struct span *sp, uint32_t nsp,
+                    uint32_t *written) {
+    uint32_t i = 0;
+    const uint8_t *src = nsp ? sp[0].p : NULL;
+    uint64_t left = nsp ? sp[0].n : 0;
     for (uint32_t c = 0; c < nchains; c++) {
         uint32_t done = 0;
         const struct vp_seg *s = segs + chains[c].first;
-        for (uint32_t k = 0; k < chains[c].nseg && (an || bn); k++) {
+        for (uint32_t k = 0; k < chains[c].nseg && i < nsp; k++) {
             if (!s[k].write) continue;
             uint64_t room = s[k].len, gpa = s[k].addr;
-            while (room && (an || bn)) {
-                const uint8_t **src = an ? &a : &b;
-                uint64_t *left = an ? &an : &bn;
-                uint64_t take = *left < room ? *left : room;
-                mem_copy(m, gpa, (uint8_t *)*src, take, 1);
-                *src += take; *left -= take; gpa += take; room -= take; done += (uint32_t)take;
+            while (room && i < nsp) {
+                if (!left) {
+                    if (++i < nsp) src = sp[i].p, left = sp[i].n;
+                    continue;
+                }
+                uint64_t span_room;
+                uint8_t *dst = vp_mem_span(m, gpa, &span_room);
+                if (!dst) break;   /* not reached: walk() checked every buffer is mapped */
+                uint64_t take = left < room ? left : room;
+                if (take > span_room) take = span_room;
+                memmove(dst, src, take);   /* a hostile driver may overlap them */
+                src += take; left -= take; gpa += take; room -= take; done += (uint32_t)take;
             }
         }
         written[c] = done;
@@ -444,15 +511,88 @@ static void record(struct vp_frames *cap, const uint8_t *pre, uint32_t pn, const
     cap->used += 16 + len;
 }
 
+/* What rx_take found in the receive ring for one frame. */
+enum { RX_OK, RX_WAIT, RX_SMALL, RX_WHOLE_RING, RX_OVERFLOW, RX_BROKEN };
+enum { RX_CHAINS = 64 };
+
+/* Take receive buffers for `need` bytes into chains/segs (more than one only with mrg):
+ * RX_OK with their number in *nc. Otherwise none stays taken, except on RX_BROKEN:
+ * RX_WAIT: too few buffers for now; RX_SMALL: (no mrg) the next buffer is too small for the
+ * frame; RX_WHOLE_RING: all of the ring is too small; RX_OVERFLOW: more buffers than our
+ * arrays hold (Python places such a frame). */
+static int rx_take(struct vp_vq *q, int mrg, uint64_t need, struct vp_chain *chains,
+                   struct vp_seg *segs, uint32_t *nc_out) {
+    uint64_t room = 0;
+    uint32_t nc = 0, used_segs = 0;
+    int overflow = 0;
+    while (room < need && nc < q->size) {
+        if (nc >= RX_CHAINS) { overflow = 1; break; }
+        if (vp_pop(q, 1, &chains[nc], segs + used_segs, SEGS_LOCAL - used_segs) != 1) {
+            if (q->seg_overflow) overflow = 1;
+            break;
+        }
+        chains[nc].first = used_segs;
+        used_segs += chains[nc].nseg;
+        room += chains[nc].writable_len;
+        nc++;
+        if (!mrg) break;
+    }
+    if (q->broken) return RX_BROKEN;
+    if (overflow) {
+        q->last_avail_idx = (q->last_avail_idx - nc) & 0xFFFF;
+        return RX_OVERFLOW;
+    }
+    if (room < need) {
+        if (!mrg && nc) {
+            q->last_avail_idx = (q->last_avail_idx - 1) & 0xFFFF;
+            return RX_SMALL;
+        }
+        q->last_avail_idx = (q->last_avail_idx - nc) & 0xFFFF;
+        return nc >= q->size ? RX_WHOLE_RING : RX_WAIT;
+    }
+    *nc_out = nc;
+    return RX_OK;
+}
+
+/* Write one frame into the buffers rx_take took: the spans (the first starts with the
+ * virtio-net header, whose num_buffers is set here in `hdr`), then queue their used entries
+ * in items (published when 256 are waiting) and count the frame. */
+static void rx_put(struct vp_vq *q, uint32_t hdr_len, int mrg, const struct vp_chain *chains,
+                   uint32_t nc, const struct vp_seg *segs, uint8_t *hdr, const struct span *sp,
+                   uint32_t nsp, uint32_t len, uint32_t *items, uint32_t *nitems,
+                   struct vp_net_stats *st) {
+    uint32_t written[RX_CHAINS];
+    uint16_t nb = (uint16_t)(mrg ? nc : 1);
+    if (hdr_len >= 12) memcpy(hdr + 10, &nb, 2);
+    scatter(q->mem, chains, nc, segs, sp, nsp, written);
+    if (*nitems + nc > 256) { vp_add_used(q, items, *nitems); *nitems = 0; }
+    for (uint32_t c = 0; c < nc; c++) {
+        items[2 * *nitems] = chains[c].head;
+        items[2 * *nitems + 1] = written[c];
+        (*nitems)++;
+    }
+    st->frames++;
+    st->bytes += len;
+    if (nc > 1) st->merged++;
+}
+
+/* The virtio-net header (all zero but num_buffers, set by rx_put) then a frame's MACs,
+ * swapped when asked: the first span of every frame placed into a receive ring. */
+static uint32_t rx_prefix(uint8_t pre[24], uint32_t hdr_len, const uint8_t macs[12], int swap) {
+    memset(pre, 0, 24);
+    memcpy(pre + hdr_len, macs + (swap ? 6 : 0), 6);
+    memcpy(pre + hdr_len + 6, macs + (swap ? 0 : 6), 6);
+    return hdr_len + 12;
+}
+
 int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len,
                     const struct vp_frames *src, const uint32_t *idx, uint32_t n, int swap,
                     struct vp_net_stats *st, struct vp_net_stats *backlog,
                     struct vp_frames *cap, uint32_t ts_sec, uint32_t ts_usec, int call_fd) {
     (void)call_fd;
-    enum { MAXC = 64 };
-    struct vp_chain chains[MAXC];
+    struct vp_chain chains[RX_CHAINS];
     struct vp_seg segs[SEGS_LOCAL];
-    uint32_t items[2 * 256], nitems = 0, written[MAXC];
+    uint32_t items[2 * 256], nitems = 0;
     uint32_t k;
     for (k = 0; k < n; k++) {
         if (q->broken) break;
@@ -461,60 +601,98 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
         const uint8_t *data = src->buf + src->off[f];
         if (len < ETH_HLEN) { backlog->drops[DROP_RUNT]++; backlog->dropped++; continue; }
         if (len > max_len) { backlog->drops[DROP_MTU]++; backlog->dropped++; continue; }
-        uint8_t pre[24] = {0};   /* virtio_net_hdr, then the first 12 frame bytes */
-        memcpy(pre + hdr_len, data + (swap ? 6 : 0), 6);
-        memcpy(pre + hdr_len + 6, data + (swap ? 0 : 6), 6);
-        uint64_t need = (uint64_t)hdr_len + len, room = 0;
-        uint32_t nc = 0, used_segs = 0;
-        int overflow = 0;
-        while (room < need && nc < q->size) {
-            if (nc >= MAXC) { overflow = 1; break; }
-            if (vp_pop(q, 1, &chains[nc], segs + used_segs, SEGS_LOCAL - used_segs) != 1) {
-                if (q->seg_overflow) overflow = 1;
-                break;
-            }
-            chains[nc].first = used_segs;
-            used_segs += chains[nc].nseg;
-            room += chains[nc].writable_len;
-            nc++;
-            if (!mrg) break;
+        uint8_t pre[24];
+        struct span sp[2] = {{pre, rx_prefix(pre, hdr_len, data, swap)}, {data + 12, len - 12}};
+        uint32_t nc = 0;
+        int got = rx_take(q, mrg, (uint64_t)hdr_len + len, chains, segs, &nc);
+        if (got == RX_SMALL || got == RX_WHOLE_RING) {
+            record(cap, pre + hdr_len, 12, data + 12, len - 12, ts_sec, ts_usec);
+            int reason = got == RX_SMALL ? DROP_RX_TOO_SMALL : DROP_WHOLE_RING;
+            st->drops[reason]++; st->dropped++;
+            continue;
         }
-        if (q->broken) break;
-        if (overflow) {   /* too many buffers for our arrays: let Python place this frame */
-            q->last_avail_idx = (q->last_avail_idx - nc) & 0xFFFF;
-            break;
-        }
-        if (room < need) {
-            if (!mrg && nc) {
-                q->last_avail_idx = (q->last_avail_idx - 1) & 0xFFFF;
-                record(cap, pre + hdr_len, 12, data + 12, len - 12, ts_sec, ts_usec);
-                st->drops[DROP_RX_TOO_SMALL]++; st->dropped++;
-                continue;
-            }
-            q->last_avail_idx = (q->last_avail_idx - nc) & 0xFFFF;
-            if (nc >= q->size) {
-                record(cap, pre + hdr_len, 12, data + 12, len - 12, ts_sec, ts_usec);
-                st->drops[DROP_WHOLE_RING]++; st->dropped++;
-                continue;
-            }
-            break;   /* wait for buffers */
-        }
+        if (got != RX_OK) break;   /* wait for buffers, a broken ring, or one for Python */
         record(cap, pre + hdr_len, 12, data + 12, len - 12, ts_sec, ts_usec);
-        uint16_t nb = (uint16_t)(mrg ? nc : 1);
-        if (hdr_len >= 12) memcpy(pre + 10, &nb, 2);
-        scatter(q->mem, chains, nc, segs, pre, hdr_len + 12, data + 12, len - 12, written);
-        if (nitems + nc > 256) { vp_add_used(q, items, nitems); nitems = 0; }
-        for (uint32_t c = 0; c < nc; c++) {
-            items[2 * nitems] = chains[c].head;
-            items[2 * nitems + 1] = written[c];
-            nitems++;
-        }
-        st->frames++;
-        st->bytes += len;
-        if (nc > 1) st->merged++;
+        rx_put(q, hdr_len, mrg, chains, nc, segs, pre, sp, 2, len, items, &nitems, st);
     }
     if (nitems) vp_add_used(q, items, nitems);
     return (int)k;
+}
+
+int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, int mrg,
+                         uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
+                         struct vp_net_stats *rx_st, struct vp_net_stats *backlog,
+                         struct vp_frames *out, int *stalled) {
+    struct vp_chain chains[256], rchains[RX_CHAINS];
+    struct vp_seg segs_local[SEGS_LOCAL], rsegs[SEGS_LOCAL];
+    struct vp_seg *segs = segs_local;
+    uint32_t items[512], ritems[2 * 256], nritems = 0;
+    *stalled = 0;
+    out->n = 0;
+    out->used = 0;
+    int n = tx_pop(q, limit, chains, &segs);
+    for (int c = 0; c < n; c++) {
+        const struct vp_chain *ch = &chains[c];
+        const struct vp_seg *s = segs + ch->first;
+        items[2 * c] = ch->head;
+        items[2 * c + 1] = 0;
+        uint8_t h[12];
+        uint32_t flen = 0;
+        int reason = tx_check(q->mem, ch, s, hdr_len, h, &flen);
+        if (reason < 0 && (*stalled || rq->broken)) {   /* the rest waits in Python's backlog */
+            *stalled = 1;
+            reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
+        } else if (reason < 0 && flen > max_len) {   /* as vp_net_rx_place refuses it */
+            backlog->drops[DROP_MTU]++;
+            backlog->dropped++;
+        } else if (reason < 0) {
+            /* Straight from the transmit buffers when that is a plain copy; through `out`
+             * when a checksum is to be filled in or the frame is in many pieces. */
+            uint8_t macs[12], pre[24];
+            struct span sp[1 + MAX_SPANS];
+            int nsp = -1;
+            uint32_t kept = out->n;
+            if (gather(q->mem, s, ch->nseg, hdr_len, macs, 12)) reason = DROP_SHORT_HEADER;
+            else if (!(h[0] & 1))
+                nsp = spans_of(q->mem, s, ch->nseg, hdr_len + 12, flen - 12, sp + 1, MAX_SPANS);
+            if (reason < 0 && nsp < 0) {
+                reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
+                if (reason < 0) {
+                    const uint8_t *data = out->buf + out->off[kept];
+                    memcpy(macs, data, 12);
+                    sp[1].p = data + 12;
+                    sp[1].n = flen - 12;
+                    nsp = 1;
+                }
+            }
+            if (reason < 0) {
+                sp[0].p = pre;
+                sp[0].n = rx_prefix(pre, hdr_len, macs, 1);
+                uint32_t nc = 0;
+                int got = rx_take(rq, mrg, (uint64_t)hdr_len + flen, rchains, rsegs, &nc);
+                if (got == RX_OK) {
+                    rx_put(rq, hdr_len, mrg, rchains, nc, rsegs, pre, sp, (uint32_t)nsp + 1, flen,
+                           ritems, &nritems, rx_st);
+                } else if (got == RX_SMALL || got == RX_WHOLE_RING) {
+                    int why = got == RX_SMALL ? DROP_RX_TOO_SMALL : DROP_WHOLE_RING;
+                    rx_st->drops[why]++;
+                    rx_st->dropped++;
+                } else {   /* no room yet, a broken ring, or a frame only Python places */
+                    *stalled = 1;
+                    if (out->n == kept)
+                        reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
+                    kept = out->n;
+                }
+                out->n = kept;   /* a copy made only to be placed is not kept */
+                out->used = kept ? out->off[kept - 1] + out->len[kept - 1] : 0;
+            }
+        }
+        tx_count(st, reason, flen, h);
+    }
+    if (nritems) vp_add_used(rq, ritems, nritems);
+    if (n > 0) vp_add_used(q, items, (uint32_t)n);
+    if (segs != segs_local) free(segs);
+    return n;
 }
 
 void vp_frames_from_flat(struct vp_frames *f, uint8_t *data, const uint32_t *lens, uint32_t n) {

@@ -122,6 +122,17 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
                     const struct vp_frames *src, const uint32_t *idx, uint32_t n, int swap,
                     struct vp_net_stats *st, struct vp_net_stats *backlog,
                     struct vp_frames *cap, uint32_t ts_sec, uint32_t ts_usec, int call_fd);
+/* Reflect a burst of transmit chains into the receive ring `rq` of the same port, each
+ * accepted frame copied once, straight from its transmit buffers into receive buffers with
+ * its MACs swapped: what vp_net_tx_burst then vp_net_rx_place(swap=1) leave behind (used
+ * entries, counters, drop reasons), without the copy in between. Once `rq` has no room (or
+ * turns out hostile, or a frame needs more buffers than C takes at once) that frame and
+ * every accepted one after it are copied into `out` as sent (MACs not swapped) for the
+ * caller's backlog, and *stalled is set. Returns the chains popped. */
+int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, int mrg,
+                         uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
+                         struct vp_net_stats *rx_st, struct vp_net_stats *backlog,
+                         struct vp_frames *out, int *stalled);
 void vp_frames_from_flat(struct vp_frames *f, uint8_t *data, const uint32_t *lens, uint32_t n);
 void vp_pcap_headers(struct vp_frames *f, uint32_t ts_sec, uint32_t ts_usec);
 

@@ -3,11 +3,13 @@
  * Only public functions of _fastpath.c are used, in the order the per-burst Python path
  * calls them (tx burst, tx signal, then the consumer, then the rx signal), so a ring served
  * here ends in the same state, with the same counters, as one served a burst at a time.
+ * Reflecting uses vp_net_reflect_burst, which leaves the same state as those two calls with
+ * one copy of each frame instead of two.
  * The loop stops at the first empty burst (or, with `spin_ns`, once the ring stayed empty that
  * long: a loop whose frames come straight back then stays here instead of paying a return
  * to Python per round trip), after `max_bursts`, when the receive ring cannot
- * take a whole reflected burst (the rest is left in `out` for Python's backlog), or when a
- * ring turned out hostile.
+ * take a whole reflected burst (what did not fit is left in `out` for Python's backlog), or
+ * when a ring turned out hostile.
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -34,10 +36,15 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
     if (keep && burst > out->max) burst = out->max;
     uint64_t empty_since = 0;
     p->bursts = 0;
-    p->placed = 0;
     while (p->bursts < p->max_bursts) {
-        if (keep) out->n = 0, out->used = 0;
-        int n = vp_net_tx_burst(q, p->hdr_len, burst, st, keep ? out : NULL, -1);
+        int n, stalled = 0;
+        if (p->mode == VP_TX_REFLECT) {
+            n = vp_net_reflect_burst(q, p->rxq, p->hdr_len, p->mrg, p->max_len, burst, st,
+                                     p->rx_st, p->backlog, out, &stalled);
+        } else {
+            if (keep) out->n = 0, out->used = 0;
+            n = vp_net_tx_burst(q, p->hdr_len, burst, st, keep ? out : NULL, -1);
+        }
         if (n == 0) {
             if (q->broken) return VP_POLL_BROKEN;
             if (!p->spin_ns) return VP_POLL_EMPTY;
@@ -51,18 +58,11 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
         /* a burst cut short by a hostile chain is still completed, then the loop ends */
         p->bursts++;
         if (p->signal) vp_signal(q, p->call_fd);
-        if (keep && out->n) {
-            if (p->mode == VP_TX_CLASSIFY) {
-                vp_switch_classify(p->sw, out, p->src, p->now, p->horizon, p->dest);
-            } else {   /* VP_TX_REFLECT */
-                int done = vp_net_rx_place(p->rxq, p->hdr_len, p->mrg, p->max_len, out, NULL,
-                                           out->n, 1, p->rx_st, p->backlog, NULL, 0, 0, -1);
-                if (p->rx_signal) vp_signal(p->rxq, p->rx_call_fd);
-                if ((uint32_t)done < out->n) {   /* no room (or a hostile receive ring) */
-                    p->placed = (uint32_t)done;
-                    return VP_POLL_STALLED;
-                }
-            }
+        if (p->mode == VP_TX_REFLECT) {
+            if (p->rx_signal) vp_signal(p->rxq, p->rx_call_fd);
+            if (stalled) return VP_POLL_STALLED;   /* `out` holds what waits */
+        } else if (p->mode == VP_TX_CLASSIFY && out->n) {
+            vp_switch_classify(p->sw, out, p->src, p->now, p->horizon, p->dest);
         }
         if (q->broken) return VP_POLL_BROKEN;
     }

@@ -40,8 +40,8 @@ struct vp_net_poll {
     struct vp_net_stats *rx_st;
     struct vp_net_stats *backlog;
     /* results */
-    uint32_t bursts;          /* bursts served by this call */
-    uint32_t placed;          /* VP_POLL_STALLED: frames of `out` placed; the rest wait */
+    uint32_t bursts;          /* bursts served by this call (VP_POLL_STALLED: `out` holds
+                                 the reflected frames that did not fit, as sent) */
 };
 
 int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *out,

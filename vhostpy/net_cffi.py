@@ -269,9 +269,7 @@ class NetFastPath:
         _fold(plan.rx_st, dev.rx_counters[rxq.index // 2])
         _fold(self.backlog_stats, dev.backlog_counters, frames=False)
         if rc == lib.VP_POLL_STALLED:
-            done, n = int(plan.placed), int(out.n)
-            idx = ffi.new("uint32_t[]", list(range(done, n)))
-            dev.transmit_to_guest(frames_to_bytes(out, idx, n - done, True))
+            dev.transmit_to_guest(frames_to_bytes(out, None, int(out.n), True))
 
     def _consume(self, out: Any) -> None:
         port = self.port

@@ -163,10 +163,17 @@ class Connection:
                 self._release(vq, held)
                 vq.polling = False
                 if ring.live and vq.enable_notifications():
+                    # Entries are there. Keep polling if the device takes them; entries it
+                    # leaves (receive buffers with no frame for them) are no reason to spin.
                     vq.polling = True
                     vq.hold_signals = held is not None
-                    last_work = now
-                    continue
+                    if self.session.poll(index):
+                        last_work = now = time.monotonic()
+                        continue
+                    self._release(vq, held)
+                    vq.polling = False
+                    if ring.live:
+                        vq.enable_notifications()   # polled, the device may have turned them off
                 del self.polling[index]
                 return
             break
