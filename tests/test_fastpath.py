@@ -423,18 +423,22 @@ def test_poll_loop_reflect_copies_every_chain_shape_like_python(mrg: bool) -> No
     outcomes = {}
     for impl in ("python", "cffi"):
         rig = _loop_rig(impl, reflect=True, features=features)
-        rig.post(30 if mrg else 8, size=400)   # merged frames, or too small without mrg
-        rig.post(6 if mrg else 0, size=2048)
+        posted = rig.post(30 if mrg else 8, size=400)   # merged, or too small without mrg
+        posted += rig.post(6 if mrg else 0, size=2048)
         rb = rig.rbs[1]
-        for parts, indirect in _odd_shapes(random.Random(5)):
-            rb.add_chain(parts, indirect=indirect)
+        sent = [rb.add_chain(parts, indirect=indirect)[0]
+                for parts, indirect in _odd_shapes(random.Random(5))]
         rig.process(1)
         tx_used = rb.get_used()
         got = rig.received()
         backlog = len(rig.dev.backlog)
-        rig.post(20, size=2048)
+        posted += rig.post(20, size=2048)
         rig.process(0)
         got += rig.received()
+        # VIRTIO_F_IN_ORDER (offered by the net device): buffers used in ring order.
+        assert [h for h, _ in tx_used] == sent
+        rx_heads = [h for _, _, entries in got for h, _ in entries]
+        assert rx_heads == posted[:len(rx_heads)]
         outcomes[impl] = (tx_used, [(h, f, [n for _, n in e]) for h, f, e in got],
                           rig.port.counters(), backlog, len(rig.dev.backlog))
         assert impl == "python" or _used_poll_loop(rig)

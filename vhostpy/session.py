@@ -308,6 +308,9 @@ class Session:
         if extra:
             raise FrontendError(f"feature bits {extra:#x} were never offered "
                                 f"(offered {self.offered_features():#x})")
+        if value != self.features or not self.features_set:
+            log.info("%s: driver features %#x (offered %#x)", self.device.name, value,
+                     self.offered_features())
         self.features = value
         self.features_set = True
         self.device.set_features(value & ~PROTOCOL_FEATURES_BIT)

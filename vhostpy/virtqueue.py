@@ -62,6 +62,9 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+#: The device uses buffers in the order they were made available (virtio 1.2 2.7.9); a
+#: device offers it only when every path of it does (vhostpy's net device does).
+VIRTIO_F_IN_ORDER = 35
 
 MAX_QUEUE_SIZE = 32768
 
