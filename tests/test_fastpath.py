@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from ringbuilder import RingBuilder, anon_memory, layout
 from scripted import ScriptedGuest
-from test_net import HDR_MRG, MODERN_NO_MRG, PEER_MAC, Rig, frame, vhdr
+from test_net import ALL, F_CSUM, HDR_MRG, MODERN_NO_MRG, PEER_MAC, Rig, frame, vhdr
 
 from vhostpy import _accel
 from vhostpy.errors import ConfigurationError
@@ -224,6 +224,26 @@ def test_sink_counts_and_drops(impl: str) -> None:
                  "drops": {"header only": 1, "short header": 1, "runt": 1, "gso": 1,
                            "bad checksum offsets": 1},
                  "checksums": 0, "merged": 0}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_transmit_header_unread_without_csum(impl: str) -> None:
+    """Without VIRTIO_NET_F_CSUM the driver must send flags 0 and no GSO, so the header
+    carries nothing and is not read (C leaves that cache line alone): a header that sets
+    them anyway changes nothing. With CSUM (the default rig) such frames are dropped."""
+    seen = {}
+    for features in (ALL & ~(1 << F_CSUM), ALL):
+        rig = _rig(impl, reflect=True, features=features)
+        rig.post(4)
+        sent = [frame(80, 1), frame(90, 2)]
+        rig.transmit([vhdr(gso_type=1), sent[0]],
+                     [vhdr(flags=1, csum_start=14, csum_offset=20), sent[1]])
+        seen[features] = (rig.received_frames(), rig.port.counters()["from_guest"])
+    got, counted = seen[ALL & ~(1 << F_CSUM)]
+    assert got == [f[6:12] + f[0:6] + f[12:] for f in sent]
+    assert counted["frames"] == 2 and counted["drops"] == {} and counted["checksums"] == 0
+    got, counted = seen[ALL]
+    assert len(got) == 1 and counted["drops"] == {"gso": 1} and counted["checksums"] == 1
 
 
 def _reflect_run(impl: str, capture: PcapWriter | None) -> tuple[list[Any], dict[str, Any]]:

@@ -39,14 +39,21 @@ static inline void st16(uint8_t *p, uint16_t v) {
 /* ---------------------------------------------------------------- guest memory */
 
 static const struct vp_region *find_region(const struct vp_mem *m, uint64_t gpa) {
-    uint32_t lo = 0, hi = m->n;
+    /* Most lookups land in the region the previous one found (a guest's buffers sit in its
+     * RAM region): try it first. `hint` is only a guess, checked here, so sharing the table
+     * between threads is harmless. */
+    uint32_t n = m->n, h = __atomic_load_n(&m->hint, __ATOMIC_RELAXED);
+    if (h < n && gpa - m->r[h].gpa < m->r[h].size) return &m->r[h];
+    uint32_t lo = 0, hi = n;
     while (lo < hi) {                       /* first region with gpa < r.gpa */
         uint32_t mid = (lo + hi) / 2;
         if (m->r[mid].gpa <= gpa) lo = mid + 1; else hi = mid;
     }
     if (lo == 0) return NULL;
     const struct vp_region *r = &m->r[lo - 1];
-    return gpa - r->gpa < r->size ? r : NULL;
+    if (gpa - r->gpa >= r->size) return NULL;
+    __atomic_store_n(&((struct vp_mem *)m)->hint, lo - 1, __ATOMIC_RELAXED);
+    return r;
 }
 
 int vp_mem_check(const struct vp_mem *m, uint64_t gpa, uint64_t len, char *err, size_t errlen) {
@@ -371,17 +378,22 @@ static uint16_t checksum(const uint8_t *p, uint64_t n) {
 
 #define SEGS_LOCAL 2048
 
-/* Check one transmit chain as net.NetDevice does and read its virtio-net header into h:
- * a drop reason, or -1 with the frame's length in *flen. */
+/* Check one transmit chain as net.NetDevice does: a drop reason, or -1 with the frame's
+ * length in *flen. With `csum` (VIRTIO_NET_F_CSUM negotiated) its virtio-net header is read
+ * into h and checked; without, the driver must send flags 0 and no GSO (virtio 1.2
+ * 5.1.6.2.1), so the header is left unread (the cache line the driver just wrote is not
+ * pulled over) and h is all zero. */
 static int tx_check(const struct vp_mem *m, const struct vp_chain *ch, const struct vp_seg *s,
-                    uint32_t hdr_len, uint8_t h[12], uint32_t *flen) {
+                    uint32_t hdr_len, int csum, uint8_t h[12], uint32_t *flen) {
     uint64_t total = ch->readable_len;
+    memset(h, 0, 12);
     if (total == 0) return DROP_EMPTY;
     if (total < hdr_len) return DROP_SHORT_HEADER;
     if (total == hdr_len) return DROP_HEADER_ONLY;
     if (total - hdr_len > MAX_FRAME) return DROP_OVERSIZE;
     if (total - hdr_len < ETH_HLEN) return DROP_RUNT;
     *flen = (uint32_t)(total - hdr_len);
+    if (!csum) return -1;
     if (gather(m, s, ch->nseg, 0, h, hdr_len)) return DROP_SHORT_HEADER;
     uint16_t cs_start, cs_off;
     memcpy(&cs_start, h + 6, 2);
@@ -440,9 +452,8 @@ static int tx_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
     return n;
 }
 
-int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, uint32_t limit,
-                    struct vp_net_stats *st, struct vp_frames *out, int call_fd) {
-    (void)call_fd;
+int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
+                    struct vp_net_stats *st, struct vp_frames *out) {
     struct vp_chain chains[256];
     struct vp_seg segs_local[SEGS_LOCAL];
     struct vp_seg *segs = segs_local;
@@ -455,7 +466,7 @@ int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, uint32_t limit,
         items[2 * c + 1] = 0;
         uint8_t h[12];
         uint32_t flen = 0;
-        int reason = tx_check(q->mem, ch, s, hdr_len, h, &flen);
+        int reason = tx_check(q->mem, ch, s, hdr_len, csum, h, &flen);
         if (reason < 0 && out) reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
         tx_count(st, reason, flen, h);
     }
@@ -619,8 +630,8 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
     return (int)k;
 }
 
-int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, int mrg,
-                         uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
+int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, int csum,
+                         int mrg, uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
                          struct vp_net_stats *rx_st, struct vp_net_stats *backlog,
                          struct vp_frames *out, int *stalled) {
     struct vp_chain chains[256], rchains[RX_CHAINS];
@@ -638,7 +649,7 @@ int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, in
         items[2 * c + 1] = 0;
         uint8_t h[12];
         uint32_t flen = 0;
-        int reason = tx_check(q->mem, ch, s, hdr_len, h, &flen);
+        int reason = tx_check(q->mem, ch, s, hdr_len, csum, h, &flen);
         if (reason < 0 && (*stalled || rq->broken)) {   /* the rest waits in Python's backlog */
             *stalled = 1;
             reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);

@@ -19,6 +19,7 @@ struct vp_region {
 /* The region table of one GuestMemory, sorted by gpa; rebuilt when its generation changes. */
 struct vp_mem {
     uint32_t n;
+    uint32_t hint;           /* the region the last lookup found (a guess: always checked) */
     struct vp_region *r;
 };
 
@@ -116,8 +117,11 @@ void vp_disable_notifications(struct vp_vq *q);
 int vp_enable_notifications(struct vp_vq *q);
 
 /* ---------------------------------------------------------------- virtio-net */
-int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, uint32_t limit,
-                    struct vp_net_stats *st, struct vp_frames *out, int call_fd);
+/* Pop up to `limit` transmit chains, check each as net.NetDevice does (its virtio-net header
+ * too when `csum`: VIRTIO_NET_F_CSUM negotiated; otherwise it is left unread), count them in
+ * `st`, copy accepted frames into `out` (unless NULL) and publish the used entries. */
+int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
+                    struct vp_net_stats *st, struct vp_frames *out);
 int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len,
                     const struct vp_frames *src, const uint32_t *idx, uint32_t n, int swap,
                     struct vp_net_stats *st, struct vp_net_stats *backlog,
@@ -129,8 +133,8 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
  * turns out hostile, or a frame needs more buffers than C takes at once) that frame and
  * every accepted one after it are copied into `out` as sent (MACs not swapped) for the
  * caller's backlog, and *stalled is set. Returns the chains popped. */
-int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, int mrg,
-                         uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
+int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, int csum,
+                         int mrg, uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
                          struct vp_net_stats *rx_st, struct vp_net_stats *backlog,
                          struct vp_frames *out, int *stalled);
 void vp_frames_from_flat(struct vp_frames *f, uint8_t *data, const uint32_t *lens, uint32_t n);

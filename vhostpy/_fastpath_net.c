@@ -39,11 +39,11 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
     while (p->bursts < p->max_bursts) {
         int n, stalled = 0;
         if (p->mode == VP_TX_REFLECT) {
-            n = vp_net_reflect_burst(q, p->rxq, p->hdr_len, p->mrg, p->max_len, burst, st,
-                                     p->rx_st, p->backlog, out, &stalled);
+            n = vp_net_reflect_burst(q, p->rxq, p->hdr_len, p->csum, p->mrg, p->max_len, burst,
+                                     st, p->rx_st, p->backlog, out, &stalled);
         } else {
             if (keep) out->n = 0, out->used = 0;
-            n = vp_net_tx_burst(q, p->hdr_len, burst, st, keep ? out : NULL, -1);
+            n = vp_net_tx_burst(q, p->hdr_len, p->csum, burst, st, keep ? out : NULL);
         }
         if (n == 0) {
             if (q->broken) return VP_POLL_BROKEN;

@@ -18,6 +18,7 @@ struct vp_net_poll {
     /* the transmit ring */
     uint32_t mode;
     uint32_t hdr_len;
+    uint32_t csum;            /* VIRTIO_NET_F_CSUM negotiated: read and check each header */
     uint32_t burst;           /* chains per burst (at most 256, at most out->max) */
     uint32_t max_bursts;
     uint64_t spin_ns;         /* an empty ring is re-checked for this long before the call

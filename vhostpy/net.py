@@ -272,6 +272,7 @@ class NetDevice(Device):
         self._rx_queues: dict[int, Virtqueue] = {}
         self._hdr_len = NET_HDR.size
         self._mrg = False
+        self._csum = False   # VIRTIO_NET_F_CSUM: transmit headers are read and checked
         self._fast: Any = None
         if _accel.lib is not None:
             from vhostpy.net_cffi import NetFastPath
@@ -292,6 +293,7 @@ class NetDevice(Device):
     def set_features(self, features: int) -> None:
         super().set_features(features)
         self._mrg = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        self._csum = self.has_feature(VIRTIO_NET_F_CSUM)
         modern = self.has_feature(VIRTIO_F_VERSION_1)
         self._hdr_len = NET_HDR_MRG.size if (self._mrg or modern) else NET_HDR.size
 
@@ -315,7 +317,7 @@ class NetDevice(Device):
             self.backlog_counters.drops["device reset"] += len(self.backlog)
             self.backlog.clear()
         self._rx_queues.clear()
-        self._mrg = False
+        self._mrg = self._csum = False
         self._hdr_len = NET_HDR.size
 
     # -- queues ----------------------------------------------------------------------------
@@ -372,6 +374,10 @@ class NetDevice(Device):
             log.debug("%s: dropped a %d-byte transmit chain: %s", self.port.name, total, reason)
             return None
         data = chain.read()
+        if not self._csum:
+            # Without VIRTIO_NET_F_CSUM (and vhostpy offers no GSO) the driver must send
+            # flags 0 and GSO_NONE (virtio 1.2 5.1.6.2.1): the header says nothing; unread.
+            return data[hdr_len:]
         flags, gso_type, _, _, csum_start, csum_offset = NET_HDR.unpack_from(data)
         if gso_type != VIRTIO_NET_HDR_GSO_NONE:
             counters.drops["gso"] += 1

@@ -147,7 +147,7 @@ class NetFastPath:
         st = self.tx_stats[pair]
         counters = self.device.tx_counters[pair]
         port = self.port
-        hdr_len = self.device.hdr_len
+        hdr_len, csum = self.device.hdr_len, self.device._csum
         out = self.burst
         while vq.ready:
             q = vq.native()
@@ -173,7 +173,7 @@ class NetFastPath:
             consume = port.builtin is not None or port.capture is not None or \
                 self.python_consumers()
             out.n = out.used = 0
-            n = lib.vp_net_tx_burst(q, hdr_len, BURST, st, out if consume else ffi.NULL, -1)
+            n = lib.vp_net_tx_burst(q, hdr_len, csum, BURST, st, out if consume else ffi.NULL)
             vq.check_broken()
             if n == 0:
                 if not vq.ready or vq.polling or not vq.enable_notifications():
@@ -203,11 +203,11 @@ class NetFastPath:
             if rq is None:
                 return None
             key: tuple[Any, ...] = (builtin, q, vq.call is None, vq.call_fd, vq.hold_signals,
-                                    dev._hdr_len, rq, rxq.call is None, rxq.call_fd,
+                                    dev._hdr_len, dev._csum, rq, rxq.call is None, rxq.call_fd,
                                     rxq.hold_signals, dev._mrg, dev.mtu)
         else:
             key = (builtin, q, vq.call is None, vq.call_fd, vq.hold_signals, dev._hdr_len,
-                   port.switch)
+                   dev._csum, port.switch)
         cached = self._plans.get(pair)
         if cached is not None and cached[0] == key:
             plan = cached[1]
@@ -234,6 +234,7 @@ class NetFastPath:
         plan.max_bursts = POLL_BURSTS
         plan.dest = self._dest
         plan.hdr_len = dev.hdr_len
+        plan.csum = dev._csum
         plan.signal, plan.call_fd = signal
         builtin = port.builtin
         if builtin is None:
