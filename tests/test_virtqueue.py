@@ -396,6 +396,28 @@ def test_kick_suppression_flags(rb: RingBuilder, vq: Virtqueue) -> None:
     assert rb.should_kick(old, event_idx=False)
 
 
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_kicks_for_entries_after_those_left_available(rb: RingBuilder, vq: Virtqueue,
+                                                      event_idx: bool) -> None:
+    """A device leaving available entries unused (receive buffers too few for a waiting
+    frame) asks for a kick on the next entry the driver adds, not on those already there."""
+    vq.event_idx = event_idx
+    for _ in range(3):
+        rb.add_chain(writable=[64])
+    assert vq.pop() is not None
+    assert vq.enable_notifications(after_available=True) is False   # none added since
+    if event_idx:
+        assert rb.avail_event == rb.avail_idx == 3
+    old = rb.avail_idx
+    rb.add_chain(writable=[64])
+    assert rb.should_kick(old, event_idx=event_idx)
+    # Added before the device asked: it is told so (it must look again).
+    rb.add_chain(writable=[64])
+    assert vq.enable_notifications() is True                      # 4 entries left unused
+    assert vq.enable_notifications(after_available=True) is False
+    assert vq.last_avail_idx == 1 and len(vq.pop_many(8)) == 4
+
+
 def test_kick_suppression_event_idx(rb: RingBuilder, vq: Virtqueue) -> None:
     vq.event_idx = True
     assert vq.enable_notifications() is False and rb.avail_event == 0

@@ -306,12 +306,14 @@ void vp_disable_notifications(struct vp_vq *q) {
     }
 }
 
-int vp_enable_notifications(struct vp_vq *q) {
+int vp_enable_notifications(struct vp_vq *q, int after_available) {
     q->notify = 1;
-    if (q->event_idx) st16(q->used + 4 + 8 * q->size, (uint16_t)q->last_avail_idx);
+    uint16_t from = (uint16_t)q->last_avail_idx;
+    if (after_available) from = ld16(q->avail + 2);
+    if (q->event_idx) st16(q->used + 4 + 8 * q->size, from);
     else st16(q->used, ld16(q->used) & ~1u);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* our store before re-reading avail->idx */
-    return ld16(q->avail + 2) != (uint16_t)q->last_avail_idx;
+    return ld16(q->avail + 2) != from;
 }
 
 /* ---------------------------------------------------------------- virtio-net */

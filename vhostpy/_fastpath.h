@@ -114,7 +114,10 @@ void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n);
 int vp_needs_notification(const struct vp_vq *q);
 int vp_signal(struct vp_vq *q, int call_fd);
 void vp_disable_notifications(struct vp_vq *q);
-int vp_enable_notifications(struct vp_vq *q);
+/* Ask for kicks again: for any entry past last_avail_idx, or with `after_available` only for
+ * entries past those available now (a device leaving them unused until more come). Returns
+ * whether such entries are there already (the caller must look again). */
+int vp_enable_notifications(struct vp_vq *q, int after_available);
 
 /* ---------------------------------------------------------------- virtio-net */
 /* Pop up to `limit` transmit chains, check each as net.NetDevice does (its virtio-net header

@@ -301,7 +301,7 @@ int vp_blk_drain(struct vp_blk *b, struct vp_vq *q, struct vp_blk_burst *bu, uin
         int n = vp_pop(q, limit, bu->chains, bu->segs, bu->max_segs);
         if (n == 0) {
             if (q->seg_overflow) return VP_BLK_SEGS;
-            if (q->broken || polling || !vp_enable_notifications(q)) return VP_BLK_DONE;
+            if (q->broken || polling || !vp_enable_notifications(q, 0)) return VP_BLK_DONE;
             continue;
         }
         bu->count = (uint32_t)n;

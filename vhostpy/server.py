@@ -170,10 +170,15 @@ class Connection:
                     if self.session.poll(index):
                         last_work = now = time.monotonic()
                         continue
+                    # Kicked for entries added after these (only a frame waiting for more
+                    # receive buffers than there are now needs it; without, no spin).
                     self._release(vq, held)
                     vq.polling = False
-                    if ring.live:
-                        vq.enable_notifications()   # polled, the device may have turned them off
+                    if ring.live and vq.enable_notifications(after_available=True):
+                        vq.polling = True
+                        vq.hold_signals = held is not None
+                        last_work = now
+                        continue
                 del self.polling[index]
                 return
             break

@@ -601,22 +601,30 @@ class Virtqueue:
             flags = _U16.unpack_from(used, 0)[0]
             _store_u16(used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
 
-    def enable_notifications(self) -> bool:
-        """Ask for kicks again; True if buffers arrived meanwhile (the caller must re-poll)."""
+    def enable_notifications(self, after_available: bool = False) -> bool:
+        """Ask for kicks again; True if buffers arrived meanwhile (the caller must re-poll).
+
+        With `after_available`, kicks are asked for only for entries the driver adds after
+        those available now, and True means such entries came: for a device that leaves
+        available entries unused until more come (receive buffers too few for a waiting
+        frame). With EVENT_IDX that sets avail_event to avail->idx instead of
+        last_avail_idx, which a driver adding buffers after the unused ones never crosses.
+        """
         self._notify = True
         rings = self._rings()
         if rings is None:
             return False
         _desc, avail, used = rings
+        start = _U16.unpack_from(avail, 2)[0] if after_available else self.last_avail_idx
         if self.event_idx:
-            _store_u16(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
+            _store_u16(used, 4 + USED_ELEM_SIZE * self._size, start)
         else:
             flags = _U16.unpack_from(used, 0)[0]
             _store_u16(used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF)
         # The driver may have published between our last pop and the store above without
         # kicking; re-reading avail->idx after the store closes that window.
         avail_idx: int = _U16.unpack_from(avail, 2)[0]
-        return avail_idx != self.last_avail_idx
+        return bool(avail_idx != start)
 
     def __repr__(self) -> str:
         state = "broken" if self.error else ("ready" if self.ready else "unconfigured")

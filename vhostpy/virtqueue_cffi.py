@@ -183,7 +183,7 @@ class CffiVirtqueue(Virtqueue):
         if q is not None:
             lib.vp_disable_notifications(q)
 
-    def enable_notifications(self) -> bool:
+    def enable_notifications(self, after_available: bool = False) -> bool:
         self._q.notify = 1
         q = self._sync()
-        return q is not None and bool(lib.vp_enable_notifications(q))
+        return q is not None and bool(lib.vp_enable_notifications(q, int(after_available)))
