@@ -454,8 +454,15 @@ static int tx_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
     return n;
 }
 
-int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
-                    struct vp_net_stats *st, struct vp_frames *out) {
+/* What a transmit burst does with each accepted frame (its chain checked, header in h):
+ * a drop reason, or -1 once the frame is taken. */
+typedef int (*tx_take_fn)(void *ctx, const struct vp_mem *m, const struct vp_seg *s,
+                          uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen);
+
+/* Pop up to `limit` transmit chains, check each, hand the accepted frames to `take` (if
+ * any), count them all in `st` and publish their used entries. Returns the chains popped. */
+static int tx_serve(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
+                    struct vp_net_stats *st, tx_take_fn take, void *ctx) {
     struct vp_chain chains[256];
     struct vp_seg segs_local[SEGS_LOCAL];
     struct vp_seg *segs = segs_local;
@@ -469,12 +476,22 @@ int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
         uint8_t h[12];
         uint32_t flen = 0;
         int reason = tx_check(q->mem, ch, s, hdr_len, csum, h, &flen);
-        if (reason < 0 && out) reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
+        if (reason < 0 && take) reason = take(ctx, q->mem, s, ch->nseg, hdr_len, h, flen);
         tx_count(st, reason, flen, h);
     }
     if (n > 0) vp_add_used(q, items, (uint32_t)n);
     if (segs != segs_local) free(segs);
     return n;
+}
+
+static int take_keep(void *out, const struct vp_mem *m, const struct vp_seg *s, uint32_t nseg,
+                     uint32_t hdr_len, const uint8_t h[12], uint32_t flen) {
+    return tx_keep(m, s, nseg, hdr_len, h, flen, out);
+}
+
+int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
+                    struct vp_net_stats *st, struct vp_frames *out) {
+    return tx_serve(q, hdr_len, csum, limit, st, out ? take_keep : NULL, out);
 }
 
 /* Scatter the spans into the writable segments of chains; returns the bytes written into
@@ -632,79 +649,88 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
     return (int)k;
 }
 
+/* vp_net_reflect_burst's receive side, per burst. */
+struct reflect {
+    struct vp_vq *rq;
+    int mrg;
+    uint32_t max_len;
+    struct vp_net_stats *rx_st, *backlog;
+    struct vp_frames *out;
+    int stalled;
+    uint32_t nritems;
+    uint32_t ritems[2 * 256];
+    struct vp_chain rchains[RX_CHAINS];
+    struct vp_seg rsegs[SEGS_LOCAL];
+};
+
+static int take_reflect(void *ctx, const struct vp_mem *m, const struct vp_seg *s,
+                        uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen) {
+    struct reflect *r = ctx;
+    struct vp_frames *out = r->out;
+    if (r->stalled || r->rq->broken) {   /* the rest waits in Python's backlog */
+        r->stalled = 1;
+        return tx_keep(m, s, nseg, hdr_len, h, flen, out);
+    }
+    if (flen > r->max_len) {   /* as vp_net_rx_place refuses it */
+        r->backlog->drops[DROP_MTU]++;
+        r->backlog->dropped++;
+        return -1;
+    }
+    /* Straight from the transmit buffers when that is a plain copy; through `out` when a
+     * checksum is to be filled in or the frame is in many pieces. */
+    uint8_t macs[12], pre[24];
+    struct span sp[1 + MAX_SPANS];
+    int nsp = -1, reason = -1;
+    uint32_t kept = out->n;
+    if (gather(m, s, nseg, hdr_len, macs, 12)) return DROP_SHORT_HEADER;
+    if (!(h[0] & 1)) nsp = spans_of(m, s, nseg, hdr_len + 12, flen - 12, sp + 1, MAX_SPANS);
+    if (nsp < 0) {
+        reason = tx_keep(m, s, nseg, hdr_len, h, flen, out);
+        if (reason >= 0) return reason;
+        const uint8_t *data = out->buf + out->off[kept];
+        memcpy(macs, data, 12);
+        sp[1].p = data + 12;
+        sp[1].n = flen - 12;
+        nsp = 1;
+    }
+    sp[0].p = pre;
+    sp[0].n = rx_prefix(pre, hdr_len, macs, 1);
+    uint32_t nc = 0;
+    int got = rx_take(r->rq, r->mrg, (uint64_t)hdr_len + flen, r->rchains, r->rsegs, &nc);
+    if (got == RX_OK) {
+        rx_put(r->rq, hdr_len, r->mrg, r->rchains, nc, r->rsegs, pre, sp, (uint32_t)nsp + 1,
+               flen, r->ritems, &r->nritems, r->rx_st);
+    } else if (got == RX_SMALL || got == RX_WHOLE_RING) {
+        r->rx_st->drops[got == RX_SMALL ? DROP_RX_TOO_SMALL : DROP_WHOLE_RING]++;
+        r->rx_st->dropped++;
+    } else {   /* no room yet, a broken ring, or a frame only Python places: it waits */
+        r->stalled = 1;
+        if (out->n == kept) reason = tx_keep(m, s, nseg, hdr_len, h, flen, out);
+        kept = out->n;
+    }
+    out->n = kept;   /* a copy made only to be placed is not kept */
+    out->used = kept ? out->off[kept - 1] + out->len[kept - 1] : 0;
+    return reason;
+}
+
 int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, int csum,
                          int mrg, uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
                          struct vp_net_stats *rx_st, struct vp_net_stats *backlog,
                          struct vp_frames *out, int *stalled) {
-    struct vp_chain chains[256], rchains[RX_CHAINS];
-    struct vp_seg segs_local[SEGS_LOCAL], rsegs[SEGS_LOCAL];
-    struct vp_seg *segs = segs_local;
-    uint32_t items[512], ritems[2 * 256], nritems = 0;
-    *stalled = 0;
+    struct reflect r;
+    r.rq = rq;
+    r.mrg = mrg;
+    r.max_len = max_len;
+    r.rx_st = rx_st;
+    r.backlog = backlog;
+    r.out = out;
+    r.stalled = 0;
+    r.nritems = 0;
     out->n = 0;
     out->used = 0;
-    int n = tx_pop(q, limit, chains, &segs);
-    for (int c = 0; c < n; c++) {
-        const struct vp_chain *ch = &chains[c];
-        const struct vp_seg *s = segs + ch->first;
-        items[2 * c] = ch->head;
-        items[2 * c + 1] = 0;
-        uint8_t h[12];
-        uint32_t flen = 0;
-        int reason = tx_check(q->mem, ch, s, hdr_len, csum, h, &flen);
-        if (reason < 0 && (*stalled || rq->broken)) {   /* the rest waits in Python's backlog */
-            *stalled = 1;
-            reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
-        } else if (reason < 0 && flen > max_len) {   /* as vp_net_rx_place refuses it */
-            backlog->drops[DROP_MTU]++;
-            backlog->dropped++;
-        } else if (reason < 0) {
-            /* Straight from the transmit buffers when that is a plain copy; through `out`
-             * when a checksum is to be filled in or the frame is in many pieces. */
-            uint8_t macs[12], pre[24];
-            struct span sp[1 + MAX_SPANS];
-            int nsp = -1;
-            uint32_t kept = out->n;
-            if (gather(q->mem, s, ch->nseg, hdr_len, macs, 12)) reason = DROP_SHORT_HEADER;
-            else if (!(h[0] & 1))
-                nsp = spans_of(q->mem, s, ch->nseg, hdr_len + 12, flen - 12, sp + 1, MAX_SPANS);
-            if (reason < 0 && nsp < 0) {
-                reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
-                if (reason < 0) {
-                    const uint8_t *data = out->buf + out->off[kept];
-                    memcpy(macs, data, 12);
-                    sp[1].p = data + 12;
-                    sp[1].n = flen - 12;
-                    nsp = 1;
-                }
-            }
-            if (reason < 0) {
-                sp[0].p = pre;
-                sp[0].n = rx_prefix(pre, hdr_len, macs, 1);
-                uint32_t nc = 0;
-                int got = rx_take(rq, mrg, (uint64_t)hdr_len + flen, rchains, rsegs, &nc);
-                if (got == RX_OK) {
-                    rx_put(rq, hdr_len, mrg, rchains, nc, rsegs, pre, sp, (uint32_t)nsp + 1, flen,
-                           ritems, &nritems, rx_st);
-                } else if (got == RX_SMALL || got == RX_WHOLE_RING) {
-                    int why = got == RX_SMALL ? DROP_RX_TOO_SMALL : DROP_WHOLE_RING;
-                    rx_st->drops[why]++;
-                    rx_st->dropped++;
-                } else {   /* no room yet, a broken ring, or a frame only Python places */
-                    *stalled = 1;
-                    if (out->n == kept)
-                        reason = tx_keep(q->mem, s, ch->nseg, hdr_len, h, flen, out);
-                    kept = out->n;
-                }
-                out->n = kept;   /* a copy made only to be placed is not kept */
-                out->used = kept ? out->off[kept - 1] + out->len[kept - 1] : 0;
-            }
-        }
-        tx_count(st, reason, flen, h);
-    }
-    if (nritems) vp_add_used(rq, ritems, nritems);
-    if (n > 0) vp_add_used(q, items, (uint32_t)n);
-    if (segs != segs_local) free(segs);
+    int n = tx_serve(q, hdr_len, csum, limit, st, take_reflect, &r);
+    if (r.nritems) vp_add_used(rq, r.ritems, r.nritems);
+    *stalled = r.stalled;
     return n;
 }
 
