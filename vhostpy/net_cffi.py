@@ -3,11 +3,13 @@
 `NetFastPath` belongs to one `NetDevice` (when `_accel.lib` is set). Its `drain_tx` pops a
 burst of transmit chains in one C call (`vp_net_tx_burst`: the checks of
 `NetDevice._frame_from`, drops counted by reason, NEEDS_CSUM completed, used entries
-published) and then hands the burst on. When the consumer needs no Python at all (count
-only, a switch the port is alone on, reflect with an empty backlog; no capture, calls
-through eventfds) one `vp_net_tx_poll` call serves up to `POLL_BURSTS` bursts the same way,
-signals included (`_fastpath_net.c`), with its parameters (`struct vp_net_poll`) built once
-and reused while the consumer, header length, call fds and receive ring stay the same.
+published; the virtio-net header is read only when VIRTIO_NET_F_CSUM was negotiated) and
+then hands the burst on. When the consumer needs no Python at all (count only, a switch the
+port is alone on, reflect with an empty backlog; no capture, calls through eventfds) one
+`vp_net_tx_poll` call serves up to `POLL_BURSTS` bursts the same way, signals included
+(`_fastpath_net.c`; reflecting copies each frame once, transmit buffer straight into receive
+buffer: `vp_net_reflect_burst`), with its parameters (`struct vp_net_poll`) built once and
+reused while the consumer, header, call fds and receive ring stay the same.
 Otherwise, per burst:
 
 * nothing consumes frames (no handler, monitor, capture or built-in consumer): count only;
