@@ -61,6 +61,9 @@ from procs import terminate  # tests/ is on sys.path
 from bench.common import pick_named
 
 MiB = 1 << 20
+#: A boot whose guest fails (seen once: qemu-storage-daemon's guest hung in a QD32 job) is
+#: booted again this many times before the group fails; the repetitions stay paired.
+BOOT_RETRIES = 1
 
 # ------------------------------------------------------------------------------------------
 # jobs and back-ends
@@ -781,9 +784,19 @@ def run_blk(args: Any = None) -> list[dict[str, Any]]:
         for rep in range(opts.repetitions):
             for name in order:
                 t0 = time.monotonic()
-                results, f = boot_and_measure(specs[name], jobs, engine, opts.runtime, files,
-                                              workdir, guest_cpu, backend_cpu,
-                                              opts.qemu_affinity)
+                for attempt in range(1 + BOOT_RETRIES):
+                    try:
+                        results, f = boot_and_measure(specs[name], jobs, engine, opts.runtime,
+                                                      files, workdir, guest_cpu, backend_cpu,
+                                                      opts.qemu_affinity)
+                        break
+                    except qemu_guest.GuestError as exc:
+                        if attempt == BOOT_RETRIES:
+                            raise
+                        first = str(exc).splitlines()[0]
+                        say(f"rep {rep + 1}/{opts.repetitions} {name}: the guest failed "
+                            f"({first}); booting it again")
+                        facts[f"retried[{name}, rep {rep + 1}]"] = first
                 facts.update({k: v for k, v in f.items() if k != "qemu_command"})
                 facts[f"qemu_command[{name}]"] = f["qemu_command"]
                 done = [job for job in jobs if job.key in results]
