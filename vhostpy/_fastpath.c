@@ -380,6 +380,12 @@ static uint16_t checksum(const uint8_t *p, uint64_t n) {
 
 #define SEGS_LOCAL 2048
 
+/* Where the partial checksum a NEEDS_CSUM header asks for starts, and its field's offset. */
+static inline void csum_fields(const uint8_t h[12], uint16_t *start, uint16_t *off) {
+    memcpy(start, h + 6, 2);
+    memcpy(off, h + 8, 2);
+}
+
 /* Check one transmit chain as net.NetDevice does: a drop reason, or -1 with the frame's
  * length in *flen. With `csum` (VIRTIO_NET_F_CSUM negotiated) its virtio-net header is read
  * into h and checked; without, the driver must send flags 0 and no GSO (virtio 1.2
@@ -398,8 +404,7 @@ static int tx_check(const struct vp_mem *m, const struct vp_chain *ch, const str
     if (!csum) return -1;
     if (gather(m, s, ch->nseg, 0, h, hdr_len)) return DROP_SHORT_HEADER;
     uint16_t cs_start, cs_off;
-    memcpy(&cs_start, h + 6, 2);
-    memcpy(&cs_off, h + 8, 2);
+    csum_fields(h, &cs_start, &cs_off);
     if (h[1] != 0) return DROP_GSO;
     if ((h[0] & 1) && (uint32_t)cs_start + cs_off + 2 > *flen) return DROP_BAD_CSUM;
     return -1;
@@ -414,8 +419,7 @@ static int tx_keep(const struct vp_mem *m, const struct vp_seg *s, uint32_t nseg
     if (gather(m, s, nseg, hdr_len, dst, flen)) return DROP_SHORT_HEADER;
     if (h[0] & 1) {
         uint16_t cs_start, cs_off;
-        memcpy(&cs_start, h + 6, 2);
-        memcpy(&cs_off, h + 8, 2);
+        csum_fields(h, &cs_start, &cs_off);
         uint32_t field = (uint32_t)cs_start + cs_off;
         uint16_t c16 = checksum(dst + cs_start, flen - cs_start);
         dst[field] = (uint8_t)(c16 >> 8);
@@ -584,6 +588,12 @@ static int rx_take(struct vp_vq *q, int mrg, uint64_t need, struct vp_chain *cha
     return RX_OK;
 }
 
+/* Count a frame rx_take found no buffer for (RX_SMALL or RX_WHOLE_RING): dropped. */
+static void rx_dropped(struct vp_net_stats *st, int got) {
+    st->drops[got == RX_SMALL ? DROP_RX_TOO_SMALL : DROP_WHOLE_RING]++;
+    st->dropped++;
+}
+
 /* Write one frame into the buffers rx_take took: the spans (the first starts with the
  * virtio-net header, whose num_buffers is set here in `hdr`), then queue their used entries
  * in items (published when 256 are waiting) and count the frame. */
@@ -637,8 +647,7 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
         int got = rx_take(q, mrg, (uint64_t)hdr_len + len, chains, segs, &nc);
         if (got == RX_SMALL || got == RX_WHOLE_RING) {
             record(cap, pre + hdr_len, 12, data + 12, len - 12, ts_sec, ts_usec);
-            int reason = got == RX_SMALL ? DROP_RX_TOO_SMALL : DROP_WHOLE_RING;
-            st->drops[reason]++; st->dropped++;
+            rx_dropped(st, got);
             continue;
         }
         if (got != RX_OK) break;   /* wait for buffers, a broken ring, or one for Python */
@@ -682,7 +691,6 @@ static int take_reflect(void *ctx, const struct vp_mem *m, const struct vp_seg *
     struct span sp[1 + MAX_SPANS];
     int nsp = -1, reason = -1;
     uint32_t kept = out->n;
-    if (gather(m, s, nseg, hdr_len, macs, 12)) return DROP_SHORT_HEADER;
     if (!(h[0] & 1)) nsp = spans_of(m, s, nseg, hdr_len + 12, flen - 12, sp + 1, MAX_SPANS);
     if (nsp < 0) {
         reason = tx_keep(m, s, nseg, hdr_len, h, flen, out);
@@ -692,6 +700,8 @@ static int take_reflect(void *ctx, const struct vp_mem *m, const struct vp_seg *
         sp[1].p = data + 12;
         sp[1].n = flen - 12;
         nsp = 1;
+    } else if (gather(m, s, nseg, hdr_len, macs, 12)) {
+        return DROP_SHORT_HEADER;
     }
     sp[0].p = pre;
     sp[0].n = rx_prefix(pre, hdr_len, macs, 1);
@@ -701,8 +711,7 @@ static int take_reflect(void *ctx, const struct vp_mem *m, const struct vp_seg *
         rx_put(r->rq, hdr_len, r->mrg, r->rchains, nc, r->rsegs, pre, sp, (uint32_t)nsp + 1,
                flen, r->ritems, &r->nritems, r->rx_st);
     } else if (got == RX_SMALL || got == RX_WHOLE_RING) {
-        r->rx_st->drops[got == RX_SMALL ? DROP_RX_TOO_SMALL : DROP_WHOLE_RING]++;
-        r->rx_st->dropped++;
+        rx_dropped(r->rx_st, got);
     } else {   /* no room yet, a broken ring, or a frame only Python places: it waits */
         r->stalled = 1;
         if (out->n == kept) reason = tx_keep(m, s, nseg, hdr_len, h, flen, out);
