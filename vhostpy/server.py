@@ -39,7 +39,7 @@ from vhostpy import protocol as p
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError, ProtocolError
 from vhostpy.loop import EventLoop
-from vhostpy.session import Session
+from vhostpy.session import Session, Vring
 from vhostpy.virtqueue import Virtqueue
 
 log = logging.getLogger(__name__)
@@ -158,27 +158,9 @@ class Connection:
             if held is not None:
                 self._coalesce(vq, held, now, last_work)
             if now - last_work >= self.poll_idle and (held is None or held.since is None):
-                # Idle: ask for kicks again, then look once more (the driver may have
-                # published in between without kicking).
-                self._release(vq, held)
-                vq.polling = False
-                if ring.live and vq.enable_notifications():
-                    # Entries are there. Keep polling if the device takes them; entries it
-                    # leaves (receive buffers with no frame for them) are no reason to spin.
-                    vq.polling = True
-                    vq.hold_signals = held is not None
-                    if self.session.poll(index):
-                        last_work = now = time.monotonic()
-                        continue
-                    # Kicked for entries added after these (only a frame waiting for more
-                    # receive buffers than there are now needs it; without, no spin).
-                    self._release(vq, held)
-                    vq.polling = False
-                    if ring.live and vq.enable_notifications(after_available=True):
-                        vq.polling = True
-                        vq.hold_signals = held is not None
-                        last_work = now
-                        continue
+                if self._keep_polling(index, held):
+                    last_work = now = time.monotonic()
+                    continue
                 del self.polling[index]
                 return
             break
@@ -189,6 +171,32 @@ class Connection:
             return
         self.polling[index] = last_work
         self.server.loop.call_later(0, lambda: self._poll_turn(index))
+
+    def _keep_polling(self, index: int, held: _Held | None) -> bool:
+        """Ring `index` went idle: stop polling it and ask for kicks again. Returns True (and
+        polls on) when there is a reason to: the device took entries the driver published
+        before kicks were back on (it need not kick for those), or, where the device leaves
+        entries (receive buffers with no frame for them), entries added after those. Kicks
+        are then asked for only past the entries left, which a driver adding more crosses."""
+        ring = self.session.rings[index]
+        if not self._ask_for_kicks(ring, held):
+            return False
+        if self.session.poll(index):
+            return True
+        return self._ask_for_kicks(ring, held, after_available=True)
+
+    def _ask_for_kicks(self, ring: Vring, held: _Held | None, *,
+                       after_available: bool = False) -> bool:
+        """Stop polling `ring` and ask for kicks (`Virtqueue.enable_notifications`); if
+        entries are there already, poll on instead and return True."""
+        vq = ring.vq
+        self._release(vq, held)
+        vq.polling = False
+        if not ring.live or not vq.enable_notifications(after_available=after_available):
+            return False
+        vq.polling = True
+        vq.hold_signals = held is not None
+        return True
 
     # -- interrupt coalescing (see the module docstring) -----------------------------------
     def _coalesce(self, vq: Virtqueue, held: _Held, now: float, last_work: float) -> None:
