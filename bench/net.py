@@ -672,12 +672,17 @@ def switch_flood_rate(seconds: float, cpu: int | None = None) -> tuple[float, fl
     return n / elapsed, on_cpu
 
 
+def _backend_keys(cases: Sequence[Case]) -> dict[str, str]:
+    """Every back-end key of `cases`, once each, in order (for `pick_named`)."""
+    return {b.key: b.key for c in cases for b in c.backends}
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The net benchmark's options, for ``bench/run.py`` (all default to everything).
     Unknown names are refused when the command line is parsed."""
     cases = net_cases()
     case_keys = {c.key: c.key for c in cases}
-    backend_keys = {b.key: b.key for c in cases for b in c.backends}
+    backend_keys = _backend_keys(cases)
 
     def names(known: dict[str, str], what: str) -> Callable[[str], str]:
         def check(value: str) -> str:
@@ -705,7 +710,7 @@ def selected_cases(cases: Sequence[Case], names: str | None,
     in ``backends`` plus the case's reference (both comma-separated; ``None``: all).
     Unknown names raise ValueError listing the known ones."""
     chosen = pick_named(names, {c.key: c for c in cases}, "net case") or list(cases)
-    known = {b.key: b.key for c in cases for b in c.backends}
+    known = _backend_keys(cases)
     wanted = set(pick_named(backends, known, "net back-end")) or set(known)
     out = []
     for c in chosen:
