@@ -585,6 +585,26 @@ class Virtqueue:
             self.call()
         return need
 
+    def signal_target(self) -> tuple[int, int] | None:
+        """How a compiled data path signals this ring as `signal_used` would.
+
+        `(1, fd)`: decide in C and write eventfd `fd` when the driver wants an interrupt;
+        `(0, -1)`: make no decision (no interrupt installed, or the host holds this ring's
+        interrupts: the entries stay pending for the host's decision); None: only Python
+        can interrupt (the call is a Python callable): decide in C, then `interrupt()`.
+        """
+        if self.call is None or self.hold_signals:
+            return 0, -1
+        if self.call_fd is None:
+            return None
+        return 1, self.call_fd
+
+    def interrupt(self) -> None:
+        """Interrupt the driver now: a compiled path decided it wants one (see
+        `signal_target`); does nothing when no interrupt is installed."""
+        if self.call is not None:
+            self.call()
+
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (used->flags NO_NOTIFY, or avail_event under EVENT_IDX)."""
         self._notify = False
