@@ -403,12 +403,30 @@ class Server:
                     pass
 
 
+#: Bytes of `sockaddr_un.sun_path` on Linux: a socket path must fit (a terminating NUL is optional).
+_SUN_PATH_MAX = 108
+
+
 def _listen(path: str) -> socket.socket:
-    """Bind a listening socket at `path`, refusing a path that is in use or not a socket."""
+    """Bind a listening socket at `path`, refusing a path that is in use or not a socket.
+
+    Every way `path` can be unusable (a parent that is missing or not a directory, a directory
+    we may not write, a name too long for a UNIX socket address, another process listening
+    there, a file that is not a socket) is a ConfigurationError naming `path` and the reason:
+    the caller reports it in one line. A stale socket (nobody listening) is replaced.
+    """
+    if not path:
+        raise ConfigurationError("the socket path is empty")
+    size = len(os.fsencode(path))
+    if size > _SUN_PATH_MAX:
+        raise ConfigurationError(f"cannot listen on {path!r}: path too long for a UNIX socket "
+                                 f"({size} bytes, at most {_SUN_PATH_MAX})")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         st = None
+    except OSError as exc:   # e.g. ENOTDIR (/etc/passwd/x.sock), EACCES on a parent
+        raise ConfigurationError(f"cannot listen on {path!r}: {exc.strerror or exc}") from exc
     if st is not None:
         if not stat.S_ISSOCK(st.st_mode):
             raise ConfigurationError(f"socket path {path!r} exists and is not a socket")
@@ -416,7 +434,13 @@ def _listen(path: str) -> socket.socket:
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # a stale socket left by a dead process
+            try:
+                os.unlink(path)  # a stale socket left by a dead process
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise ConfigurationError(f"cannot replace the stale socket {path!r}: "
+                                         f"{exc.strerror or exc}") from exc
         except OSError as exc:
             raise ConfigurationError(f"socket path {path!r}: {exc.strerror or exc}") from exc
         else:
@@ -428,15 +452,11 @@ def _listen(path: str) -> socket.socket:
     # refuses connections. link() fails if `path` appeared meanwhile; it never replaces it.
     head, tail = os.path.split(path)
     tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+    if len(os.fsencode(tmp)) > _SUN_PATH_MAX:
+        tmp = path  # only the temporary name is too long for sun_path: bind in place
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        try:
-            sock.bind(tmp)
-        except OSError as exc:
-            if exc.errno is not None:
-                raise
-            tmp = path  # only the temporary name is too long for sun_path: bind in place
-            sock.bind(path)
+        sock.bind(tmp)
         sock.listen(128)
         if tmp != path:
             os.link(tmp, path)
@@ -453,13 +473,21 @@ def _listen(path: str) -> socket.socket:
 
 
 def _adopt(fd: int) -> socket.socket:
+    """The inherited socket `fd` (`--fd`): a UNIX stream socket, listening or connected.
+
+    Anything else (a closed number, a file, another kind of socket) is a ConfigurationError
+    naming the fd; the fd is left open for its owner then.
+    """
     try:
         st = os.fstat(fd)
     except OSError as exc:
-        raise ConfigurationError(f"--fd {fd}: {exc.strerror}") from exc
+        raise ConfigurationError(f"--fd {fd}: {exc.strerror or exc}") from exc
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigurationError(f"--fd {fd} is not a socket")
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigurationError(f"--fd {fd}: {exc.strerror or exc}") from exc
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
         raise ConfigurationError(f"--fd {fd} is not a UNIX stream socket")
