@@ -51,19 +51,6 @@ def ping_stats(output: str) -> list[tuple[int, int]]:
     return [(int(t), int(r)) for t, r in _PING_STATS.findall(output)]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; return it or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
 class FrameLog:
     """A port handler that keeps every frame it is given (from the loop thread), for waiting.
 

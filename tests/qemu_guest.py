@@ -43,6 +43,8 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Protocol, Union
 
+from tools import unavailable
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _INITRAMFS_PY = REPO_ROOT / "ci" / "qemu" / "initramfs.py"
 
@@ -164,18 +166,13 @@ def require_qemu() -> KernelInfo:
     Under ``CI=true`` (GitHub Actions sets it) a missing prerequisite is a test failure, so a
     broken runner cannot turn the QEMU suite into silent skips.
     """
-    import pytest
-
     try:
         find_qemu()
         kernel = find_kernel()
         _initramfs.find_busybox()
         build_initramfs()
     except (GuestImageError, subprocess.CalledProcessError, OSError) as e:
-        msg = f"QEMU guest prerequisites missing: {e}"
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        unavailable(f"QEMU guest prerequisites missing: {e}")
     return kernel
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,24 +19,16 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from qemu_guest import require_qemu
+from tools import require_tool
 
 from bench import blk, python_level
-
-
-def _require_tool(name: str, package: str) -> None:
-    if shutil.which(name):
-        return
-    msg = f"{name} not found ({package})"
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(msg, pytrace=False)
-    pytest.skip(msg)
 
 
 @pytest.mark.qemu
 def test_run_blk_quick_every_backend() -> None:
     require_qemu()
-    _require_tool("fio", "ci/bench/install-deps.sh")
-    _require_tool("qemu-storage-daemon", "ci/qemu/install-deps.sh: qemu-utils")
+    require_tool("fio", "ci/bench/install-deps.sh")
+    require_tool("qemu-storage-daemon", "ci/qemu/install-deps.sh: qemu-utils")
     args = argparse.Namespace(quick=True, repetitions=1, blk_jobs="randread-4k-qd32,idle",
                               blk_runtime=1.0, blk_image_mb=64, blk_no_null=True)
     records = blk.run_blk(args)

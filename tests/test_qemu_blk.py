@@ -16,7 +16,6 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qemu_guest import boot_guest, console_values, host_binary, require_qemu, start_guest
+from tools import require_tool
 
 MiB = 1 << 20
 GUEST_TIMEOUT = 120
@@ -134,15 +134,7 @@ echo "reread_direct=$(dd if=/dev/vda bs=1M skip={seek_mib} count=2 iflag=direct 
 # --------------------------------------------------------------------------------------------
 # 2: the guest makes an ext4 file system; the host's e2fsprogs check and read it
 
-
-def _host_tool(name: str) -> str:
-    for path in (shutil.which(name), f"/sbin/{name}", f"/usr/sbin/{name}"):
-        if path and os.access(path, os.X_OK):
-            return path
-    msg = f"{name} not found (apt e2fsprogs; ci/qemu/install-deps.sh installs it)"
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(msg, pytrace=False)
-    pytest.skip(msg)
+E2FSPROGS = "apt e2fsprogs; ci/qemu/install-deps.sh installs it"
 
 
 def _guest_mke2fs() -> tuple[dict[str, bytes], str]:
@@ -150,7 +142,7 @@ def _guest_mke2fs() -> tuple[dict[str, bytes], str]:
 
     Returns the ``files=`` entries and the guest command (see `host_binary`).
     """
-    files, command = host_binary(_host_tool("mke2fs"), "e2fs")
+    files, command = host_binary(require_tool("mke2fs", E2FSPROGS), "e2fs")
     if os.path.exists("/etc/mke2fs.conf"):  # the host's ext4 feature defaults
         files["etc/mke2fs.conf"] = Path("/etc/mke2fs.conf").read_bytes()
     return files, command
@@ -167,7 +159,8 @@ EXT4_FILES = {
 @pytest.mark.qemu
 def test_guest_mkfs_ext4_host_fsck_and_read(tmp_path: Path, backend) -> None:
     require_qemu()
-    e2fsck, debugfs, dumpe2fs = (_host_tool(t) for t in ("e2fsck", "debugfs", "dumpe2fs"))
+    e2fsck, debugfs, dumpe2fs = (require_tool(t, E2FSPROGS)
+                                 for t in ("e2fsck", "debugfs", "dumpe2fs"))
     files, mke2fs = _guest_mke2fs()
     files["big.bin"] = EXT4_FILES["/dir/sub/big.bin"]
     img = tmp_path / "fs.img"

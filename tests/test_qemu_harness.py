@@ -7,8 +7,6 @@ the ``qemu`` ones boot TCG guests (~5 s each).
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,10 +29,12 @@ from qemu_guest import (
     start_guest,
     wait_for_socket,
 )
+from tools import require_tool
 
 PATTERN = bytes(range(0xA0, 0xB0))  # 16 bytes the host writes at offset 0
 GUEST_WRITE = b"VHOSTPY-GUEST-WR"  # 16 bytes the guest writes at 1 MiB
 IMAGE_SIZE = 64 << 20
+E2FSPROGS = "apt e2fsprogs; ci/qemu/install-deps.sh installs it"
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +75,7 @@ def test_qemu_command_devices(tmp_path: Path) -> None:
 
 
 def test_overlay_archive_is_valid_cpio(tmp_path: Path) -> None:
-    if shutil.which("cpio") is None:
-        pytest.skip("cpio not installed")
+    require_tool("cpio", "apt cpio; ci/qemu/install-deps.sh installs it")
     from qemu_guest import _initramfs
 
     gz = _initramfs.overlay_archive({"test.sh": "echo hi\n", "sub/data.bin": b"\0\1"})
@@ -100,11 +99,7 @@ def qemu_ready() -> None:
 
 def _start_qsd(tmp_path: Path, images: list[Path]) -> tuple[subprocess.Popen[bytes], list[str]]:
     """qemu-storage-daemon exporting each image (raw) as a vhost-user-blk socket."""
-    qsd = shutil.which("qemu-storage-daemon")
-    if qsd is None:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail("qemu-storage-daemon missing (apt qemu-utils)", pytrace=False)
-        pytest.skip("qemu-storage-daemon missing (apt qemu-utils)")
+    qsd = require_tool("qemu-storage-daemon", "apt qemu-utils; ci/qemu/install-deps.sh")
     argv = [qsd]
     sockets = []
     for i, img in enumerate(images):
@@ -140,7 +135,7 @@ def qsd_two_disks(tmp_path: Path, qemu_ready: None) -> Iterator[tuple[list[Path]
     ext4 = tmp_path / "ext4.img"
     with open(ext4, "wb") as f:
         f.truncate(IMAGE_SIZE)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(ext4)], check=True)
+    subprocess.run([require_tool("mkfs.ext4", E2FSPROGS), "-q", "-F", str(ext4)], check=True)
     proc, sockets = _start_qsd(tmp_path, [raw, ext4])
     yield [raw, ext4], sockets, proc
     proc.terminate()
@@ -168,6 +163,7 @@ def test_blk_read_write_against_qemu_storage_daemon(
     qsd_two_disks: tuple[list[Path], list[str], subprocess.Popen[bytes]],
 ) -> None:
     (raw, ext4), sockets, qsd = qsd_two_disks
+    debugfs = require_tool("debugfs", E2FSPROGS)
     result = boot_guest(GUEST_BLK_SCRIPT, blk_sockets=sockets, timeout=120)
     assert result.exit_code == 0, result.raw_console
     assert f"size={IMAGE_SIZE // 512}" in result.lines
@@ -176,10 +172,9 @@ def test_blk_read_write_against_qemu_storage_daemon(
     with open(raw, "rb") as f:
         f.seek(1 << 20)
         assert f.read(16) == GUEST_WRITE
-    if shutil.which("debugfs"):
-        out = subprocess.run(["debugfs", "-R", "cat /hello.txt", str(ext4)],
-                             capture_output=True, text=True, check=True).stdout
-        assert out == "hello from the guest\n"
+    out = subprocess.run([debugfs, "-R", "cat /hello.txt", str(ext4)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "hello from the guest\n"
     assert qsd.poll() is None, "qemu-storage-daemon died"
 
 

@@ -1,0 +1,70 @@
+"""Rules every test module shares: missing prerequisites, and waiting for events.
+
+* A prerequisite that is missing (a tool, QEMU, DPDK, a Python module, network namespaces)
+  **fails** the test under ``CI=true`` (GitHub Actions sets it), so a broken runner cannot turn
+  a suite into silent skips, and **skips** it elsewhere. :func:`unavailable` is that rule,
+  :func:`require_tool` its most common use.
+* Tests never sleep to let something happen: they wait for an observable event (a log line, a
+  reply, a counter, a process exit) with :func:`wait_until`, under a bounded deadline.
+
+Also imported by ``bench/`` (through ``dpdk.py`` and ``qemu_guest.py``), which runs without
+pytest: pytest is imported only when a rule has to skip or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+T = TypeVar("T")
+
+#: Where administrators' tools live when they are not on a non-root user's PATH (e2fsck, ...).
+SBIN_DIRS = ("/usr/sbin", "/sbin")
+
+
+def under_ci() -> bool:
+    """True when ``CI`` says this run is continuous integration (``true``, ``1`` or ``yes``)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A prerequisite of the calling test is missing: fail it under CI, skip it elsewhere."""
+    import pytest
+
+    if under_ci():
+        pytest.fail(f"CI=true but a prerequisite is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def find_tool(name: str) -> str | None:
+    """Path of the executable ``name``: on PATH, else in /usr/sbin or /sbin; None if absent."""
+    for path in (shutil.which(name), *(os.path.join(d, name) for d in SBIN_DIRS)):
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def require_tool(name: str, hint: str) -> str:
+    """Path of the executable ``name``; if it is missing, :func:`unavailable` with ``hint``
+    (how to install it) in the message."""
+    path = find_tool(name)
+    if path is None:
+        unavailable(f"{name} not found ({hint})")
+    return path
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str,
+               interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that; raise
+    TimeoutError naming ``what`` once ``timeout`` seconds have passed without it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
