@@ -893,3 +893,50 @@ def decode_all(
             fds=left,
         )
     return out
+
+
+# -- naming virtio feature bits (for logs) -----------------------------------------------------
+
+#: Device-independent ("reserved") feature bits, virtio 1.2 section 6, with the two bits
+#: vhost-user borrows (VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES) and the legacy ones.
+TRANSPORT_FEATURE_NAMES: dict[int, str] = {
+    24: "NOTIFY_ON_EMPTY", 26: "VHOST_F_LOG_ALL", 27: "ANY_LAYOUT", 28: "INDIRECT_DESC",
+    29: "EVENT_IDX", 30: "VHOST_USER_F_PROTOCOL_FEATURES", 32: "VERSION_1",
+    33: "ACCESS_PLATFORM", 34: "RING_PACKED", 35: "IN_ORDER", 36: "ORDER_PLATFORM",
+    37: "SR_IOV", 38: "NOTIFICATION_DATA", 39: "NOTIF_CONFIG_DATA", 40: "RING_RESET",
+}
+
+#: Device-specific feature bits by virtio device id, virtio 1.2 sections 5.1.3 (net, id 1)
+#: and 5.2.3 (block, id 2), legacy bits included.
+DEVICE_FEATURE_NAMES: dict[int, dict[int, str]] = {
+    1: {0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC", 6: "GSO",
+        7: "GUEST_TSO4", 8: "GUEST_TSO6", 9: "GUEST_ECN", 10: "GUEST_UFO", 11: "HOST_TSO4",
+        12: "HOST_TSO6", 13: "HOST_ECN", 14: "HOST_UFO", 15: "MRG_RXBUF", 16: "STATUS",
+        17: "CTRL_VQ", 18: "CTRL_RX", 19: "CTRL_VLAN", 20: "CTRL_RX_EXTRA",
+        21: "GUEST_ANNOUNCE", 22: "MQ", 23: "CTRL_MAC_ADDR", 41: "GUEST_RSC4",
+        42: "GUEST_RSC6", 56: "HOST_USO", 57: "HASH_REPORT", 59: "GUEST_HDRLEN", 60: "RSS",
+        61: "RSC_EXT", 62: "STANDBY", 63: "SPEED_DUPLEX"},
+    2: {0: "BARRIER", 1: "SIZE_MAX", 2: "SEG_MAX", 4: "GEOMETRY", 5: "RO", 6: "BLK_SIZE",
+        7: "SCSI", 9: "FLUSH", 10: "TOPOLOGY", 11: "CONFIG_WCE", 12: "MQ", 13: "DISCARD",
+        14: "WRITE_ZEROES", 15: "LIFETIME", 16: "SECURE_ERASE"},
+}
+
+
+def feature_names(bits: int, device_id: int | None = None) -> list[str]:
+    """The names of the virtio feature bits set in `bits`, lowest bit first.
+
+    Device-independent bits are named for every device (`VERSION_1`, `EVENT_IDX`, ...);
+    device-specific bits only when `device_id` is a device with a table here (1 net, 2 block),
+    where the device's name wins. A bit without a name comes out as "bit N", so the list
+    always has one entry per set bit. `bits` must not be negative (ValueError).
+    """
+    if bits < 0:
+        raise ValueError(f"feature bits cannot be negative: {bits}")
+    device = DEVICE_FEATURE_NAMES.get(device_id, {}) if device_id is not None else {}
+    names: list[str] = []
+    bit = 0
+    while bits >> bit:
+        if bits >> bit & 1:
+            names.append(device.get(bit) or TRANSPORT_FEATURE_NAMES.get(bit) or f"bit {bit}")
+        bit += 1
+    return names
