@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from test_qemu_harness import _start_qsd
 
 from vhostpy.blk import VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhostpy.device import VIRTIO_ID_BLOCK
-from vhostpy.frontend import Frontend
+from vhostpy.frontend import BackendGone, Frontend
 from vhostpy.memory import GuestMemory
 from vhostpy.vhost_proxy import VhostUserProxy
 from vhostpy.virtqueue import VIRTIO_F_VERSION_1, Virtqueue
@@ -35,13 +37,24 @@ class LegacyDriver:
 
     def __init__(self, socket_path: str) -> None:
         self.fd = os.memfd_create("proxy-test-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, RAM)
         self.memory = GuestMemory()
-        self.memory.map_fd(self.fd, 0, RAM, 0, 0)
-        self.proxy = VhostUserProxy(Frontend.connect(socket_path), device_id=VIRTIO_ID_BLOCK,
-                                    memory_fd=self.fd, memory_size=RAM, config_size=60,
-                                    assume_version_1=True)
+        self.started = False
         self.irqs = 0
+        fe = None
+        try:
+            os.ftruncate(self.fd, RAM)
+            self.memory.map_fd(self.fd, 0, RAM, 0, 0)
+            fe = Frontend.connect(socket_path)
+            self.proxy = VhostUserProxy(fe, device_id=VIRTIO_ID_BLOCK, memory_fd=self.fd,
+                                        memory_size=RAM, config_size=60,
+                                        assume_version_1=True)
+        except BaseException:
+            # as the lguest launcher does: the proxy owns `fe` only once it exists
+            if fe is not None:
+                fe.close()
+            self.memory.clear()
+            os.close(self.fd)
+            raise
 
     def start(self) -> None:
         legacy = self.proxy.features() & ((1 << 32) - 1)     # a legacy driver sees 32 bits
@@ -54,6 +67,7 @@ class LegacyDriver:
             self.irqs += 1
         self.vq.call = irq
         self.proxy.queue_started(0, self.vq)
+        self.started = True
 
     def request(self, rtype: int, sector: int, data: bytes = b"", read_len: int = 0
                 ) -> tuple[int, bytes]:
@@ -74,7 +88,8 @@ class LegacyDriver:
         return status, self.memory.read(addrs[1], read_len) if read_len else b""
 
     def close(self) -> None:
-        self.proxy.queue_stopped(0, self.vq)
+        if self.started:
+            self.proxy.queue_stopped(0, self.vq)
         self.proxy.close()
         self.memory.clear()
         os.close(self.fd)
@@ -125,9 +140,43 @@ def test_proxy_to_qemu_storage_daemon(tmp_path: Path, image: Path) -> None:
         proc.wait(10)
 
 
+def _open_fds() -> dict[int, str]:
+    """This process's fds and what each one is (a readlink of /proc/self/fd/N)."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:     # the directory's own fd, closed by now
+            pass
+    return fds
+
+
+def test_failed_handshake_leaks_nothing(tmp_path: Path) -> None:
+    """A back-end that hangs up during the handshake: the driver releases its RAM and socket
+    (the autouse fixture below checks that every fd is closed)."""
+    path = str(tmp_path / "rude.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        hang_up = threading.Thread(target=lambda: listener.accept()[0].close())
+        hang_up.start()
+        # BackendGone when the hang-up is seen reading a reply; the raw OSError (EPIPE) when
+        # it is seen sending SET_OWNER (Frontend does not wrap send errors)
+        with pytest.raises((BackendGone, OSError)):
+            LegacyDriver(path)
+        hang_up.join(10)
+        assert not hang_up.is_alive()
+    finally:
+        listener.close()
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_fds() -> Iterator[None]:
-    before = set(os.listdir("/proc/self/fd"))
+    """Every test ends with exactly the fds it started with (the same numbers, the same
+    files): nothing the proxy, the driver or the back-ends' sockets opened stays open."""
+    before = _open_fds()
     yield
-    leaked = set(os.listdir("/proc/self/fd")) - before
-    assert len(leaked) <= 1, f"leaked fds: {leaked}"   # pytest's own log file may appear
+    after = _open_fds()
+    assert after == before, (f"leaked: { {fd: after[fd] for fd in after.keys() - before.keys()} }"
+                             f" closed: { {fd: before[fd] for fd in before.keys() - after.keys()} }")
