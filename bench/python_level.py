@@ -42,7 +42,7 @@ from ringbuilder import RingBuilder, anon_memory, layout
 
 import vhostpy  # the path is set just above
 from vhostpy.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, BlockDevice
-from vhostpy.virtqueue import Virtqueue
+from vhostpy.vring import DefaultVirtqueue, EventFdNotifier, Vring
 
 BATCH = 64
 BLOCK = 4096
@@ -87,9 +87,10 @@ class Rig:
         data = BATCH * (BLOCK + 64) * 2
         self.mem, self._buf = anon_memory(2 * data + (1 << 20))
         self.rb = RingBuilder(self.mem, RING_SIZE, layout(RING_SIZE, data_size=data))
-        self.vq = self.rb.attach(Virtqueue(self.mem, 0))
+        self.vq = self.rb.attach(DefaultVirtqueue(self.mem, 0))
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.vq.call = lambda: os.eventfd_write(self._efd, 1)
+        self.ring = Vring(dev, self.vq)
+        self.ring.set_call(EventFdNotifier(self._efd))
         dev.set_features(dev.features())
         dev.queue_started(0, self.vq)
         self.rng = random.Random(seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vhostpy.memory import GuestMemory
@@ -216,3 +216,38 @@ class RingBuilder:
             event = self.avail_event
             return ((self.avail_idx - event - 1) & 0xFFFF) < ((self.avail_idx - old_avail) & 0xFFFF)
         return not self.no_notify
+
+
+class CallRunner:
+    """A stand-in for `vring.Vring` in ring and device unit tests (`Virtqueue.runner`).
+
+    The test sets what a runner would decide: `call` (a Python callable) and `call_fd` (an
+    eventfd the compiled paths may write; `call` must then write the same fd), `polling`
+    and `held`. The interrupt decision itself is the ring's (`Virtqueue.decide_signal`).
+    The real runner's own behaviour is tested in tests/test_vring.py.
+    """
+
+    def __init__(self, vq: Virtqueue, call: Callable[[], None] | None = None,
+                 call_fd: int | None = None) -> None:
+        self.call = call
+        self.call_fd = call_fd
+        self.polling = False
+        self.held = False
+        vq.runner = self
+
+    def signal_used(self, vq: Virtqueue) -> bool:
+        if self.call is None or self.held:
+            return False
+        need = vq.decide_signal()
+        if need:
+            self.call()
+        return need
+
+    def signal_target(self) -> tuple[int, int] | None:
+        if self.call is None or self.held:
+            return 0, -1
+        return None if self.call_fd is None else (1, self.call_fd)
+
+    def interrupt(self) -> None:
+        if self.call is not None:
+            self.call()

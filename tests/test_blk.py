@@ -25,8 +25,8 @@ from vhostpy.virtqueue import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
-    Virtqueue,
 )
+from vhostpy.vring import DefaultVirtqueue
 
 SECTOR = 512
 SECTORS = 64
@@ -67,7 +67,7 @@ class Rig:
         self.dev = dev
         self.mem, self._buf = anon_memory(1 << 21)
         self.rb = RingBuilder(self.mem, RING, layout(RING, data_size=1 << 20))
-        self.vq = self.rb.attach(Virtqueue(self.mem, 0))
+        self.vq = self.rb.attach(DefaultVirtqueue(self.mem, 0))
         dev.set_features(dev.features())
         dev.queue_started(0, self.vq)
 

@@ -20,21 +20,19 @@ import itertools
 import logging
 import os
 import random
-import socket
 import struct
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from ringbuilder import RingBuilder, anon_memory, layout
+from ringbuilder import CallRunner, RingBuilder, anon_memory, layout
 from test_session import Rig as SessionRig
 
 from vhostpy import _accel
 from vhostpy.blk import BlockDevice
 from vhostpy.loop import EventLoop
-from vhostpy.server import Connection
-from vhostpy.virtqueue import PythonVirtqueue, Virtqueue
+from vhostpy.virtqueue import PythonVirtqueue
+from vhostpy.vring import DefaultVirtqueue, Vring
 
 #: C-against-Python comparisons: they run in the suite's cffi pass (ci/test.sh runs both); in
 #: the pure-Python pass, or where no compiler built the extension, there is no C side to compare.
@@ -117,18 +115,19 @@ class Run:
         self.mem, self.buf = anon_memory(memory)
         self.lay = layout(size, data_size=memory - 2 * (16 * size + 8192) - 65536)
         self.rb = RingBuilder(self.mem, size, self.lay)
-        cls = PythonVirtqueue if impl == "python" else Virtqueue
+        cls = PythonVirtqueue if impl == "python" else DefaultVirtqueue
         self.vq = self.rb.attach(cls(self.mem, 0))
         self.vq.event_idx = event_idx
-        self.vq.polling = polling
+        self.runner = CallRunner(self.vq)
+        self.runner.polling = polling
         self.calls = 0
         self.efd: int | None = None
         if call == "python":
-            self.vq.call = self._count
+            self.runner.call = self._count
         elif call == "eventfd":
             efd = self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.vq.call = lambda: os.eventfd_write(efd, 1)
-            self.vq.call_fd = efd
+            self.runner.call = lambda: os.eventfd_write(efd, 1)
+            self.runner.call_fd = efd
         self.dev.set_features(self.dev.features())
         self.dev.queue_started(0, self.vq)
         self.trace: list[Any] = []
@@ -374,7 +373,7 @@ def test_session_poll_counts_chains() -> None:
         assert rig.session.kick(0) == 3
         assert rig.session.kick(0) == 0
         rig.post(0, b"x")
-        assert rig.session.poll(0) == 1
+        assert rig.session.rings[0].serve() == 1
     finally:
         rig.close()
 
@@ -391,20 +390,20 @@ def test_kick_starts_polling_per_device(monkeypatch: pytest.MonkeyPatch, poll_af
     dev = BlockDevice.in_memory(SECTORS * SECTOR)
     dev.poll_after = poll_after
     loop = EventLoop()
-    a, b = socket.socketpair()
-    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    mem, _buf = anon_memory(1 << 20)
+    rb = RingBuilder(mem, 8, layout(8))
+    ring = Vring(dev, DefaultVirtqueue(mem, 0), loop)
     try:
-        conn = Connection(SimpleNamespace(device=dev, loop=loop), a)  # type: ignore[arg-type]
-        conn.kicks[kick] = 0
-        monkeypatch.setattr(conn.session, "kick", lambda index: served)
-        os.eventfd_write(kick, 1)
-        conn._on_kick(kick)
-        assert (0 in conn.polling) is polls
-        assert conn.session.rings[0].vq.polling is polls
+        rb.attach(ring.vq)
+        ring.start()
+        ring.enable(True)
+        assert ring.live
+        monkeypatch.setattr(ring, "serve", lambda: served)
+        ring.kick()
+        assert ring.polling is polls
+        assert ring.vq.polling is polls
     finally:
-        os.close(kick)
-        a.close()
-        b.close()
+        ring.reset()
         loop.close()
         dev.close()
     assert BlockDevice.poll_after == 2

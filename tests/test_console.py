@@ -15,13 +15,13 @@ import struct
 from collections.abc import Iterator, Sequence
 
 import pytest
-from ringbuilder import RingBuilder, anon_memory, layout
+from ringbuilder import CallRunner, RingBuilder, anon_memory, layout
 
 from vhostpy import console
 from vhostpy.console import ConsoleDevice, FdOutput
 from vhostpy.device import RING_FEATURES, VIRTIO_ID_CONSOLE
 from vhostpy.errors import ConfigurationError
-from vhostpy.virtqueue import Virtqueue
+from vhostpy.vring import DefaultVirtqueue
 
 RING = 64
 RX, TX = 0, 1
@@ -44,10 +44,10 @@ class Rig:
         self.mem, self._buf = anon_memory(1 << 22)
         self.rb = {q: RingBuilder(self.mem, RING, layout(RING, base=q << 21, data_size=1 << 20))
                    for q in (RX, TX)}
-        self.vq = {q: self.rb[q].attach(Virtqueue(self.mem, q)) for q in (RX, TX)}
+        self.vq = {q: self.rb[q].attach(DefaultVirtqueue(self.mem, q)) for q in (RX, TX)}
         self.calls = {RX: 0, TX: 0}
         for q in (RX, TX):
-            self.vq[q].call = lambda q=q: self._call(q)
+            CallRunner(self.vq[q], lambda q=q: self._call(q))
         self.dev.set_features(self.dev.features())
         for q in start:
             self.dev.queue_started(q, self.vq[q])

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ringbuilder import RingBuilder, anon_memory, layout
+from ringbuilder import CallRunner, RingBuilder, anon_memory, layout
 from scripted import ScriptedGuest
 from test_net import ALL, F_CSUM, HDR_MRG, MODERN_NO_MRG, PEER_MAC, Rig, frame, vhdr
 
@@ -34,6 +34,7 @@ from vhostpy.virtqueue import (
     PythonVirtqueue,
     Virtqueue,
 )
+from vhostpy.vring import DefaultVirtqueue
 
 #: C-against-Python comparisons: they run in the suite's cffi pass (ci/test.sh runs both); in
 #: the pure-Python pass, or where no compiler built the extension, there is no C side to compare.
@@ -75,14 +76,14 @@ def test_select_cffi() -> None:
 @pytest.mark.parametrize("value", ["python", "bogus", *(["cffi"] if _accel.lib else [])])
 def test_environment_variable(value: str) -> None:
     env = {**os.environ, "VHOSTPY_IMPLEMENTATION": value}
-    code = ("import vhostpy, vhostpy.virtqueue as v; "
-            "print(vhostpy.implementation, type(v.Virtqueue(v.GuestMemory(), 0)).__name__)")
+    code = ("import vhostpy, vhostpy.vring as v, vhostpy.memory as m; "
+            "print(vhostpy.implementation, type(v.DefaultVirtqueue(m.GuestMemory(), 0)).__name__)")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, cwd=ROOT, timeout=60, check=False)
     if value == "bogus":
         assert result.returncode != 0 and "is not one of auto, cffi, python" in result.stderr
     else:
-        expected = {"python": "python Virtqueue", "cffi": "cffi CffiVirtqueue"}[value]
+        expected = {"python": "python PythonVirtqueue", "cffi": "cffi CffiVirtqueue"}[value]
         assert result.stdout.split("\n")[0] == expected, result.stderr
 
 
@@ -92,7 +93,7 @@ def test_environment_variable(value: str) -> None:
 def _make(variant: str, size: int, event_idx: bool) -> tuple[RingBuilder, Virtqueue]:
     mem, _ = anon_memory(1 << 20)
     rb = RingBuilder(mem, size, layout(size))
-    cls = PythonVirtqueue if variant == "python" else Virtqueue
+    cls = PythonVirtqueue if variant == "python" else DefaultVirtqueue
     vq = rb.attach(cls(mem, 0))
     vq.event_idx = event_idx
     return rb, vq
@@ -125,7 +126,7 @@ def test_c_and_python_agree(seed: int, event_idx: bool) -> None:
     for variant in ("python", "cffi"):
         rb, vq = _make(variant, 16, event_idx)
         calls: list[int] = []
-        vq.call = lambda calls=calls: calls.append(1)  # type: ignore[misc]
+        CallRunner(vq, lambda calls=calls: calls.append(1))
         trace: list[Any] = []
         for actions in _script(seed, rb):
             for kind, arg in actions:
@@ -175,14 +176,14 @@ def _rig(impl: str, *, reflect: bool = False, capture: PcapWriter | None = None,
     for index in (0, 1):
         rb = rig.ring(index, start=False)
         python = impl == "python" or index in python_rings
-        vq = (PythonVirtqueue if python else Virtqueue)(rig.mem, index)
+        vq = (PythonVirtqueue if python else DefaultVirtqueue)(rig.mem, index)
         rb.attach(vq)
-        vq.call = rig.vqs[index].call
+        runner = CallRunner(vq, lambda index=index: rig.calls.update([index]))
         if fds:
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             rig.fds[index] = fd
-            vq.call_fd = fd
-            vq.call = lambda fd=fd: os.eventfd_write(fd, 1)
+            runner.call_fd = fd
+            runner.call = lambda fd=fd: os.eventfd_write(fd, 1)
         rig.vqs[index] = vq
         rig.dev.queue_started(index, vq)
     return rig
@@ -538,21 +539,22 @@ def test_idle_backend_uses_no_cpu(tmp_path: Path, impl: str) -> None:
 
 def test_vq_flags_roundtrip_after_idle_on_both() -> None:
     # A polled ring leaves kicks disabled; the transport's enable re-checks the ring.
-    for cls in (PythonVirtqueue, Virtqueue):
+    for cls in (PythonVirtqueue, DefaultVirtqueue):
         mem, _ = anon_memory(1 << 20)
         rb = RingBuilder(mem, 8, layout(8))
         vq = rb.attach(cls(mem, 0))
-        vq.polling = True
+        runner = CallRunner(vq)
+        runner.polling = True
         rb.add_chain([b"x"], [4])
         chains = vq.pop_many(8)
         vq.disable_notifications()
         assert len(chains) == 1 and rb.no_notify
         rb.add_chain([b"y"])
-        vq.polling = False
+        runner.polling = False
         assert vq.enable_notifications() is True and not rb.no_notify
         head = rb.add_chain([b"z"], publish=False)[0]
         rb.publish(head)
         assert len(vq.pop_many(8)) == 2
         vq.reset()
-        assert vq.polling is False
+        assert vq.size == 0
     assert VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT and VIRTQ_DESC_F_WRITE

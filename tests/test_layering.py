@@ -25,7 +25,9 @@ LAYER0 = {"errors", "protocol", "_accel"}
 LAYER1 = LAYER0 | {"memory", "virtqueue"}
 LAYER2 = LAYER1 | {"device"}
 MODELS = {"blk", "net", "rng", "console"}
-LAYER3 = LAYER2 | MODELS | {"packets"}
+#: Layer 2½: the vring runner (it builds the ring variant the visible rule picks).
+LAYER2H = LAYER2 | {"vring", "virtqueue_cffi"}
+LAYER3 = LAYER2H | MODELS | {"packets"}
 LAYER5 = LAYER3 | {"session", "frontend", "loop"}
 #: What a device model may import: the table's "device, virtqueue, memory, errors", plus
 #: `packets`, the transport-free frame helpers behind virtio-net.
@@ -44,10 +46,13 @@ ALLOWED: dict[str, set[str] | None] = {
     ROOT: set(LAYER0),
     # layer 1: guest memory and rings
     "memory": LAYER0 | {ROOT},
-    "virtqueue": LAYER0 | {"memory", "virtqueue_cffi", ROOT},
+    # the two ring variants are siblings: neither imports the other's module
+    "virtqueue": LAYER0 | {"memory", ROOT},
     "virtqueue_cffi": LAYER0 | {"memory", "virtqueue", ROOT},
     # layer 2: the device interface
     "device": LAYER1 | {ROOT},
+    # layer 2½: the runner of every served ring, shared by every transport
+    "vring": LAYER2 | {"virtqueue_cffi", ROOT},
     # layer 3: device models, and the transport-free helpers beside them
     "blk": MODEL_DEPS | {"blk_cffi"},
     # the compiled virtio-blk data path (blk's fast variant; never imports blk)

@@ -553,6 +553,8 @@ for _num in (0, 3, 65535, 512, 1 << 20):
     def _ring_size(h: Hostile, num: int = _num) -> list[str]:
         h.send(Request.SET_VRING_NUM, vring_state(0, num))
         h.nack(Request.SET_VRING_NUM)
+        if num == 512:      # a power of two, above the device's limit: say so
+            return ["VHOST_USER_SET_VRING_NUM", "size 512 is larger than the 256 this device"]
         return ["VHOST_USER_SET_VRING_NUM", f"size {num} is not a power of two"]
     case(f"ring-size-{_num}")(_ring_size)
 
@@ -614,7 +616,7 @@ def _kick_regular_file(h: Hostile) -> list[str]:
         h.nack(Request.SET_VRING_KICK)
     finally:
         os.close(fd)
-    return ["VHOST_USER_SET_VRING_KICK", "kick fd cannot be watched"]
+    return ["VHOST_USER_SET_VRING_KICK", "is not an eventfd"]
 
 
 @case("get-config-out-of-range")
@@ -749,7 +751,7 @@ def test_frontend_vanishes_with_replies_pending(t: Target) -> None:
     with Hostile(t.path) as h:
         h.fe.send_raw(_hdr(Request.GET_FEATURES, 0) * 2000)
     deadline = time.monotonic() + WAIT
-    while not any(n in t.log() for n in ("cannot send VHOST_USER_GET_FEATURES reply",
+    while not any(n in t.log() for n in ("cannot send a reply", "of replies unread",
                                          "front-end disconnected")):
         assert time.monotonic() < deadline, t.log()
         time.sleep(0.02)

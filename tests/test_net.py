@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from ringbuilder import RingBuilder, anon_memory, layout
+from ringbuilder import CallRunner, RingBuilder, anon_memory, layout
 
 from vhostpy.errors import ConfigurationError, FrontendError
 from vhostpy.loop import EventLoop
@@ -28,6 +28,7 @@ from vhostpy.virtqueue import (
     VIRTIO_RING_F_INDIRECT_DESC,
     Virtqueue,
 )
+from vhostpy.vring import DefaultVirtqueue
 
 try:
     from scapy.layers.inet import IP, TCP, UDP
@@ -104,12 +105,12 @@ class Rig:
         """Configure ring `index` (and start it on the device unless `start=False`)."""
         rb = RingBuilder(self.mem, RING, layout(RING, base=index * STRIDE,
                                                  data_size=STRIDE // 2))
-        vq = rb.attach(Virtqueue(self.mem, index))
+        vq = rb.attach(DefaultVirtqueue(self.mem, index))
         vq.event_idx = event_idx
 
         def call() -> None:
             self.calls[index] += 1
-        vq.call = call
+        CallRunner(vq, call)
         self.rbs[index], self.vqs[index] = rb, vq
         if start:
             self.dev.queue_started(index, vq)
@@ -505,7 +506,7 @@ def test_rx_runts_dropped(rig: Rig) -> None:
 def test_rx_frame_larger_than_the_ring_dropped() -> None:
     rig = Rig(NetDevice(mtu=9000))
     rb = RingBuilder(rig.mem, 2, layout(2, base=0, data_size=STRIDE // 2))
-    vq = rb.attach(Virtqueue(rig.mem, 0))
+    vq = rb.attach(DefaultVirtqueue(rig.mem, 0))
     rig.rbs[0], rig.vqs[0] = rb, vq
     rig.dev.queue_started(0, vq)
     rig.post(2, size=1024)

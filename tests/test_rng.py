@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from ringbuilder import RingBuilder, anon_memory, layout
+from ringbuilder import CallRunner, RingBuilder, anon_memory, layout
 
 from vhostpy.device import RING_FEATURES, VIRTIO_ID_RNG
 from vhostpy.errors import ConfigurationError
 from vhostpy.rng import DEFAULT_MAX_BYTES_PER_REQUEST, RngDevice
-from vhostpy.virtqueue import Virtqueue
+from vhostpy.vring import DefaultVirtqueue
 
 ROOT = Path(__file__).resolve().parent.parent
 RING = 128
@@ -52,10 +52,10 @@ class Rig:
         self.dev = dev
         self.mem, self._buf = anon_memory(1 << 22)
         self.rb = RingBuilder(self.mem, RING, layout(RING, data_size=3 << 20))
-        self.vq = self.rb.attach(Virtqueue(self.mem, 0))
+        self.vq = self.rb.attach(DefaultVirtqueue(self.mem, 0))
         self.vq.event_idx = event_idx
         self.calls = 0
-        self.vq.call = self._call
+        CallRunner(self.vq, self._call)
         dev.set_features(dev.features())
         dev.queue_started(0, self.vq)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from ringbuilder import RingBuilder, layout
+from ringbuilder import CallRunner, RingBuilder, layout
 from test_qemu_harness import _start_qsd
 
 from vhostpy.blk import VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
@@ -25,7 +25,8 @@ from vhostpy.device import VIRTIO_ID_BLOCK
 from vhostpy.frontend import BackendGone, Frontend
 from vhostpy.memory import GuestMemory
 from vhostpy.vhost_proxy import VhostUserProxy
-from vhostpy.virtqueue import VIRTIO_F_VERSION_1, Virtqueue
+from vhostpy.virtqueue import VIRTIO_F_VERSION_1
+from vhostpy.vring import DefaultVirtqueue
 
 RAM = 4 << 20
 IMAGE = 8 << 20
@@ -59,13 +60,13 @@ class LegacyDriver:
     def start(self) -> None:
         legacy = self.proxy.features() & ((1 << 32) - 1)     # a legacy driver sees 32 bits
         self.proxy.set_features(legacy)
-        self.vq = Virtqueue(self.memory, 0)
+        self.vq = DefaultVirtqueue(self.memory, 0)
         self.ring = RingBuilder(self.memory, 64, layout(64, base=1 << 20))
         self.ring.attach(self.vq)
 
         def irq() -> None:
             self.irqs += 1
-        self.vq.call = irq
+        CallRunner(self.vq, irq)
         self.proxy.queue_started(0, self.vq)
         self.started = True
 

@@ -7,12 +7,12 @@ import mmap
 from collections.abc import Callable
 
 import pytest
-from ringbuilder import Layout, RingBuilder, anon_memory, layout
+from ringbuilder import CallRunner, Layout, RingBuilder, anon_memory, layout
 
+from vhostpy.device import Device
 from vhostpy.errors import GuestError, RingError
 from vhostpy.memory import ADDRESS_LIMIT, GuestMemory
 from vhostpy.virtqueue import (
-    DEFAULT_VARIANT,
     MAX_QUEUE_SIZE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -21,6 +21,7 @@ from vhostpy.virtqueue import (
     Virtqueue,
     vring_need_event,
 )
+from vhostpy.vring import CallbackNotifier, DefaultVirtqueue, Vring
 
 SIZE = 8
 OTHER_BASE = 0x80000  # where the second ring of a test lives (memory is 1 MiB at 0)
@@ -40,7 +41,8 @@ def rb(mem: GuestMemory) -> RingBuilder:
 
 
 #: Every variant of Virtqueue: the pure-Python reference and (when built) the compiled one.
-VARIANTS = [PythonVirtqueue] + ([DEFAULT_VARIANT] if DEFAULT_VARIANT is not Virtqueue else [])
+VARIANTS = [PythonVirtqueue] + ([DefaultVirtqueue] if DefaultVirtqueue is not PythonVirtqueue
+                                else [])
 
 
 @pytest.fixture(params=VARIANTS, ids=lambda cls: cls.__name__)
@@ -56,7 +58,7 @@ def vq(mem: GuestMemory, rb: RingBuilder, variant: type[Virtqueue]) -> Virtqueue
 
 def other_queue(mem: GuestMemory, index: int = 1) -> tuple[RingBuilder, Virtqueue]:
     rb = RingBuilder(mem, SIZE, layout(SIZE, OTHER_BASE, 0x10000))
-    return rb, rb.attach(Virtqueue(mem, index))
+    return rb, rb.attach(DefaultVirtqueue(mem, index))
 
 
 # ------------------------------------------------------------------ configuration
@@ -64,14 +66,14 @@ def other_queue(mem: GuestMemory, index: int = 1) -> tuple[RingBuilder, Virtqueu
 
 @pytest.mark.parametrize("size", [0, 3, 6, 100, MAX_QUEUE_SIZE * 2, -1, 65536])
 def test_set_size_refuses(mem: GuestMemory, size: int) -> None:
-    q = Virtqueue(mem, 3)
+    q = DefaultVirtqueue(mem, 3)
     with pytest.raises(RingError, match=f"size {size}"):
         q.set_size(size)
     assert q.size == 0 and not q.ready
 
 
 def test_set_size_accepts_powers_of_two(mem: GuestMemory) -> None:
-    q = Virtqueue(mem, 0)
+    q = DefaultVirtqueue(mem, 0)
     for n in (1, 2, 256, MAX_QUEUE_SIZE):
         q.set_size(n)
         assert q.size == n
@@ -93,7 +95,7 @@ def test_set_size_accepts_powers_of_two(mem: GuestMemory) -> None:
 def test_set_addresses_refuses(
     mem: GuestMemory, desc: int, avail: int, used: int, match: str
 ) -> None:
-    q = Virtqueue(mem, 0)
+    q = DefaultVirtqueue(mem, 0)
     q.set_size(SIZE)
     with pytest.raises(RingError, match=match):
         q.set_addresses(desc, avail, used)
@@ -101,7 +103,7 @@ def test_set_addresses_refuses(
 
 
 def test_size_after_addresses_rechecks(mem: GuestMemory) -> None:
-    q = Virtqueue(mem, 0)
+    q = DefaultVirtqueue(mem, 0)
     q.set_addresses(0x100000 - 0x100, 0x1000, 0x2000)  # size unknown yet: alignment only
     with pytest.raises(RingError, match="descriptor table"):
         q.set_size(32)  # 512 bytes of table do not fit
@@ -111,14 +113,14 @@ def test_ring_spanning_two_regions_refused() -> None:
     mem = GuestMemory()
     mem.add_buffer(bytearray(0x1000), 0)
     mem.add_buffer(bytearray(0x1000), 0x1000)
-    q = Virtqueue(mem, 0)
+    q = DefaultVirtqueue(mem, 0)
     q.set_size(16)
     with pytest.raises(RingError, match="inside one mapped region"):
         q.set_addresses(0x0F80, 0x1100, 0x1200)
 
 
 def test_not_configured_pops_nothing(mem: GuestMemory) -> None:
-    q = Virtqueue(mem, 0)
+    q = DefaultVirtqueue(mem, 0)
     assert not q.ready and q.pop() is None and q.pop_many(4) == [] and not q.has_available()
     q.add_used(0, 0)  # dropped, no error
     assert not q.signal_used()
@@ -195,7 +197,7 @@ def test_buffer_spanning_regions() -> None:
     second = mmap.mmap(-1, 0x1000)
     mem.add_buffer(second, 0x10000)
     rb = RingBuilder(mem, 4, layout(4, 0, 0x1000))
-    q = rb.attach(Virtqueue(mem, 0))
+    q = rb.attach(DefaultVirtqueue(mem, 0))
     rb.write_desc(0, 0x10000 - 3, 6, 0)
     mem.write(0x10000 - 3, b"abcdef")
     rb.publish(0)
@@ -294,7 +296,7 @@ def test_interrupt_flags_without_event_idx(rb: RingBuilder, vq: Virtqueue) -> No
     add_and_complete(rb, vq, 1)
     assert vq.needs_notification()
     assert not vq.signal_used()  # no call installed: the entry stays pending
-    vq.call = lambda: calls.append(1)
+    CallRunner(vq, lambda: calls.append(1))
     assert vq.signal_used() and calls == [1]
     assert not vq.needs_notification() and not vq.signal_used()  # nothing new
     rb.set_no_interrupt(True)
@@ -323,7 +325,7 @@ def test_event_idx_used_notification(
 ) -> None:
     calls: list[int] = []
     vq.event_idx = True
-    vq.call = lambda: calls.append(1)
+    CallRunner(vq, lambda: calls.append(1))
     rb.set_base(base)
     vq.set_base(base)
     # first signal after set_base is unconditional: establish the "last signalled" mark
@@ -340,7 +342,7 @@ def test_event_idx_used_notification(
 def test_event_idx_windows_are_consumed(rb: RingBuilder, vq: Virtqueue) -> None:
     calls: list[int] = []
     vq.event_idx = True
-    vq.call = lambda: calls.append(1)
+    CallRunner(vq, lambda: calls.append(1))
     add_and_complete(rb, vq, 1)
     vq.signal_used()
     rb.set_used_event(3)  # the driver wants an interrupt once used->idx passes 3
@@ -356,28 +358,29 @@ def test_event_idx_windows_are_consumed(rb: RingBuilder, vq: Virtqueue) -> None:
 
 def test_held_signals_wait_for_one_decision_over_the_whole_window(
         rb: RingBuilder, vq: Virtqueue) -> None:
-    """`hold_signals` (a host coalescing interrupts): no decision while set, entries stay
+    """A runner holding interrupts (coalescing): no decision while held, entries stay
     pending, and the one decision after it covers them all, EVENT_IDX window included."""
     calls: list[int] = []
     vq.event_idx = True
-    vq.call = lambda: calls.append(1)
+    ring = Vring(Device(), vq)
+    ring.set_call(CallbackNotifier(lambda: calls.append(1)))
     add_and_complete(rb, vq, 1)
     assert vq.signal_used() and calls == [1]
     rb.set_used_event(vq.used_idx)   # the driver consumed entry 0; wants the next one
-    vq.hold_signals = True
+    ring.hold_interrupts()
     for k in range(1, 4):
         add_and_complete(rb, vq, 1)
         assert not vq.signal_used() and vq.unsignalled == k and calls == [1]
-    vq.hold_signals = False
-    assert vq.signal_used() and calls == [1, 1]   # one interrupt for the three held
+    ring.release_interrupts()
+    assert calls == [1, 1]   # one interrupt for the three held
     assert vq.unsignalled == 0
     # Held entries the driver did not ask about (used_event behind them) stay quiet.
-    vq.hold_signals = True
+    ring.hold_interrupts()
     add_and_complete(rb, vq, 2)
-    vq.hold_signals = False
-    assert not vq.signal_used() and calls == [1, 1] and vq.unsignalled == 0
-    vq.reset()
-    assert vq.hold_signals is False
+    ring.release_interrupts()
+    assert calls == [1, 1] and vq.unsignalled == 0
+    ring.reset()
+    assert vq.signal_target() == (0, -1)   # no call endpoint after a reset
 
 
 def test_kick_suppression_flags(rb: RingBuilder, vq: Virtqueue) -> None:

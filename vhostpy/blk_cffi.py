@@ -71,10 +71,11 @@ class BlkFastPath:
         b, bu, items = self.blk, self.burst, self._items
         b.fd, b.read_only, b.capacity = dev.fd, dev.read_only, dev.capacity
         bu.count = bu.pos = 0
-        if vq.call is None or vq.hold_signals:
-            call_fd = _NO_SIGNAL
+        target = vq.signal_target()
+        if target is None:
+            call_fd = _PY_CALL
         else:
-            call_fd = _PY_CALL if vq.call_fd is None else vq.call_fd
+            call_fd = target[1] if target[0] else _NO_SIGNAL
         polling = 1 if vq.polling else 0
         drain = lib.vp_blk_drain
         try:
@@ -90,7 +91,7 @@ class BlkFastPath:
                     dev.request_failed(index, items[2 * bu.pos - 2],
                                        ffi.string(bu.error).decode("utf-8", "replace"))
                 elif rc == 3:  # VP_BLK_CALL
-                    vq.call()
+                    vq.interrupt()
                 else:  # VP_BLK_SEGS
                     self._segs = ffi.new("struct vp_seg[]", vq.size + MAX_QUEUE_SIZE + 1)
                     bu.segs, bu.max_segs = self._segs, len(self._segs)

@@ -14,9 +14,12 @@ builds `Virtqueue` objects over guest memory and calls the device in this order:
 7. `reset()` on device reset or when the front-end goes away; the device returns to the
    state it had before step 3 and must keep what it owns (an image file, a port).
 
-A device adds used buffers with `vq.add_used()` and then calls `vq.signal_used()`, which
-interrupts the driver only when the driver asked for it. Devices must treat every guest
-buffer as hostile: sizes and contents come from the guest.
+A device adds used buffers with `vq.add_used()` and then calls `vq.signal_used()`: the ring's
+runner (`vring.Vring`) interrupts the driver when the driver asked for it, or holds the
+interrupt while it coalesces. Every hook runs under the runner's one containment rule: an
+exception breaks only that ring (or fails only that request) and is logged with the device,
+ring and hook. Devices must treat every guest buffer as hostile: sizes and contents come from
+the guest.
 """
 
 from __future__ import annotations
@@ -146,6 +149,10 @@ class Device:
     # -- transport-level settings a device may accept ---------------------------------------
     #: True when `set_mtu` is implemented (vhost-user then offers the NET_MTU protocol feature).
     supports_mtu = False
+    #: Whether a vhost-user front-end reads this device's config space from the back-end
+    #: (GET_CONFIG: QEMU's vhost-user-blk does); False where the front-end builds its own
+    #: (QEMU's virtio-net), so the CONFIG protocol feature is not offered to it.
+    config_via_frontend = True
 
     def set_mtu(self, mtu: int) -> None:
         """The front-end tells the device the MTU the driver was given (virtio-net)."""
@@ -157,7 +164,7 @@ def batches(vq: Virtqueue, size: int = BATCH) -> Iterator[list[DescriptorChain]]
 
     Stops when the ring is empty (or breaks). The race between the last pop and re-enabling
     kicks is closed by `enable_notifications()`, which reports buffers that arrived in
-    between. While the transport polls the ring (`vq.polling`), kicks stay disabled. The
+    between. While the runner polls the ring (`vq.polling`), kicks stay disabled. The
     caller publishes each batch's used entries before asking for the next.
     """
     while vq.ready:

@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .device import Device
-from .errors import ConfigurationError, MemoryAccessError, RingError
+from .errors import ConfigurationError, MemoryAccessError, VhostError
 from .memory import GuestMemory
-from .virtqueue import VIRTIO_RING_F_EVENT_IDX, Virtqueue
+from .virtqueue import Virtqueue
+from .vring import CallbackNotifier, DefaultVirtqueue, RingHost, Vring, call_hook
 
 __all__ = [
     "LGUEST_VRING_ALIGN", "LHCALL_NOTIFY", "LHREQ_BREAK", "LHREQ_EVENTFD", "LHREQ_GETDMA",
@@ -122,14 +123,18 @@ def _bits(value: int) -> list[int]:
 
 @dataclass
 class LguestQueue:
-    """One vring of an lguest device: its lguest_vqconfig and, while running, its Virtqueue."""
+    """One vring of an lguest device: its lguest_vqconfig and, while running, its runner."""
 
     index: int
     num: int
     irq: int
     pfn: int
-    vq: Virtqueue | None = None
-    error_reported: bool = False
+    ring: Vring | None = None
+
+    @property
+    def vq(self) -> Virtqueue | None:
+        """The running ring's `Virtqueue` (None while the device is not started)."""
+        return None if self.ring is None else self.ring.vq
 
     @property
     def address(self) -> int:
@@ -194,6 +199,11 @@ class LguestBridge:
     mapped there). `irq_sink(irq)` raises a guest interrupt; `console_sink(text)` receives
     early console output (logged at INFO without one). `notify()` and `kick()` take `lock`;
     code that feeds devices from another thread (a NetPort send) should hold it too.
+
+    Each running queue is a `vring.Vring` runner, as on vhost-user: the same device hook
+    containment, and, once a loop is attached (`attach(loop)`; its timers run under `lock`),
+    the same polling and interrupt coalescing. Without a loop every batch is interrupted at
+    once.
     """
 
     def __init__(self, memory: GuestMemory, ram_size: int, *, layout: Layout = "3.x",
@@ -230,7 +240,13 @@ class LguestBridge:
         self._next_irq = 1
         self._by_entry: dict[int, LguestDevice] = {}
         self._by_pfn: dict[int, tuple[LguestDevice, LguestQueue]] = {}
+        self._host: RingHost | None = None
         memory.write(ram_size, bytes(PAGE_SIZE))
+
+    def attach(self, loop: RingHost) -> None:
+        """Run the rings' timers (polling, coalescing) on `loop`, under `lock`; call before
+        the guest starts devices (rings started earlier keep serving without polling)."""
+        self._host = _LockedHost(loop, self.lock)
 
     # ---------------------------------------------------------------- layout
 
@@ -380,8 +396,8 @@ class LguestBridge:
                                 "(features not finalised); ignored", lg.device.name, q.index)
                     return
                 self._start(lg)     # a 2.6.24 guest never announces it: first kick starts
-            if q.vq is not None:
-                self._run_device(lg, q, lg.device.process_queue)
+            if q.ring is not None:
+                q.ring.kick()
 
     def _status_changed(self, lg: LguestDevice) -> None:
         status = self.memory.read(lg.status_address, 1)[0]
@@ -474,29 +490,32 @@ class LguestBridge:
                         "refused (the device gets only the offered ones)", name, _bits(refused))
         acked = accepted & lg.offered
         try:
-            lg.device.set_features(acked)
-        except Exception:
-            log.exception("lguest: %s refused features %#x; device not started", name, acked)
+            call_hook(lg.device, "set_features", lg.device.set_features, acked)
+        except VhostError:
+            log.warning("lguest: %s refused features %#x; device not started", name, acked)
             return
         lg.acked = acked
         lg.running = True
         for q in lg.queues:
-            vq = Virtqueue(self.memory, q.index)
+            ring = Vring(lg.device, DefaultVirtqueue(self.memory, q.index), self._host)
             try:
-                vq.set_size(q.num)
-                vq.set_addresses(*q.addresses())
-                vq.set_base(0)
-            except RingError as exc:
+                ring.set_size(q.num)
+                ring.set_addresses(*q.addresses())
+                ring.set_base(0)
+            except VhostError as exc:
                 log.warning("lguest: %s queue %d cannot start: %s", name, q.index, exc)
                 continue
-            vq.event_idx = bool(acked >> VIRTIO_RING_F_EVENT_IDX & 1)
-            vq.call = self._irq_raiser(q.irq)
-            q.vq = vq
-            q.error_reported = False
+            ring.set_features(acked)
+            ring.set_call(CallbackNotifier(self._irq_raiser(q.irq)))
+            q.ring = ring
         log.debug("lguest: %s started with features %#x", name, acked)
         for q in lg.queues:
-            if q.vq is not None:
-                self._run_device(lg, q, lg.device.queue_started)
+            if q.ring is not None:
+                q.ring.start()
+                q.ring.enable(True)
+                if q.ring.error is not None:
+                    log.warning("lguest: %s queue %d stopped: %s", name, q.index,
+                                q.ring.error)
         if self.on_device_started is not None:
             self.on_device_started(lg)
 
@@ -508,37 +527,19 @@ class LguestBridge:
                 log.exception("lguest: irq sink failed for irq %d", irq)
         return call
 
-    def _run_device(self, lg: LguestDevice, q: LguestQueue,
-                    call: Callable[[int, Virtqueue], None]) -> None:
-        vq = q.vq
-        assert vq is not None
-        try:
-            call(q.index, vq)
-        except Exception as exc:
-            log.exception("lguest: device %s failed on queue %d", lg.device.name, q.index)
-            vq.fail(f"device error: {exc!r}")
-        if vq.error is not None and not q.error_reported:
-            q.error_reported = True
-            log.warning("lguest: %s queue %d stopped: %s", lg.device.name, q.index, vq.error)
-
     # ---------------------------------------------------------------- reset
 
     def reset(self, lg: LguestDevice) -> None:
         """Reset a device: stop and zero its rings, clear accepted bits, reset the model."""
         with self.lock:
             for q in lg.queues:
-                if q.vq is not None:
-                    try:
-                        lg.device.queue_stopped(q.index, q.vq)
-                    except Exception:
-                        log.exception("lguest: %s queue_stopped(%d) failed", lg.device.name,
-                                      q.index)
-                    q.vq.reset()
-                    q.vq = None
+                if q.ring is not None:
+                    q.ring.reset()
+                    q.ring = None
             try:
-                lg.device.reset()
-            except Exception:
-                log.exception("lguest: %s reset failed", lg.device.name)
+                call_hook(lg.device, "reset", lg.device.reset)
+            except VhostError:
+                pass    # logged by call_hook; the page is reset whatever the device did
             try:
                 self._scrub(lg)
             except MemoryAccessError as exc:    # the memory went away before us
@@ -582,6 +583,29 @@ class LguestBridge:
                 if q.irq == irq:
                     return lg, q
         return None
+
+
+class _LockedHost:
+    """A loop whose timers run under the bridge's lock (notifies may come from any thread)."""
+
+    def __init__(self, loop: RingHost, lock: threading.RLock) -> None:
+        self.loop = loop
+        self.lock = lock
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.loop.add_reader(fd, self._locked(callback))
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.loop.remove_reader(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self.loop.call_later(delay, self._locked(callback))
+
+    def _locked(self, callback: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with self.lock:
+                callback()
+        return run
 
 
 def _contiguous_end(memory: GuestMemory, start: int) -> int:

@@ -151,8 +151,10 @@ class SharedMemoryHost:
         self._loop.add_reader(fd, _reader(self._on_kick, address, fd))
 
     def attach(self, loop: EventLoop) -> None:
-        """Let `loop` dispatch the notify pipe and every kick eventfd."""
+        """Let `loop` dispatch the notify pipe and every kick eventfd, and run the rings'
+        polling and coalescing timers."""
         self._loop = loop
+        self.bridge.attach(loop)
         loop.add_reader(self._notify_r, self._drain_for_loop)
         for address, fd in self._kick_fds.items():
             self._watch_kick(address, fd)
@@ -365,8 +367,10 @@ class DevLguestHost:
         return sum(self._on_eventfd(a, fd) for a, fd in list(self.eventfds.items()))
 
     def attach(self, loop: EventLoop) -> None:
-        """Serve the queue eventfds from `loop` (a thread other than the run loop's)."""
+        """Serve the queue eventfds from `loop` (a thread other than the run loop's), which
+        also runs the rings' polling and coalescing timers."""
         self._loop = loop
+        self.bridge.attach(loop)
         for address, fd in self.eventfds.items():
             self._watch(address, fd)
 

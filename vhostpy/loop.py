@@ -21,6 +21,7 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
+_EVENTS = (selectors.EVENT_READ, selectors.EVENT_WRITE)
 
 
 class EventLoop:
@@ -40,20 +41,49 @@ class EventLoop:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.add_reader(self._wake_fd, self._run_soon)
 
-    # -- readers ---------------------------------------------------------------------------
+    # -- readers and writers -----------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call `callback()` whenever `fd` is readable (replaces an earlier reader)."""
-        try:
-            self._selector.modify(fd, selectors.EVENT_READ, callback)
-        except KeyError:
-            self._selector.register(fd, selectors.EVENT_READ, callback)
+        self._watch(fd, 0, callback)
 
     def remove_reader(self, fd: int) -> bool:
-        """Stop watching `fd`; returns False when it was not watched."""
+        """Stop watching `fd` for reading; returns False when it was not watched."""
+        return self._unwatch(fd, 0)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call `callback()` whenever `fd` is writable (replaces an earlier writer)."""
+        self._watch(fd, 1, callback)
+
+    def remove_writer(self, fd: int) -> bool:
+        """Stop watching `fd` for writing; returns False when it was not watched."""
+        return self._unwatch(fd, 1)
+
+    def _watch(self, fd: int, which: int, callback: Callback) -> None:
         try:
-            self._selector.unregister(fd)
-        except (KeyError, ValueError):
+            key = self._selector.get_key(fd)
+        except KeyError:
+            handlers: list[Callback | None] = [None, None]
+            handlers[which] = callback
+            self._selector.register(fd, _EVENTS[which], handlers)
+            return
+        handlers = key.data
+        handlers[which] = callback
+        self._selector.modify(fd, key.events | _EVENTS[which], handlers)
+
+    def _unwatch(self, fd: int, which: int) -> bool:
+        try:
+            key = self._selector.get_key(fd)
+        except (KeyError, ValueError, RuntimeError):   # RuntimeError: the loop is closed
             return False
+        handlers = key.data
+        if handlers[which] is None:
+            return False
+        handlers[which] = None
+        events = key.events & ~_EVENTS[which]
+        if events:
+            self._selector.modify(fd, events, handlers)
+        else:
+            self._selector.unregister(fd)
         return True
 
     # -- timers ----------------------------------------------------------------------------
@@ -106,10 +136,16 @@ class EventLoop:
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            for key, _ in self._selector.select(timeout):
+            for key, events in self._selector.select(timeout):
                 if not self._running:
                     break
-                self._dispatch(key.data)
+                reader, writer = key.data
+                if events & selectors.EVENT_READ and reader is not None:
+                    self._dispatch(reader)
+                # The reader may have removed the writer (or closed the fd) meanwhile.
+                if events & selectors.EVENT_WRITE and writer is not None and \
+                        key.data[1] is writer:
+                    self._dispatch(writer)
             now = time.monotonic()
             while self._running and self._timers and self._timers[0][0] <= now:
                 _, _, callback = heapq.heappop(self._timers)

@@ -249,6 +249,8 @@ class NetDevice(Device):
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
     supports_mtu = True
+    #: QEMU's virtio-net builds its own config space: offering CONFIG only makes it warn.
+    config_via_frontend = False
 
     def __init__(self, *, mac: str = DEFAULT_MAC, mtu: int | None = None, queue_pairs: int = 1,
                  queue_size: int = 1024, name: str = "net0", rx_backlog: int = RX_BACKLOG) -> None:

@@ -204,11 +204,10 @@ class NetFastPath:
             rq = rxq.native()
             if rq is None:
                 return None
-            key: tuple[Any, ...] = (builtin, q, vq.call is None, vq.call_fd, vq.hold_signals,
-                                    dev._hdr_len, dev._csum, rq, rxq.call is None, rxq.call_fd,
-                                    rxq.hold_signals, dev._mrg, dev.mtu)
+            key: tuple[Any, ...] = (builtin, q, vq.signal_target(), dev._hdr_len, dev._csum,
+                                    rq, rxq.signal_target(), dev._mrg, dev.mtu)
         else:
-            key = (builtin, q, vq.call is None, vq.call_fd, vq.hold_signals, dev._hdr_len,
+            key = (builtin, q, vq.signal_target(), dev._hdr_len,
                    dev._csum, port.switch)
         cached = self._plans.get(pair)
         if cached is not None and cached[0] == key:
@@ -389,14 +388,9 @@ class NetFastPath:
 
 
 def _signal_mode(vq: Any) -> tuple[int, int] | None:
-    """(signal?, call fd) for C to signal `vq` as `signal_used` would; None when only
-    Python can (a call without an fd, as in tests). A ring whose host holds its interrupts
-    (`hold_signals`) is not signalled: its entries stay pending for the host's decision."""
-    if vq.call is None or vq.hold_signals:
-        return 0, -1
-    if vq.call_fd is None:
-        return None
-    return 1, vq.call_fd
+    """(signal?, call fd) for C to signal `vq` as `signal_used` would (`signal_target`)."""
+    target: tuple[int, int] | None = vq.signal_target()
+    return target
 
 
 def _fold(st: Any, counters: Any, *, frames: bool = True) -> None:

@@ -4,43 +4,30 @@
 serves one front-end at a time and, when it goes away, waits for the next. Further
 connections wait in the listen backlog meanwhile. Every byte and fd read goes to the
 connection's `Decoder`; every decoded message to its `Session`. Whatever the front-end
-does (garbage, truncation, a vanished peer) ends at most that connection, never the
-process.
+does (garbage, truncation, a vanished peer, replies it never reads) ends at most that
+connection, never the process, and never stalls the loop: every received fd is made
+non-blocking, and replies go out through a bounded queue written when the socket is
+writable (`MAX_PENDING_REPLY_BYTES`; a front-end past it is dropped).
 
-Polling with a budget: a kick that finds work (at least `device.poll_after` chains: a
-device answering one request per kick, such as virtio-blk at queue depth 1, gains nothing
-from a spin after each) starts polling that ring with kicks disabled (`vq.polling`). Each
-turn serves the ring for up to `POLL_TURN` seconds and then yields to the event loop (a
-zero-delay timer), so the control socket and other rings are served in between. After
-`POLL_IDLE` seconds (or the device's `poll_idle`) without work the ring asks for kicks again,
-re-checks it (work that raced in keeps the polling going) and goes back to waiting on its
-kick eventfd: an idle back-end uses no CPU.
-
-Interrupt coalescing, for a device with `coalesce` set (`device.Coalescing`): once an
-interrupt covered two or more completions the driver counts as streaming, and the next
-kick's completions are held (`vq.hold_signals`) while the ring is polled; the driver is
-interrupted once when the ring has been quiet for `quiet`, `batch` completions wait or the
-oldest waited `wait`, and always before the ring goes back to kicks. Held completions are
-already in the used ring; only the interrupt waits.
+This module is sockets only: the rings' kicks, polling and interrupt coalescing belong to
+the session's `vring.Vring` runners, which get the loop as their `RingHost`.
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import logging
 import os
 import socket
 import stat
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from vhostpy import protocol as p
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError, ProtocolError
 from vhostpy.loop import EventLoop
-from vhostpy.session import Session, Vring
-from vhostpy.virtqueue import Virtqueue
+from vhostpy.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +35,9 @@ RECV_BYTES = 65536
 #: Room for more fds than any message may carry, so extras are received and closed by us
 #: rather than silently dropped by the kernel.
 RECV_FDS = 64
-SEND_TIMEOUT = 10.0
-#: Longest stretch one ring is served before the event loop gets its turn (seconds).
-POLL_TURN = 0.0005
-#: How long a polled ring may stay empty before it waits for kicks again (seconds).
-POLL_IDLE = 0.0002
-
-
-@dataclass
-class _Held:
-    """The interrupt coalescing state of one ring."""
-
-    last_batch: int = 0        # completions the last interrupt decision covered
-    since: float | None = None  # when the oldest held completion was seen (None: none held)
-    streaming: bool = False     # whether the held ones may wait (see `Coalescing`)
-    held: int = 0               # completions whose interrupt waited, in all
-    releases: int = 0           # interrupt decisions that covered them
+#: Reply bytes a front-end may leave unread before it is dropped (it sends requests and
+#: never reads the answers).
+MAX_PENDING_REPLY_BYTES = 256 * 1024
 
 
 def _fd_space() -> int:
@@ -71,164 +45,18 @@ def _fd_space() -> int:
 
 
 class Connection:
-    """One front-end: its socket, decoder and session."""
+    """One front-end: its socket, decoder, session and reply queue."""
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.decoder = p.Decoder("frontend")
-        self.kicks: dict[int, int] = {}
-        self.polling: dict[int, float] = {}   # ring index -> when it last had work
-        self.session = Session(server.device, self)
-        self.poll_after = server.device.poll_after
-        idle = server.device.poll_idle
-        self.poll_idle = POLL_IDLE if idle is None else idle
-        self.coalesce = server.device.coalesce
-        self.held: dict[int, _Held] = {}   # ring index -> its coalescing state
+        self.session = Session(server.device, server.loop)
         self.closed = False
+        #: Encoded replies not yet (fully) sent: (bytes, fds to send with the first byte).
+        self._out: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
+        self._out_bytes = 0
         sock.setblocking(False)
-
-    # -- SessionHost -----------------------------------------------------------------------
-    def watch_kick(self, fd: int, index: int) -> None:
-        self.kicks[fd] = index
-        self.server.loop.add_reader(fd, lambda: self._on_kick(fd))
-
-    def unwatch_kick(self, fd: int) -> None:
-        self.kicks.pop(fd, None)
-        self.server.loop.remove_reader(fd)
-
-    def _on_kick(self, fd: int) -> None:
-        index = self.kicks.get(fd)
-        if index is None:
-            return
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            log.warning("kick fd %d of vring %d: %s; no longer watched", fd, index, exc)
-            self.unwatch_kick(fd)
-            return
-        vq = self.session.rings[index].vq
-        held = self.held.setdefault(index, _Held()) if self.coalesce is not None else None
-        streaming = held is not None and held.last_batch >= 2 and vq.call is not None
-        vq.hold_signals = streaming or (held is not None and index in self.polling)
-        served = self.session.kick(index)
-        if held is not None and vq.hold_signals:
-            if vq.unsignalled:
-                if held.since is None:
-                    held.since, held.streaming = time.monotonic(), streaming
-                if index not in self.polling:
-                    self._start_polling(index)
-                return
-            if index not in self.polling:
-                vq.hold_signals = False
-        elif held is not None and served:
-            held.last_batch = served
-        if self.poll_after and served >= self.poll_after and index not in self.polling:
-            self._start_polling(index)
-
-    # -- polling ---------------------------------------------------------------------------
-    def _start_polling(self, index: int) -> None:
-        self.polling[index] = time.monotonic()
-        vq = self.session.rings[index].vq
-        vq.polling = True
-        vq.hold_signals = self.coalesce is not None   # `_on_kick` made its `_Held`
-        self.server.loop.call_later(0, lambda: self._poll_turn(index))
-
-    def _poll_turn(self, index: int) -> None:
-        """Serve ring `index` for up to POLL_TURN; reschedule, or go back to kicks if idle."""
-        if self.closed or index not in self.polling:
-            return
-        ring = self.session.rings[index]
-        vq = ring.vq
-        now = time.monotonic()
-        end = now + POLL_TURN
-        last_work = self.polling[index]
-        held = self.held.get(index)   # None unless the device coalesces
-        while ring.live and vq.polling:
-            if self.session.poll(index):
-                last_work = now = time.monotonic()
-                if held is not None:
-                    self._coalesce(vq, held, now, last_work)
-                if now >= end:
-                    break
-                continue
-            now = time.monotonic()
-            if held is not None:
-                self._coalesce(vq, held, now, last_work)
-            if now - last_work >= self.poll_idle and (held is None or held.since is None):
-                if self._keep_polling(index, held):
-                    last_work = now = time.monotonic()
-                    continue
-                del self.polling[index]
-                return
-            break
-        if not ring.live or not vq.polling:
-            self._release(vq, held)
-            vq.polling = False
-            self.polling.pop(index, None)
-            return
-        self.polling[index] = last_work
-        self.server.loop.call_later(0, lambda: self._poll_turn(index))
-
-    def _keep_polling(self, index: int, held: _Held | None) -> bool:
-        """Ring `index` went idle: stop polling it and ask for kicks again. Returns True (and
-        polls on) when there is a reason to: the device took entries the driver published
-        before kicks were back on (it need not kick for those), or, where the device leaves
-        entries (receive buffers with no frame for them), entries added after those. Kicks
-        are then asked for only past the entries left, which a driver adding more crosses."""
-        ring = self.session.rings[index]
-        if not self._ask_for_kicks(ring, held):
-            return False
-        if self.session.poll(index):
-            return True
-        return self._ask_for_kicks(ring, held, after_available=True)
-
-    def _ask_for_kicks(self, ring: Vring, held: _Held | None, *,
-                       after_available: bool = False) -> bool:
-        """Stop polling `ring` and ask for kicks (`Virtqueue.enable_notifications`); if
-        entries are there already, poll on instead and return True."""
-        vq = ring.vq
-        self._release(vq, held)
-        vq.polling = False
-        if not ring.live or not vq.enable_notifications(after_available=after_available):
-            return False
-        vq.polling = True
-        vq.hold_signals = held is not None
-        return True
-
-    # -- interrupt coalescing (see the module docstring) -----------------------------------
-    def _coalesce(self, vq: Virtqueue, held: _Held, now: float, last_work: float) -> None:
-        """Interrupt the driver for what `vq` holds, once `Coalescing` says it is time."""
-        pending = vq.unsignalled
-        if not pending or vq.call is None:
-            return
-        if held.since is None:
-            held.since, held.streaming = now, held.last_batch >= 2
-        c = self.coalesce
-        assert c is not None
-        if (not held.streaming or pending >= c.batch or now - last_work >= c.quiet
-                or now - held.since >= c.wait):
-            self._release(vq, held)
-            vq.hold_signals = True
-
-    def _release(self, vq: Virtqueue, held: _Held | None) -> None:
-        """Stop holding `vq`'s interrupts; interrupt the driver for what was held (if it
-        asked for it: `signal_used`)."""
-        waited = held is not None and held.since is not None and held.streaming
-        if held is not None:
-            held.since = None
-        if not vq.hold_signals:
-            return
-        vq.hold_signals = False
-        pending = vq.unsignalled
-        if held is not None and pending:
-            held.last_batch = pending
-            if waited:
-                held.held += pending
-                held.releases += 1
-        vq.signal_used()
 
     # -- socket ----------------------------------------------------------------------------
     def on_readable(self) -> None:
@@ -287,39 +115,53 @@ class Connection:
             self._send(self.session.handle(msg))
 
     def _send(self, replies: list[p.Message]) -> None:
+        """Queue `replies` and write what the socket takes now; the rest goes out when it is
+        writable. A front-end that leaves more than MAX_PENDING_REPLY_BYTES unread is dropped."""
         for reply in replies:
             data, fds = p.encode(reply)
+            self._out.append((data, fds))
+            self._out_bytes += len(data)
+        if self._out_bytes > MAX_PENDING_REPLY_BYTES:
+            log.warning("front-end left %d bytes of replies unread (limit %d); dropping the "
+                        "connection", self._out_bytes, MAX_PENDING_REPLY_BYTES)
+            self.close()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out and not self.closed:
+            data, fds = self._out[0]
             try:
-                self.sock.settimeout(SEND_TIMEOUT)
                 if fds:
                     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    self.sock.sendmsg([data], anc)
+                    sent = self.sock.sendmsg([data], anc)
                 else:
-                    self.sock.sendall(data)
+                    sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                self.server.loop.add_writer(self.sock.fileno(), self._flush)
+                return
             except OSError as exc:
-                log.warning("cannot send %s reply: %s", p.request_name(reply.request), exc)
+                log.warning("cannot send a reply: %s; dropping the connection", exc)
                 self.close()
                 return
-            finally:
-                if not self.closed:
-                    self.sock.setblocking(False)
+            self._out_bytes -= sent
+            if sent < len(data):
+                self._out[0] = (data[sent:], ())   # the fds went with the first byte
+            else:
+                self._out.popleft()
+        if not self.closed:
+            self.server.loop.remove_writer(self.sock.fileno())
 
     def close(self) -> None:
         """End this connection and release everything the front-end gave us."""
         if self.closed:
             return
         self.closed = True
-        self.server.loop.remove_reader(self.sock.fileno())
-        for fd in list(self.kicks):
-            self.unwatch_kick(fd)
-        for index in self.polling:
-            vq = self.session.rings[index].vq
-            vq.polling = vq.hold_signals = False
-        self.polling.clear()
-        for index, held in sorted(self.held.items()):
-            if held.releases:
-                log.info("vring %d: interrupt coalescing: %d completions held, %d interrupt "
-                         "decisions for them", index, held.held, held.releases)
+        fileno = self.sock.fileno()
+        self.server.loop.remove_reader(fileno)
+        self.server.loop.remove_writer(fileno)
+        self._out.clear()
+        self._out_bytes = 0
         try:
             self.session.close()
         finally:
@@ -502,7 +344,11 @@ def _collect_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
             fds.extend(arr)
     for fd in fds:
-        os.set_inheritable(fd, False)
+        try:
+            os.set_inheritable(fd, False)
+            os.set_blocking(fd, False)   # no fd the front-end hands us may ever block us
+        except OSError:
+            pass
     return fds
 
 

@@ -1,10 +1,12 @@
 """The vhost-user back-end control plane for one front-end connection (sans-I/O).
 
 `Session.handle(message)` applies one decoded request and returns the reply messages to
-send. The session owns what the front-end handed over (guest memory mappings, kick, call
-and err eventfds) and the ring states; it never touches a socket or a selector. To learn
-about kicks it asks its host to watch kick fds (`SessionHost`), and the host calls
-`Session.kick(index)` when one fires.
+send. The session owns what the front-end handed over (guest memory mappings; kick, call
+and err eventfds as the rings' notifiers); it never touches a socket. Each ring is a
+`vring.Vring` runner, which owns the ring's state, its notifiers, every device hook call and
+the decision after a kick; the session only translates messages into runner calls. The
+runners ask the session's host (`SessionHost`, an event loop) to watch kick fds and to run
+timers.
 
 Dispatch is one table, `HANDLERS`. Everything that is common to all requests happens once
 in `handle`: DEBUG logging, fd ownership (fds a handler did not keep are closed), failures
@@ -12,10 +14,16 @@ turned into explicit failure replies (a REPLY_ACK of 1, or an empty payload for 
 that have their own reply), and REPLY_ACK on success. A request missing from the table is
 unsupported and always fails: it is never answered with a fake "ok".
 
+Checked once, centrally, by the decoder (`protocol.expected_fds`): how many fds a message
+carries and its payload layout; handlers never re-check them. Only eventfds are accepted as
+kick, call and err (`vring.eventfd_notifier`). Device hooks that belong to a request
+(`set_features`, `write_config`, `set_mtu`) run under `vring.call_hook`, so a device that
+raises fails that request only.
+
 Ring states follow the spec: a ring is *started* by SET_VRING_KICK and stopped by
 GET_VRING_BASE; it is *enabled* by SET_VRING_ENABLE, or implicitly when
 VHOST_USER_F_PROTOCOL_FEATURES was not negotiated. The device serves a ring only while it
-is started, enabled and configured ("live").
+is started, enabled and configured (`vring.RingState.ENABLED`).
 """
 
 from __future__ import annotations
@@ -23,14 +31,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from vhostpy import protocol as p
 from vhostpy.device import Device
-from vhostpy.errors import BackendError, FrontendError, ProtocolError, UnsupportedError, VhostError
+from vhostpy.errors import FrontendError, ProtocolError, UnsupportedError, VhostError
 from vhostpy.memory import GuestMemory
-from vhostpy.virtqueue import MAX_QUEUE_SIZE, VIRTIO_RING_F_EVENT_IDX, Virtqueue
+from vhostpy.virtqueue import MAX_QUEUE_SIZE
+from vhostpy.vring import DefaultVirtqueue, EventFdNotifier, Vring, call_hook, eventfd_notifier
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +55,14 @@ DEFAULT_MAX_MEM_SLOTS = 32
 
 
 class SessionHost(Protocol):
-    """What a session needs from the I/O edge that runs it."""
+    """What a session needs from the I/O edge that runs it: fd watching and timers for its
+    rings (`vring.RingHost`; an `EventLoop` is one)."""
 
-    def watch_kick(self, fd: int, index: int) -> None:
-        """Call `Session.kick(index)` whenever eventfd `fd` becomes readable (after reading it)."""
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
 
-    def unwatch_kick(self, fd: int) -> None:
-        """Stop watching `fd`; the session closes it right after."""
+    def remove_reader(self, fd: int) -> bool: ...
 
-
-@dataclass
-class Vring:
-    """One ring's vhost-user state beside its `Virtqueue`."""
-
-    vq: Virtqueue
-    addr: p.VringAddr | None = None
-    kick_fd: int | None = None
-    call_fd: int | None = None
-    err_fd: int | None = None
-    started: bool = False
-    enabled: bool = False
-    live: bool = False
-    error_reported: bool = False
-    kicks: int = field(default=0)
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
 
 
 def _close(fd: int | None) -> None:
@@ -78,22 +71,6 @@ def _close(fd: int | None) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def _eventfd_signal(fd: int) -> Callable[[], None]:
-    def signal() -> None:
-        try:
-            os.eventfd_write(fd, 1)
-        except OSError as exc:  # the front-end closed its end: nothing to interrupt
-            log.debug("call fd %d: %s", fd, exc)
-    return signal
-
-
-def _install_call(vq: Virtqueue, fd: int | None) -> None:
-    """Point the ring's interrupt at call eventfd `fd` (None: no interrupts): both the callable
-    Python devices use and the fd the compiled path writes, so they never disagree."""
-    vq.call = _eventfd_signal(fd) if fd is not None else None
-    vq.call_fd = fd
 
 
 class Session:
@@ -105,7 +82,13 @@ class Session:
         self.host = host
         self.max_mem_slots = max_mem_slots
         self.memory = GuestMemory()
-        self.rings = [Vring(Virtqueue(self.memory, i)) for i in range(device.num_queues)]
+        self.rings = [Vring(device, DefaultVirtqueue(self.memory, i), host)
+                      for i in range(device.num_queues)]
+        #: Each ring's SET_VRING_ADDR (front-end virtual addresses), re-translated into
+        #: guest-physical ones whenever the memory table changes.
+        self._addrs: list[p.VringAddr | None] = [None] * device.num_queues
+        #: Each ring's explicit SET_VRING_ENABLE.
+        self._enabled = [False] * device.num_queues
         self.features = 0
         self.features_set = False
         self.protocol_features = PF(0)
@@ -125,8 +108,8 @@ class Session:
         offered = SUPPORTED_PROTOCOL_FEATURES
         if self.device.supports_mtu:
             offered |= PF.NET_MTU
-        if not self.device.config():     # nothing to GET_CONFIG (virtio-rng)
-            offered &= ~PF.CONFIG
+        if not self.device.config_via_frontend or not self.device.config():
+            offered &= ~PF.CONFIG   # nothing the front-end reads (virtio-net, virtio-rng)
         return offered
 
     # -- dispatch --------------------------------------------------------------------------
@@ -192,95 +175,41 @@ class Session:
                                 f"(device has {len(self.rings)} queues)")
         return self.rings[index]
 
-    # -- ring life cycle -------------------------------------------------------------------
-    def _should_be_live(self, ring: Vring) -> bool:
-        implicit = not (self.features & PROTOCOL_FEATURES_BIT)
-        return ring.started and (ring.enabled or implicit) and ring.vq.size > 0 \
-            and ring.addr is not None
+    # -- ring life cycle (the runner owns it; these translate) -----------------------------
+    def vring_addr(self, index: int) -> p.VringAddr | None:
+        """Ring `index`'s SET_VRING_ADDR in force (None: none since the last stop)."""
+        return self._addrs[self._ring(index).index]
 
-    def _update(self, ring: Vring) -> None:
-        """Tell the device when a ring goes live or stops being live."""
-        want = self._should_be_live(ring)
-        if want and not ring.live:
-            try:
-                self._apply_addresses(ring)
-            except VhostError as exc:
-                log.warning("vring %d cannot start: %s", ring.vq.index, exc)
-                return
-            ring.vq.event_idx = bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
-            _install_call(ring.vq, ring.call_fd)
-            ring.live = True
-            log.debug("vring %d live (size %d, base %d)", ring.vq.index, ring.vq.size,
-                      ring.vq.last_avail_idx)
-            self._run_device(ring, self.device.queue_started)
-        elif ring.live and not want:
-            ring.live = False
-            self.device.queue_stopped(ring.vq.index, ring.vq)
-            log.debug("vring %d stopped", ring.vq.index)
+    def _implicitly_enabled(self) -> bool:
+        """Without VHOST_USER_F_PROTOCOL_FEATURES a ring starts enabled (spec)."""
+        return not self.features & PROTOCOL_FEATURES_BIT
 
-    def _apply_addresses(self, ring: Vring) -> None:
-        assert ring.addr is not None
-        a = ring.addr
-        size = ring.vq.size
-        ring.vq.set_addresses(
-            self.memory.uva_to_gpa(a.desc_user_addr, 16 * size),
-            self.memory.uva_to_gpa(a.avail_user_addr, 6 + 2 * size),
-            self.memory.uva_to_gpa(a.used_user_addr, 6 + 8 * size),
-        )
+    def _apply_enable(self, index: int) -> None:
+        self.rings[index].enable(self._enabled[index] or self._implicitly_enabled())
 
-    def _run_device(self, ring: Vring, call: Callable[[int, Virtqueue], None]) -> None:
-        try:
-            call(ring.vq.index, ring.vq)
-        except Exception as exc:  # a device bug stops this ring, not the process
-            log.exception("device %s failed on vring %d", self.device.name, ring.vq.index)
-            ring.vq.fail(f"device error: {exc!r}")
-        if ring.vq.error is not None and not ring.error_reported:
-            ring.error_reported = True
-            if ring.err_fd is not None:
-                _eventfd_signal(ring.err_fd)()
+    def _translate(self, index: int) -> tuple[int, int, int]:
+        """The ring's guest-physical (desc, avail, used) from its SET_VRING_ADDR."""
+        a = self._addrs[index]
+        assert a is not None
+        size = self.rings[index].vq.size
+        return (self.memory.uva_to_gpa(a.desc_user_addr, 16 * size),
+                self.memory.uva_to_gpa(a.avail_user_addr, 6 + 2 * size),
+                self.memory.uva_to_gpa(a.used_user_addr, 6 + 8 * size))
 
     def kick(self, index: int) -> int:
-        """The driver kicked ring `index` (its kick eventfd was read by the host).
-
-        Returns what `poll` returns: how many chains the device took (truthy on progress).
-        """
-        self.rings[index].kicks += 1
-        return self.poll(index)
-
-    def poll(self, index: int) -> int:
-        """Serve ring `index` without a kick (a polling host); returns how many chains the
-        device popped, or 1 if it only published used entries (0: no progress). A host
-        that polls sets `vq.polling` meanwhile (see `Virtqueue`)."""
-        ring = self.rings[index]
-        if not ring.live:
-            return 0
-        vq = ring.vq
-        avail, used = vq.last_avail_idx, vq.used_idx
-        self._run_device(ring, self.device.process_queue)
-        popped: int = (vq.last_avail_idx - avail) & 0xFFFF
-        return popped or int(vq.used_idx != used)
-
-    def _stop_ring(self, ring: Vring) -> None:
-        ring.started = False
-        self._update(ring)
-        if ring.kick_fd is not None:
-            self.host.unwatch_kick(ring.kick_fd)
-            _close(ring.kick_fd)
-            ring.kick_fd = None
-
-    def _reset_ring(self, ring: Vring) -> None:
-        self._stop_ring(ring)
-        for fd in (ring.call_fd, ring.err_fd):
-            _close(fd)
-        vq = ring.vq
-        vq.reset()
-        _install_call(vq, None)  # the fds are closed: their numbers may be reused
-        ring.__init__(vq)  # type: ignore[misc]
+        """The driver kicked ring `index` (the runner watches kick fds itself; this is for
+        in-process front-ends and tests). Returns how many chains the device took."""
+        return self._ring(index).kick()
 
     def _reset_device(self) -> None:
         for ring in self.rings:
-            self._reset_ring(ring)
-        self.device.reset()
+            ring.reset()
+        self._addrs = [None] * len(self.rings)
+        self._enabled = [False] * len(self.rings)
+        try:
+            call_hook(self.device, "reset", self.device.reset)
+        except VhostError:
+            pass    # logged by call_hook; the session is reset whatever the device did
         self.features = 0
         self.features_set = False
 
@@ -291,12 +220,13 @@ class Session:
         self._region_dups.clear()
 
     def _memory_changed(self) -> None:
-        for ring in self.rings:
-            if ring.live:
-                try:
-                    self._apply_addresses(ring)
-                except VhostError as exc:
-                    ring.vq.fail(f"ring no longer mapped after a memory change: {exc}")
+        for i, ring in enumerate(self.rings):
+            if self._addrs[i] is None or ring.vq.size == 0:
+                continue
+            try:
+                ring.set_addresses(*self._translate(i))
+            except VhostError as exc:
+                ring.fail(f"ring no longer mapped after a memory change: {exc}")
 
     # -- handlers (one per request; each returns a reply payload or None) -------------------
     def _on_get_features(self, msg: p.Message) -> p.Payload:
@@ -309,13 +239,16 @@ class Session:
             raise FrontendError(f"feature bits {extra:#x} were never offered "
                                 f"(offered {self.offered_features():#x})")
         if value != self.features or not self.features_set:
-            log.info("%s: driver features %#x (offered %#x)", self.device.name, value,
+            log.info("%s: driver features %#x (%s); offered %#x", self.device.name, value,
+                     " ".join(p.feature_names(value, self.device.device_id)),
                      self.offered_features())
+        call_hook(self.device, "set_features", self.device.set_features,
+                  value & ~PROTOCOL_FEATURES_BIT)
         self.features = value
         self.features_set = True
-        self.device.set_features(value & ~PROTOCOL_FEATURES_BIT)
-        for ring in self.rings:
-            self._update(ring)
+        for i, ring in enumerate(self.rings):
+            ring.set_features(value)
+            self._apply_enable(i)
 
     def _on_set_owner(self, msg: p.Message) -> None:
         self.owner = True
@@ -338,8 +271,6 @@ class Session:
 
     def _on_set_mem_table(self, msg: p.Message) -> None:
         table = _payload(msg, p.MemTable)
-        if len(msg.fds) != len(table.regions):
-            raise FrontendError(f"{len(table.regions)} regions but {len(msg.fds)} fds")
         self.memory.clear()
         self._region_dups.clear()
         try:
@@ -355,10 +286,13 @@ class Session:
     def _on_get_max_mem_slots(self, msg: p.Message) -> p.Payload:
         return p.U64(self.max_mem_slots)
 
+    def _require_mem_slots(self, name: str) -> None:
+        if PF.CONFIGURE_MEM_SLOTS not in self.protocol_features:
+            raise FrontendError(f"{name} without the CONFIGURE_MEM_SLOTS protocol feature")
+
     def _on_add_mem_reg(self, msg: p.Message) -> None:
+        self._require_mem_slots("ADD_MEM_REG")
         region = _payload(msg, p.MemRegionMsg).region
-        if len(msg.fds) != 1:
-            raise FrontendError(f"ADD_MEM_REG needs one fd, got {len(msg.fds)}")
         key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
         if any((r.guest_phys_addr, r.size, r.userspace_addr, r.mmap_offset)
                == (*key, region.mmap_offset) for r in self.memory.regions):
@@ -372,6 +306,7 @@ class Session:
                            region.userspace_addr, region.mmap_offset)
 
     def _on_rem_mem_reg(self, msg: p.Message) -> None:
+        self._require_mem_slots("REM_MEM_REG")
         region = _payload(msg, p.MemRegionMsg).region
         key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
         if self._region_dups.get(key, 0) > 0:
@@ -383,13 +318,15 @@ class Session:
     def _on_set_vring_num(self, msg: p.Message) -> None:
         state = _payload(msg, p.VringState)
         ring = self._ring(state.index)
-        limit = min(self.device.max_queue_size, MAX_QUEUE_SIZE)
-        if not 0 < state.num <= limit or state.num & (state.num - 1):
-            raise FrontendError(f"vring {state.index}: size {state.num} is not a power of two "
-                                f"in 1..{limit}")
-        if ring.live:
-            raise FrontendError(f"vring {state.index}: cannot resize a running ring")
-        ring.vq.set_size(state.num)
+        num, limit = state.num, self.device.max_queue_size
+        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise FrontendError(f"vring {state.index}: size {num} is not a power of two "
+                                f"in 1..{MAX_QUEUE_SIZE}")
+        if num > limit:
+            raise FrontendError(f"vring {state.index}: size {num} is larger than the "
+                                f"{limit} this device accepts (its queue size limit, "
+                                "--queue-size on the command line)")
+        ring.set_size(num)
 
     def _on_set_vring_addr(self, msg: p.Message) -> None:
         addr = _payload(msg, p.VringAddr)
@@ -398,14 +335,12 @@ class Session:
             raise UnsupportedError(f"vring {addr.index}: dirty logging was never offered")
         if ring.vq.size == 0:
             raise FrontendError(f"vring {addr.index}: SET_VRING_ADDR before SET_VRING_NUM")
-        previous = ring.addr
-        ring.addr = addr
+        previous, self._addrs[addr.index] = self._addrs[addr.index], addr
         try:
-            self._apply_addresses(ring)
+            ring.set_addresses(*self._translate(addr.index))
         except VhostError:
-            ring.addr = previous
+            self._addrs[addr.index] = previous
             raise
-        self._update(ring)
 
     def _on_set_vring_base(self, msg: p.Message) -> None:
         state = _payload(msg, p.VringState)
@@ -413,73 +348,58 @@ class Session:
         if state.num > 0xFFFF:
             raise FrontendError(f"vring {state.index}: base {state.num:#x} does not fit a "
                                 "split ring (packed rings are not offered)")
-        if ring.live:
-            raise FrontendError(f"vring {state.index}: SET_VRING_BASE on a running ring")
-        ring.vq.set_base(state.num)
+        ring.set_base(state.num)
 
     def _on_get_vring_base(self, msg: p.Message) -> p.Payload:
         state = _payload(msg, p.VringState)
         ring = self._ring(state.index)
-        self._stop_ring(ring)
-        base = ring.vq.last_avail_idx
-        ring.vq.reset()
-        ring.addr = None
-        ring.error_reported = False
+        base = ring.stop()
+        self._addrs[state.index] = None
         return p.VringState(state.index, base)
 
     def _on_set_vring_kick(self, msg: p.Message) -> None:
-        ring, fd = self._vring_fd(msg)
-        if fd is None:
-            raise UnsupportedError(f"vring {ring.vq.index}: polling mode (kick without an fd) "
-                                   "is not supported")
-        try:  # an fd epoll refuses (a regular file, a directory) must fail this request only
-            os.set_blocking(fd, False)
-            self.host.watch_kick(fd, ring.vq.index)
-        except OSError as exc:
-            self.host.unwatch_kick(fd)
-            raise FrontendError(f"vring {ring.vq.index}: kick fd cannot be watched: "
-                                f"{exc.strerror or exc}") from exc
-        if ring.kick_fd is not None:
-            self.host.unwatch_kick(ring.kick_fd)
-            _close(ring.kick_fd)
-        ring.kick_fd = self._keep(fd)
-        ring.started = True
-        self._update(ring)
-
-    def _on_set_vring_call(self, msg: p.Message) -> None:
-        ring, fd = self._vring_fd(msg)
-        _close(ring.call_fd)
-        ring.call_fd = self._keep(fd) if fd is not None else None
-        _install_call(ring.vq, ring.call_fd)
-
-    def _on_set_vring_err(self, msg: p.Message) -> None:
-        ring, fd = self._vring_fd(msg)
-        _close(ring.err_fd)
-        ring.err_fd = self._keep(fd) if fd is not None else None
-
-    def _vring_fd(self, msg: p.Message) -> tuple[Vring, int | None]:
         vfd = _payload(msg, p.VringFd)
         ring = self._ring(vfd.index)
         if vfd.no_fd:
-            if msg.fds:
-                raise FrontendError(f"vring {vfd.index}: NOFD flag set but an fd was sent")
-            return ring, None
-        if len(msg.fds) != 1:
-            raise FrontendError(f"vring {vfd.index}: expected one fd, got {len(msg.fds)}")
-        return ring, msg.fds[0]
+            raise UnsupportedError(f"vring {vfd.index}: polling mode (kick without an fd) "
+                                   "is not supported")
+        kick = self._eventfd(msg, "kick")
+        try:
+            ring.set_kick(kick)
+        except VhostError:
+            kick.close()
+            raise
+        ring.start()
+
+    def _on_set_vring_call(self, msg: p.Message) -> None:
+        vfd = _payload(msg, p.VringFd)
+        ring = self._ring(vfd.index)
+        ring.set_call(None if vfd.no_fd else self._eventfd(msg, "call"))
+
+    def _on_set_vring_err(self, msg: p.Message) -> None:
+        vfd = _payload(msg, p.VringFd)
+        ring = self._ring(vfd.index)
+        ring.set_err(None if vfd.no_fd else self._eventfd(msg, "err"))
+
+    def _eventfd(self, msg: p.Message, what: str) -> EventFdNotifier:
+        """The message's one fd as a ring notifier (refused unless an eventfd); kept."""
+        index = _payload(msg, p.VringFd).index
+        notifier = eventfd_notifier(msg.fds[0], f"vring {index} {what}")
+        self._keep(msg.fds[0])
+        return notifier
 
     def _on_set_vring_enable(self, msg: p.Message) -> None:
         state = _payload(msg, p.VringState)
-        ring = self._ring(state.index)
+        self._ring(state.index)
         if state.num not in (0, 1):
             raise FrontendError(f"vring {state.index}: enable value {state.num} is not 0 or 1")
-        ring.enabled = bool(state.num)
-        self._update(ring)
+        self._enabled[state.index] = bool(state.num)
+        self._apply_enable(state.index)
 
     def _on_net_set_mtu(self, msg: p.Message) -> None:
         if PF.NET_MTU not in self.protocol_features:
             raise FrontendError("NET_SET_MTU without the NET_MTU protocol feature")
-        self.device.set_mtu(_payload(msg, p.U64).value)
+        call_hook(self.device, "set_mtu", self.device.set_mtu, _payload(msg, p.U64).value)
 
     def _on_get_config(self, msg: p.Message) -> p.Payload:
         cfg = _payload(msg, p.ConfigSpace)
@@ -496,10 +416,8 @@ class Session:
         if cfg.offset + cfg.size > size:
             raise FrontendError(f"config write of {cfg.size} bytes at offset {cfg.offset} "
                                 f"is outside the {size}-byte config space")
-        try:
-            self.device.write_config(cfg.offset, cfg.payload)
-        except PermissionError as exc:
-            raise BackendError(str(exc)) from exc
+        call_hook(self.device, "write_config", self.device.write_config, cfg.offset,
+                  cfg.payload)
 
 
 _P = TypeVar("_P")

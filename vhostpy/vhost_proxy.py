@@ -6,7 +6,7 @@ DPDK's vhost PMD, `vhostpy blk`. Its features and config space come from the bac
 (GET_FEATURES, GET_CONFIG); when the transport starts a queue, the proxy hands the ring to
 the back-end (SET_MEM_TABLE with the guest memory fd, SET_VRING_NUM/BASE/ADDR, kick and call
 eventfds, SET_VRING_ENABLE) instead of serving it in Python. A driver notify becomes a write
-to the kick eventfd; the back-end's call eventfd becomes `vq.call()`, i.e. the transport's
+to the kick eventfd; the back-end's call eventfd becomes `vq.interrupt()`, i.e. the transport's
 interrupt (the back-end already applied the driver's interrupt suppression).
 
 Guest-physical addresses double as front-end virtual addresses here (the region table says
@@ -138,7 +138,7 @@ class VhostUserProxy(Device):
         return [fd for fd, _ in self._call.values()]
 
     def poll_calls(self) -> int:
-        """Turn fired call eventfds into `vq.call()` (the transport's interrupt)."""
+        """Turn fired call eventfds into `vq.interrupt()` (the transport's interrupt)."""
         fired = 0
         for fd, vq in list(self._call.values()):
             try:
@@ -146,8 +146,7 @@ class VhostUserProxy(Device):
             except BlockingIOError:
                 continue
             fired += 1
-            if vq.call is not None:
-                vq.call()
+            vq.interrupt()
         return fired
 
     def close(self) -> None:

@@ -7,33 +7,39 @@ notification suppression in both directions (flags and EVENT_IDX).
 It must never trust the guest: every index, length and address read from the ring is checked,
 and a hostile ring puts only its own queue into the error state (`Virtqueue.error`, one WARNING
 line) -- it never raises out of `pop()`, never loops unboundedly, and never touches memory
-outside a mapped region. It must never do I/O itself (the transport installs `call`) and never
-know about vhost-user messages or devices.
+outside a mapped region. It must never do I/O or decide when to interrupt the driver: what
+serves the ring (`vring.Vring`, attached as `runner`) owns the notifiers, polling and
+coalescing; `signal_used()` only asks it. It never knows about vhost-user messages or devices.
 
 Memory ordering: the guest runs concurrently. We read avail->idx before the ring entries it
-publishes, and write used elements before used->idx, each as a separate store. CPython gives
-no explicit fences, so this relies on the host's store ordering (x86 TSO); the compiled fast
-path (`_accel`) is where real barriers belong.
+publishes, and write used elements before used->idx, each as a separate store (loads are not
+reordered with older loads, nor stores with older stores, on x86-64; CPython's interpreter
+adds its own dependencies elsewhere). Where a store must be ordered before a later load --
+asking for kicks then re-reading avail->idx, publishing used->idx then reading the driver's
+used_event or flags -- x86 does reorder, so `full_fence()` sits between them: an
+uncontended lock acquire and release, whose locked read-modify-write is a full barrier on
+x86-64 (and acquire/release pairs order store->load on AArch64, where pthread locks use
+LDAXR/STLR). The fallback refuses to run on other architectures (`check_fence_support`).
 
-Variants: `Virtqueue` is the pure-Python reference. When the compiled fast path is in use
-(`_accel.lib` is set), `Virtqueue(...)` builds a `virtqueue_cffi.CffiVirtqueue` instead (its
-subclass, with the ring state in a C struct and the ring walks in C); `PythonVirtqueue(...)`
-always builds the reference. Both pass the same tests.
+Variants: `Virtqueue` is the abstract split ring (configuration, state, failure); its two
+implementations are siblings: `PythonVirtqueue` here, the reference, and
+`virtqueue_cffi.CffiVirtqueue`, with the ring state in a C struct and the walks in C. Which
+one a transport builds is the visible alias `vring.DefaultVirtqueue`. Both pass the same
+tests.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
+import platform
 import struct
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Sequence
+from typing import Protocol
 
-from . import _accel
 from .errors import MemoryAccessError, RingError
 from .memory import ADDRESS_LIMIT, GuestMemory
-
-if TYPE_CHECKING:
-    from typing import Self
 
 __all__ = [
     "MAX_QUEUE_SIZE",
@@ -47,7 +53,10 @@ __all__ = [
     "VIRTQ_USED_F_NO_NOTIFY",
     "DescriptorChain",
     "PythonVirtqueue",
+    "RingRunner",
     "Virtqueue",
+    "check_fence_support",
+    "full_fence",
     "vring_need_event",
 ]
 
@@ -196,8 +205,43 @@ class DescriptorChain:
         )
 
 
-class Virtqueue:
-    """The device side of one split virtqueue.
+class RingRunner(Protocol):
+    """What serves a ring and decides its interrupts (`vring.Vring` implements it)."""
+
+    @property
+    def polling(self) -> bool:
+        """True while the ring is busy-polled with kicks off."""
+
+    def signal_used(self, vq: Virtqueue) -> bool:
+        """Decide whether to interrupt the driver for `vq`'s new used entries, and do it."""
+
+    def signal_target(self) -> tuple[int, int] | None:
+        """See `Virtqueue.signal_target`."""
+
+    def interrupt(self) -> None:
+        """Interrupt the driver now."""
+
+
+_FENCE = threading.Lock()
+FENCE_ARCHITECTURES = ("x86_64", "amd64", "aarch64", "arm64")
+
+
+def full_fence() -> None:
+    """A full memory barrier from pure Python (see the module docstring)."""
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+def check_fence_support(machine: str | None = None) -> None:
+    """RingError unless `full_fence()` is a real barrier on this machine's architecture."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in FENCE_ARCHITECTURES:
+        raise RingError(f"the pure-Python ring cannot order its stores and loads on {machine} "
+                        "(only x86-64 and AArch64 are known): use the compiled fast path")
+
+
+class Virtqueue(abc.ABC):
+    """The device side of one split virtqueue: configuration, state and failure.
 
     Configuration order (any order works; checks run when enough is known): `set_size`,
     `set_base`, `set_addresses`. Processing: `pop()` / `pop_many()`, then `add_used()` /
@@ -207,29 +251,14 @@ class Virtqueue:
     `add_used*()` and `signal_used()` on a queue that is not ready do nothing: a device finishing
     a request after a reset or a ring failure must not write into a ring nobody owns any more.
 
-    `call` interrupts the driver. A transport whose `call` writes an eventfd also sets
-    `call_fd` to that fd, so the compiled variant can write it without calling back into
-    Python; the two must always name the same fd (or both be None).
+    `runner` is what serves the ring (set by `vring.Vring`): `signal_used()`, `polling`,
+    `signal_target()` and `interrupt()` ask it. A ring without a runner never interrupts.
     """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        # The visible rule: plain `Virtqueue(...)` builds the default variant.
-        chosen = DEFAULT_VARIANT if cls is Virtqueue else cls
-        return super().__new__(chosen)  # type: ignore[return-value]
 
     def __init__(self, memory: GuestMemory, index: int) -> None:
         self.memory = memory
         self.index = index
-        self.call: Callable[[], None] | None = None
-        self.call_fd: int | None = None
-        #: Set by a transport that busy-polls this ring: a device draining it may then leave
-        #: kicks disabled when it finds the ring empty; the transport re-enables them (and
-        #: re-checks the ring) before it stops polling.
-        self.polling = False
-        #: Set by a polling transport that coalesces interrupts: `signal_used()` then decides
-        #: nothing (entries stay pending, `unsignalled` counts them) until the transport
-        #: clears it and calls `signal_used()` itself.
-        self.hold_signals = False
+        self.runner: RingRunner | None = None
         self.event_idx = False
         self.error: str | None = None
         self._size = 0
@@ -247,7 +276,6 @@ class Virtqueue:
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
 
-    # ---------------------------------------------------------------- configuration
 
     @property
     def size(self) -> int:
@@ -335,9 +363,12 @@ class Virtqueue:
         self._notify = True
         self._unsignalled = 0
         self._signal_valid = False
-        self.polling = False
-        self.hold_signals = False
         self._drop_views()
+
+    @property
+    def addresses_set(self) -> bool:
+        """Whether `set_addresses` was called since the last reset."""
+        return self._addresses_set
 
     @property
     def unsignalled(self) -> int:
@@ -382,6 +413,125 @@ class Virtqueue:
         self._cache_gen = self.memory.generation
         return desc, avail, used
 
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None (empty, not ready, or the ring just broke)."""
+        chains = self.pop_many(1)
+        return chains[0] if chains else None
+
+
+    def rewind(self, count: int) -> None:
+        """Give back the last `count` popped chains, unused, so the next pop returns them again.
+
+        Safe because popping writes nothing the driver reads except the avail event, which
+        the next pop rewrites. A device uses it when buffers turn out too few for a frame.
+        """
+        if not 0 <= count <= self._size:
+            raise ValueError(f"virtqueue {self.index}: cannot rewind {count} chains")
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
+
+    def add_used(self, head: int, length: int) -> None:
+        """Return one chain to the driver: write the used element, then publish used->idx."""
+        self.add_used_many(((head, length),))
+
+
+    def _check_used(self, items: Sequence[tuple[int, int]]) -> None:
+        """Refuse (ValueError) a used entry the driver could not make sense of: a device bug."""
+        size = self._size
+        for head, length in items:
+            if not 0 <= head < size or not 0 <= length <= _MAX_CHAIN_BYTES:
+                raise ValueError(
+                    f"virtqueue {self.index}: add_used head {head} length {length} "
+                    f"invalid for size {size}"
+                )
+
+    # ---------------------------------------------------------------- notifications
+
+
+    # ---------------------------------------------------------------- the runner's part
+
+    @property
+    def polling(self) -> bool:
+        """True while the runner polls this ring: a device finding it empty leaves kicks off
+        (the runner asks for them again before it stops polling)."""
+        runner = self.runner
+        return runner is not None and runner.polling
+
+    def signal_used(self) -> bool:
+        """Call after each batch of add_used: the runner interrupts the driver if it asked
+        for it (or holds the interrupt while it coalesces); returns whether it did."""
+        runner = self.runner
+        return runner is not None and runner.signal_used(self)
+
+    def signal_target(self) -> tuple[int, int] | None:
+        """How a compiled data path signals this ring as `signal_used` would.
+
+        `(1, fd)`: decide in C and write eventfd `fd` when the driver wants an interrupt;
+        `(0, -1)`: make no decision (no interrupt installed, or the host holds this ring's
+        interrupts: the entries stay pending for the host's decision); None: only Python
+        can interrupt (the call is a Python callable): decide in C, then `interrupt()`.
+        """
+        runner = self.runner
+        return (0, -1) if runner is None else runner.signal_target()
+
+    def interrupt(self) -> None:
+        """Interrupt the driver now: a compiled path decided it wants one (see
+        `signal_target`); does nothing when no interrupt is installed."""
+        if self.runner is not None:
+            self.runner.interrupt()
+
+    # ---------------------------------------------------------------- ring mechanics
+
+    @abc.abstractmethod
+    def has_available(self) -> bool:
+        """Whether the driver published entries we have not popped (False when not ready)."""
+
+    @abc.abstractmethod
+    def pop_many(self, limit: int) -> list[DescriptorChain]:
+        """Up to `limit` available chains (stops early if the ring breaks)."""
+
+    @abc.abstractmethod
+    def add_used_many(self, items: Sequence[tuple[int, int]]) -> None:
+        """Return several chains with a single used->idx update (elements first)."""
+
+    @abc.abstractmethod
+    def needs_notification(self) -> bool:
+        """Should the driver be interrupted for used entries added since the last decision?
+        A query only; `decide_signal()` records that a decision was made."""
+
+    @abc.abstractmethod
+    def decide_signal(self) -> bool:
+        """Make the interrupt decision for the entries published since the last one: returns
+        whether the driver wants an interrupt, and counts them as handled either way."""
+
+    @abc.abstractmethod
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick (used->flags NO_NOTIFY, or avail_event under EVENT_IDX)."""
+
+    @abc.abstractmethod
+    def enable_notifications(self, after_available: bool = False) -> bool:
+        """Ask for kicks again; True if buffers arrived meanwhile (the caller must re-poll).
+        See `PythonVirtqueue.enable_notifications` for `after_available`."""
+
+    def __repr__(self) -> str:
+        state = "broken" if self.error else ("ready" if self.ready else "unconfigured")
+        return (
+            f"<Virtqueue {self.index} {state} size={self._size} "
+            f"last_avail={self.last_avail_idx} used={self.used_idx}>"
+        )
+
+
+
+
+class PythonVirtqueue(Virtqueue):
+    """The pure-Python reference implementation of the ring mechanics."""
+
+    def __init__(self, memory: GuestMemory, index: int) -> None:
+        check_fence_support()
+        super().__init__(memory, index)
+
+
     def _pending(self, avail: memoryview) -> int | None:
         """Number of entries published and not yet popped; None (and fail) if impossible."""
         avail_idx: int = _U16.unpack_from(avail, 2)[0]
@@ -402,10 +552,6 @@ class Virtqueue:
         avail_idx: int = _U16.unpack_from(rings[1], 2)[0]
         return avail_idx != self.last_avail_idx
 
-    def pop(self) -> DescriptorChain | None:
-        """The next available chain, or None (empty, not ready, or the ring just broke)."""
-        chains = self.pop_many(1)
-        return chains[0] if chains else None
 
     def pop_many(self, limit: int) -> list[DescriptorChain]:
         """Up to `limit` available chains (stops early if the ring breaks)."""
@@ -433,15 +579,6 @@ class Virtqueue:
             _store_u16(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
         return out
 
-    def rewind(self, count: int) -> None:
-        """Give back the last `count` popped chains, unused, so the next pop returns them again.
-
-        Safe because popping writes nothing the driver reads except the avail event, which
-        the next pop rewrites. A device uses it when buffers turn out too few for a frame.
-        """
-        if not 0 <= count <= self._size:
-            raise ValueError(f"virtqueue {self.index}: cannot rewind {count} chains")
-        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
 
     def _walk(self, desc: memoryview, head: int) -> DescriptorChain:
         size = self._size
@@ -512,9 +649,6 @@ class Virtqueue:
 
     # ---------------------------------------------------------------- used ring
 
-    def add_used(self, head: int, length: int) -> None:
-        """Return one chain to the driver: write the used element, then publish used->idx."""
-        self.add_used_many(((head, length),))
 
     def add_used_many(self, items: Sequence[tuple[int, int]]) -> None:
         """Return several chains with a single used->idx update (elements first)."""
@@ -536,17 +670,6 @@ class Virtqueue:
         self.used_idx = idx
         self._unsignalled += len(items)
 
-    def _check_used(self, items: Sequence[tuple[int, int]]) -> None:
-        """Refuse (ValueError) a used entry the driver could not make sense of: a device bug."""
-        size = self._size
-        for head, length in items:
-            if not 0 <= head < size or not 0 <= length <= _MAX_CHAIN_BYTES:
-                raise ValueError(
-                    f"virtqueue {self.index}: add_used head {head} length {length} "
-                    f"invalid for size {size}"
-                )
-
-    # ---------------------------------------------------------------- notifications
 
     def needs_notification(self) -> bool:
         """Should the driver be interrupted for used entries added since the last signal?
@@ -559,6 +682,7 @@ class Virtqueue:
         if rings is None:
             return False
         avail = rings[1]
+        full_fence()   # used->idx was stored; the driver's used_event / flags are loaded next
         if self.event_idx:
             if not self._signal_valid or self._unsignalled >= 0x10000:
                 return True
@@ -568,42 +692,13 @@ class Virtqueue:
         flags = _U16.unpack_from(avail, 0)[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
-    def signal_used(self) -> bool:
-        """Interrupt the driver if it wants it (`call()`); returns whether it was signalled.
 
-        Call after each batch of add_used. The entries are then considered handled, whether or
-        not the driver wanted an interrupt for them; with no `call` installed, or while
-        `hold_signals` is set, no decision is made and they stay pending.
-        """
-        if self.call is None or self.hold_signals:
-            return False
+    def decide_signal(self) -> bool:
         need = self.needs_notification()
         if self._unsignalled:
             self._unsignalled = 0
             self._signal_valid = True
-        if need:
-            self.call()
         return need
-
-    def signal_target(self) -> tuple[int, int] | None:
-        """How a compiled data path signals this ring as `signal_used` would.
-
-        `(1, fd)`: decide in C and write eventfd `fd` when the driver wants an interrupt;
-        `(0, -1)`: make no decision (no interrupt installed, or the host holds this ring's
-        interrupts: the entries stay pending for the host's decision); None: only Python
-        can interrupt (the call is a Python callable): decide in C, then `interrupt()`.
-        """
-        if self.call is None or self.hold_signals:
-            return 0, -1
-        if self.call_fd is None:
-            return None
-        return 1, self.call_fd
-
-    def interrupt(self) -> None:
-        """Interrupt the driver now: a compiled path decided it wants one (see
-        `signal_target`); does nothing when no interrupt is installed."""
-        if self.call is not None:
-            self.call()
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (used->flags NO_NOTIFY, or avail_event under EVENT_IDX)."""
@@ -620,6 +715,7 @@ class Virtqueue:
         else:
             flags = _U16.unpack_from(used, 0)[0]
             _store_u16(used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
+
 
     def enable_notifications(self, after_available: bool = False) -> bool:
         """Ask for kicks again; True if buffers arrived meanwhile (the caller must re-poll).
@@ -642,25 +738,8 @@ class Virtqueue:
             flags = _U16.unpack_from(used, 0)[0]
             _store_u16(used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF)
         # The driver may have published between our last pop and the store above without
-        # kicking; re-reading avail->idx after the store closes that window.
+        # kicking; re-reading avail->idx after the store (fenced) closes that window.
+        full_fence()
         avail_idx: int = _U16.unpack_from(avail, 2)[0]
         return bool(avail_idx != start)
 
-    def __repr__(self) -> str:
-        state = "broken" if self.error else ("ready" if self.ready else "unconfigured")
-        return (
-            f"<Virtqueue {self.index} {state} size={self._size} "
-            f"last_avail={self.last_avail_idx} used={self.used_idx}>"
-        )
-
-
-class PythonVirtqueue(Virtqueue):
-    """The pure-Python reference, whatever `_accel` chose (tests run both variants)."""
-
-
-#: What `Virtqueue(...)` builds: the compiled variant when the fast path is in use.
-DEFAULT_VARIANT: type[Virtqueue] = Virtqueue
-if _accel.lib is not None:
-    from .virtqueue_cffi import CffiVirtqueue
-
-    DEFAULT_VARIANT = CffiVirtqueue

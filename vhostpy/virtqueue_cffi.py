@@ -1,6 +1,7 @@
 """The compiled variant of `Virtqueue`: ring state in a C struct, ring walks in C.
 
-`CffiVirtqueue` is a subclass of the pure-Python reference that keeps the ring's state
+`CffiVirtqueue` is the sibling of the pure-Python reference (`virtqueue.PythonVirtqueue`),
+both implementing the abstract `Virtqueue`; it keeps the ring's state
 (indices, notification flags, the count of unsignalled entries) in a cffi `struct vp_vq`,
 which both languages read and write, and delegates `pop_many`, `add_used_many`, the
 notification decisions and `has_available` to `_fastpath.c`. Configuration, checks of the
@@ -9,7 +10,7 @@ with the same message and the same single WARNING line.
 
 The C struct's ring pointers are host addresses inside the memory's region table; they are
 re-resolved (`_sync`) whenever the memory's generation moves, so C never sees a mapping
-that was removed. Imported by `virtqueue` only when `_accel.lib` is set.
+that was removed. Importable without the extension; instantiable only with it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import itertools
 from typing import Any
 
 from . import _accel
+from .errors import BackendError
 from .memory import GuestMemory
 from .virtqueue import (
     MAX_QUEUE_SIZE,
@@ -59,6 +61,9 @@ class CffiVirtqueue(Virtqueue):
     _signal_valid = _field("signal_valid", bool)
 
     def __init__(self, memory: GuestMemory, index: int) -> None:
+        if lib is None:
+            raise BackendError("CffiVirtqueue needs the compiled fast path, which is not "
+                               f"in use ({_accel.IMPLEMENTATION})")
         self._q: Any = ffi.new("struct vp_vq *")
         self._c_gen = -1
         self._table: Any = None
@@ -162,20 +167,13 @@ class CffiVirtqueue(Virtqueue):
         q = self._sync()
         return q is not None and bool(lib.vp_needs_notification(q))
 
-    def signal_used(self) -> bool:
-        if self.call is None or self.hold_signals:
-            return False
+    def decide_signal(self) -> bool:
         q = self._sync()
         if q is None:
-            if q is None and self._q.unsignalled:
-                self._q.unsignalled = 0
-                self._q.signal_valid = 1
+            self._q.unsignalled = 0
+            self._q.signal_valid = 1
             return False
-        fd = self.call_fd
-        need = bool(lib.vp_signal(q, -1 if fd is None else fd))
-        if need and fd is None:
-            self.call()
-        return need
+        return bool(lib.vp_signal(q, -1))
 
     def disable_notifications(self) -> None:
         self._q.notify = 0

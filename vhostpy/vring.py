@@ -1,0 +1,714 @@
+"""The vring runner: one object per ring being served, shared by every transport.
+
+`Vring` owns "a ring being served" (rust-vmm's `VringState` and its handler, DPDK's central
+`vhost_vring_call`, in Python). Transports translate their world into calls on it: the
+vhost-user session turns SET_VRING_* messages into `set_size`, `set_base`, `set_addresses`,
+`set_kick`, `set_call`, `set_err`, `start`, `enable` and `stop`; the lguest bridge turns an
+`lguest_vqconfig` and a status notify into the same calls. Per ring it owns:
+
+* its state, a `RingState` moved only along `TRANSITIONS` (see `RingState`);
+* its endpoints, one `Notifier` each for kick, call and err: an eventfd (which the compiled
+  data paths write directly) or a Python callable (in-process transports);
+* every call of a device hook, under ONE rule (`call_hook`): the exception is logged with the
+  device, ring and hook, and only that ring breaks (its err notifier fires once) -- it never
+  escapes to the transport; hooks that belong to a request (`set_features`, `write_config`,
+  `set_mtu`) go through the same function and fail only that request;
+* the decision after a kick: interrupt now, hold the interrupt (coalescing, `Coalescing`),
+  keep polling with kicks off, or ask for kicks again. The transport supplies only a
+  `RingHost` (fd watching and timers); without timers a ring is never polled;
+* the count of chains taken and not yet completed (`in_flight`), and what a stop does about
+  them.
+
+What it must never do: parse a vhost-user message, know an lguest page, or walk a ring
+itself (`Virtqueue` is ring mechanics only).
+
+Polling with a budget: a kick that made the device take at least `device.poll_after` chains
+starts polling the ring with kicks disabled. Each turn serves the ring for up to `POLL_TURN`
+seconds and yields to the host (a zero-delay timer). After `device.poll_idle` (default
+`POLL_IDLE`) seconds without work the ring asks for kicks again, re-checks it (work that raced
+in keeps the polling going) and waits on its kick: an idle back-end uses no CPU.
+
+Interrupt coalescing, for a device with `coalesce` set: once an interrupt covered two or more
+completions the driver counts as streaming, and the completions of the next kick are held
+while the ring is polled; the driver is interrupted once the ring has been quiet for `quiet`,
+`batch` completions wait or the oldest waited `wait`, and always before the ring goes back to
+kicks. Held completions are already in the used ring; only the interrupt waits.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from . import _accel
+from .device import Device
+from .errors import BackendError, FrontendError, VhostError
+from .virtqueue import VIRTIO_RING_F_EVENT_IDX, PythonVirtqueue, Virtqueue
+from .virtqueue_cffi import CffiVirtqueue
+
+__all__ = [
+    "POLL_IDLE", "POLL_TURN", "TRANSITIONS", "CallbackNotifier", "CoalescingStats",
+    "DefaultVirtqueue",
+    "EventFdNotifier", "HookError", "Notifier", "NotifierError", "RingHost", "RingState",
+    "Vring", "call_hook", "eventfd_notifier",
+]
+
+log = logging.getLogger(__name__)
+
+#: Longest stretch one ring is served before the host's loop gets its turn (seconds).
+POLL_TURN = 0.0005
+#: How long a polled ring may stay empty before it waits for kicks again (seconds).
+POLL_IDLE = 0.0002
+
+_T = TypeVar("_T")
+
+#: The visible rule for which ring implementation transports build: the compiled sibling
+#: when the fast path is in use (`_accel.IMPLEMENTATION`), else the pure-Python reference.
+DefaultVirtqueue: type[Virtqueue] = CffiVirtqueue if _accel.lib is not None else PythonVirtqueue
+
+
+# ---------------------------------------------------------------------------- hooks
+
+class HookError(BackendError):
+    """A device hook raised; the message names the device, the ring (if any) and the hook."""
+
+
+def call_hook(device: Device, hook: str, fn: Callable[..., _T], *args: object,
+              ring: int | None = None) -> _T:
+    """Call device hook `fn(*args)` under the one containment rule.
+
+    Any exception is logged once (device, ring, hook, traceback) and re-raised as
+    `HookError`, which the caller turns into "this ring breaks" (`Vring`) or "this request
+    fails" (a failure reply): it never reaches a transport's loop. `VhostError`s a hook raises
+    on purpose (a refused value) keep their class and are logged at WARNING without a traceback.
+    """
+    try:
+        return fn(*args)
+    except VhostError as exc:
+        where = f" on vring {ring}" if ring is not None else ""
+        log.warning("device %s refused %s%s: %s", device.name, hook, where, exc)
+        raise
+    except Exception as exc:
+        where = f" on vring {ring}" if ring is not None else ""
+        log.exception("device %s failed in %s%s", device.name, hook, where)
+        raise HookError(f"device {device.name} failed in {hook}{where}: {exc!r}") from exc
+
+
+# ---------------------------------------------------------------------------- notifiers
+
+class NotifierError(OSError):
+    """A notifier could not be written (its ring breaks)."""
+
+
+class Notifier:
+    """One endpoint of a ring: kick (driver -> device), call or err (device -> driver).
+
+    `fd` is the eventfd behind it (compiled paths write it directly, hosts watch it), or None
+    for a Python callable. `notify()` raises `NotifierError` when it cannot be delivered;
+    it never blocks.
+    """
+
+    fd: int | None = None
+
+    def notify(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the notifier owns (an eventfd is closed)."""
+
+
+class EventFdNotifier(Notifier):
+    """An eventfd the notifier owns, non-blocking (see `eventfd_notifier`)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def notify(self) -> None:
+        fd = self.fd
+        if fd is None:
+            raise NotifierError(errno.EBADF, "eventfd already closed")
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:
+            pass    # the counter is saturated: the other side has a wake-up pending anyway
+        except OSError as exc:
+            raise NotifierError(exc.errno, f"eventfd {fd}: {exc.strerror or exc}") from exc
+
+    def drain(self) -> bool:
+        """Read (reset) the counter; False when nothing was pending."""
+        fd = self.fd
+        if fd is None:
+            return False
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise NotifierError(exc.errno, f"eventfd {fd}: {exc.strerror or exc}") from exc
+        return True
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<EventFdNotifier fd={self.fd}>"
+
+
+class CallbackNotifier(Notifier):
+    """A Python callable (an lguest interrupt, a test's counter); owns nothing."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+    def notify(self) -> None:
+        try:
+            self.callback()
+        except Exception as exc:
+            raise NotifierError(errno.EIO, f"notifier callback failed: {exc!r}") from exc
+
+    def __repr__(self) -> str:
+        return f"<CallbackNotifier {self.callback!r}>"
+
+
+def eventfd_notifier(fd: int, what: str) -> EventFdNotifier:
+    """Adopt `fd` as a ring endpoint: it must be an eventfd (FrontendError otherwise: a pipe
+    nobody reads would block a write forever, a socket never signals a kick); it is made
+    non-blocking. On success the notifier owns `fd`; on failure the caller still does."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise FrontendError(f"{what} fd {fd}: {exc.strerror or exc}") from exc
+    if target != "anon_inode:[eventfd]":
+        raise FrontendError(f"{what} fd {fd} is not an eventfd ({target}); only eventfds "
+                            "are accepted for kick, call and err")
+    os.set_blocking(fd, False)
+    return EventFdNotifier(fd)
+
+
+# ---------------------------------------------------------------------------- state
+
+class RingState(enum.Enum):
+    """Where a ring is in its life (vhost-user spec "Ring states", lguest start/reset).
+
+    UNCONFIGURED: size or addresses unknown. CONFIGURED: size and addresses set, not started.
+    STARTED: started (a kick endpoint arrived, or the lguest device was started) but disabled.
+    ENABLED: the device serves it. BROKEN: the ring, its notifier or the device failed;
+    nothing is served until it is stopped or reset. STOPPED: `stop()` returned its base;
+    it must be configured again.
+    """
+
+    UNCONFIGURED = "unconfigured"
+    CONFIGURED = "configured"
+    STARTED = "started"
+    ENABLED = "enabled"
+    BROKEN = "broken"
+    STOPPED = "stopped"
+
+
+_S = RingState
+#: Every move a ring may make. Resetting (to UNCONFIGURED) is allowed from every state.
+TRANSITIONS: dict[RingState, frozenset[RingState]] = {
+    _S.UNCONFIGURED: frozenset({_S.CONFIGURED, _S.STARTED, _S.ENABLED, _S.STOPPED}),
+    _S.CONFIGURED: frozenset({_S.UNCONFIGURED, _S.STARTED, _S.ENABLED, _S.BROKEN,
+                              _S.STOPPED}),
+    _S.STARTED: frozenset({_S.UNCONFIGURED, _S.CONFIGURED, _S.ENABLED, _S.BROKEN,
+                           _S.STOPPED}),
+    _S.ENABLED: frozenset({_S.UNCONFIGURED, _S.CONFIGURED, _S.STARTED, _S.BROKEN,
+                           _S.STOPPED}),
+    _S.BROKEN: frozenset({_S.UNCONFIGURED, _S.STOPPED}),
+    _S.STOPPED: frozenset({_S.UNCONFIGURED, _S.CONFIGURED, _S.STARTED, _S.ENABLED}),
+}
+
+
+class RingHost(Protocol):
+    """What a runner needs from the transport's loop (an `EventLoop` is one)."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call `callback()` whenever `fd` is readable."""
+
+    def remove_reader(self, fd: int) -> bool:
+        """Stop watching `fd`."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Call `callback()` once, `delay` seconds from now."""
+
+
+@dataclass
+class CoalescingStats:
+    """The interrupt coalescing state and counters of one ring."""
+
+    last_batch: int = 0         # completions the last interrupt decision covered
+    since: float | None = None  # when the oldest held completion was seen (None: none held)
+    streaming: bool = False     # whether the held ones may wait (see `Coalescing`)
+    held: int = 0               # completions whose interrupt waited, in all
+    releases: int = 0           # interrupt decisions that covered them
+
+
+class Vring:
+    """One ring being served: state, endpoints, device calls, the after-kick decision.
+
+    `host` is None for a transport without a loop: kicks then come only through `kick()`,
+    and the ring is never polled (every batch gets its interrupt decision at once).
+    """
+
+    def __init__(self, device: Device, vq: Virtqueue, host: RingHost | None = None) -> None:
+        self.device = device
+        self.vq = vq
+        self.index = vq.index
+        self.host = host
+        self.state = RingState.UNCONFIGURED
+        self.kicks = 0
+        self.error: str | None = None
+        self._started = False
+        self._enabled = False
+        self._stopped = False
+        self._event_idx = False
+        self._kick: Notifier | None = None
+        self._call: Notifier | None = None
+        self._err: Notifier | None = None
+        self._polling = False
+        self._poll_since = 0.0
+        self._poll_gen = 0
+        self._held = False
+        self.coalescing = CoalescingStats() if device.coalesce is not None else None
+        idle = device.poll_idle
+        self.poll_idle = POLL_IDLE if idle is None else idle
+        vq.runner = self
+
+    # ------------------------------------------------------------------ what devices see
+
+    @property
+    def polling(self) -> bool:
+        """True while the runner polls this ring: a device finding it empty leaves kicks
+        off (the runner asks for them again before it stops polling)."""
+        return self._polling
+
+    def signal_used(self, vq: Virtqueue) -> bool:
+        """A device published used entries: interrupt the driver now if it asked for it,
+        unless the runner holds this ring's interrupts (they stay pending)."""
+        if self._call is None or self._held:
+            return False
+        need = vq.decide_signal()
+        if need:
+            self.interrupt()
+        return need
+
+    def signal_target(self) -> tuple[int, int] | None:
+        """For compiled paths: see `Virtqueue.signal_target`."""
+        call = self._call
+        if call is None or self._held:
+            return 0, -1
+        if call.fd is None:
+            return None
+        return 1, call.fd
+
+    def interrupt(self) -> None:
+        """Raise the call endpoint now; a dead endpoint breaks the ring."""
+        call = self._call
+        if call is None:
+            return
+        try:
+            call.notify()
+        except NotifierError as exc:
+            self.fail(f"call notifier cannot be written: {exc}")
+
+    def hold_interrupts(self) -> None:
+        """Hold this ring's interrupts: `signal_used` decides nothing (entries stay pending,
+        `vq.unsignalled` counts them) until `release_interrupts`."""
+        self._held = True
+
+    def release_interrupts(self) -> None:
+        """Stop holding; one interrupt decision covers everything held."""
+        self._release()
+
+    @property
+    def in_flight(self) -> int:
+        """Chains the device took and has not completed (split ring: popped minus used)."""
+        if self.vq.size == 0:
+            return 0
+        return (self.vq.last_avail_idx - self.vq.used_idx) & 0xFFFF
+
+    # ------------------------------------------------------------------ configuration
+
+    def set_size(self, size: int) -> None:
+        """The ring's size (RingError if not a power of two in range)."""
+        self._refuse_while_serving("change the size of")
+        self.vq.set_size(size)
+        self._configured()
+
+    def set_base(self, idx: int) -> None:
+        """The next avail index to take (SET_VRING_BASE; lguest starts at 0)."""
+        self._refuse_while_serving("set the base of")
+        self.vq.set_base(idx)
+
+    def set_addresses(self, desc: int, avail: int, used: int) -> None:
+        """Guest-physical addresses of the three parts (RingError if unmapped/misaligned).
+        Allowed while serving: a memory table change moves the same ring."""
+        self.vq.set_addresses(desc, avail, used)
+        self._configured()
+
+    def set_features(self, features: int) -> None:
+        """The driver's feature bits (only the ring's own ones matter here)."""
+        self._event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+
+    def _refuse_while_serving(self, what: str) -> None:
+        if self.state is RingState.ENABLED or self.state is RingState.BROKEN:
+            raise FrontendError(f"vring {self.index}: cannot {what} a running ring")
+
+    def _configured(self) -> None:
+        self._stopped = False
+        self._settle()
+
+    # ------------------------------------------------------------------ endpoints
+
+    def set_kick(self, notifier: Notifier | None) -> None:
+        """Install the kick endpoint (the old one is closed); its fd is watched when a host
+        exists. A fd the host refuses raises FrontendError and leaves the old one."""
+        if notifier is not None and notifier.fd is not None and self.host is not None:
+            fd = notifier.fd
+            try:
+                self.host.add_reader(fd, self._on_kick_fd)
+            except (OSError, ValueError) as exc:
+                self.host.remove_reader(fd)
+                raise FrontendError(f"vring {self.index}: kick fd {fd} cannot be watched: "
+                                    f"{getattr(exc, 'strerror', None) or exc}") from exc
+        self._drop_kick()
+        self._kick = notifier
+
+    def set_call(self, notifier: Notifier | None) -> None:
+        """Install the call endpoint (None: no interrupts); the old one is closed."""
+        old, self._call = self._call, notifier
+        if old is not None and old is not notifier:
+            old.close()
+
+    def set_err(self, notifier: Notifier | None) -> None:
+        """Install the err endpoint (signalled once when the ring breaks)."""
+        old, self._err = self._err, notifier
+        if old is not None and old is not notifier:
+            old.close()
+
+    @property
+    def kick_fd(self) -> int | None:
+        """The kick endpoint's eventfd (None: none, or in-process kicks)."""
+        return None if self._kick is None else self._kick.fd
+
+    @property
+    def call_fd(self) -> int | None:
+        """The call endpoint's eventfd (None: none, or a Python callable)."""
+        return None if self._call is None else self._call.fd
+
+    @property
+    def err_fd(self) -> int | None:
+        """The err endpoint's eventfd (None: none, or a Python callable)."""
+        return None if self._err is None else self._err.fd
+
+    @property
+    def live(self) -> bool:
+        """Whether the device serves this ring (`RingState.ENABLED`)."""
+        return self.state is RingState.ENABLED
+
+    def _drop_kick(self) -> None:
+        kick, self._kick = self._kick, None
+        if kick is None:
+            return
+        if kick.fd is not None and self.host is not None:
+            self.host.remove_reader(kick.fd)
+        kick.close()
+
+    def _on_kick_fd(self) -> None:
+        kick = self._kick
+        if not isinstance(kick, EventFdNotifier):
+            return
+        try:
+            if not kick.drain():
+                return
+        except NotifierError as exc:
+            log.warning("vring %d: kick fd %s: %s; no longer watched", self.index, kick.fd,
+                        exc)
+            self._drop_kick()
+            return
+        self.kick()
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        """The ring is started (vhost-user: its kick arrived; lguest: the device started)."""
+        self._started = True
+        self._stopped = False
+        self._settle()
+
+    def enable(self, enabled: bool) -> None:
+        """SET_VRING_ENABLE (or the implicit enable of a front-end without protocol
+        features, or an lguest start)."""
+        self._enabled = enabled
+        self._settle()
+
+    def stop(self) -> int:
+        """Stop the ring (GET_VRING_BASE) and return the next avail index to take; the kick
+        endpoint is dropped and size, addresses and indices are forgotten."""
+        self._stop_polling()
+        if self.in_flight and self.state is RingState.ENABLED:
+            log.warning("vring %d stopped with %d chains in flight", self.index,
+                        self.in_flight)
+        self._started = False
+        self._stopped = True
+        self._move(RingState.STOPPED)
+        self._drop_kick()
+        base = self.vq.last_avail_idx
+        self.vq.reset()
+        self.error = None
+        return base
+
+    def reset(self) -> None:
+        """Forget everything (device reset, front-end gone): every endpoint is closed."""
+        self._stop_polling()
+        self._started = self._enabled = self._stopped = False
+        self._move(RingState.UNCONFIGURED)
+        self._drop_kick()
+        self.set_call(None)
+        self.set_err(None)
+        self.vq.reset()
+        self.error = None
+        self._event_idx = False
+        self._log_coalescing()
+        if self.coalescing is not None:
+            self.coalescing = CoalescingStats()
+
+    def fail(self, reason: str) -> None:
+        """Break the ring: the device stops serving it, err is signalled once."""
+        if self.state is RingState.BROKEN:
+            return
+        self.vq.fail(reason)   # the ring rejects every further access
+        self.error = self.vq.error
+        if RingState.BROKEN in TRANSITIONS[self.state]:
+            self._stop_polling()
+            self._move(RingState.BROKEN)
+        err = self._err
+        if err is not None:
+            try:
+                err.notify()
+            except NotifierError as exc:
+                log.warning("vring %d: err notifier cannot be written: %s", self.index, exc)
+
+    def _target(self) -> RingState:
+        if self.state is RingState.BROKEN:
+            return RingState.BROKEN
+        vq = self.vq
+        if vq.size == 0 or not vq.addresses_set:
+            return RingState.STOPPED if self._stopped else RingState.UNCONFIGURED
+        if not self._started:
+            return RingState.CONFIGURED
+        return RingState.ENABLED if self._enabled else RingState.STARTED
+
+    def _settle(self) -> None:
+        target = self._target()
+        if target is not self.state:
+            self._move(target)
+
+    def _move(self, new: RingState) -> None:
+        old = self.state
+        if new is old:
+            return
+        if new is not RingState.UNCONFIGURED and new not in TRANSITIONS[old]:
+            raise AssertionError(f"vring {self.index}: no transition {old.name} -> {new.name}")
+        self.state = new
+        log.debug("vring %d: %s -> %s", self.index, old.value, new.value)
+        if new is RingState.ENABLED:
+            self._serve_start()
+        elif old is RingState.ENABLED:
+            self._stop_polling()
+            self._device_hook("queue_stopped", self.device.queue_stopped)
+
+    def _serve_start(self) -> None:
+        self.vq.event_idx = self._event_idx
+        log.debug("vring %d live (size %d, base %d)", self.index, self.vq.size,
+                  self.vq.last_avail_idx)
+        self._device_hook("queue_started", self.device.queue_started)
+
+    def _device_hook(self, hook: str, fn: Callable[[int, Virtqueue], None]) -> None:
+        """Run a device hook for this ring; a failure (or a ring the device found hostile)
+        breaks only this ring."""
+        try:
+            call_hook(self.device, hook, fn, self.index, self.vq, ring=self.index)
+        except VhostError as exc:
+            if hook != "queue_stopped":
+                self.fail(f"device error: {exc}")
+            return
+        if self.vq.error is not None and self.state is not RingState.BROKEN:
+            self.fail(self.vq.error)
+
+    # ------------------------------------------------------------------ serving
+
+    def kick(self) -> int:
+        """The driver kicked this ring; serve it and decide what comes next (see the module
+        docstring). Returns how many chains the device took (truthy on progress)."""
+        self.kicks += 1
+        if self.state is not RingState.ENABLED:
+            return 0
+        held = self.coalescing
+        streaming = held is not None and held.last_batch >= 2 and self._call is not None
+        self._held = streaming or (held is not None and self._polling)
+        served = self.serve()
+        if held is not None and self._held:
+            if self.vq.unsignalled:
+                if held.since is None:
+                    held.since, held.streaming = time.monotonic(), streaming
+                if not self._polling and not self._start_polling():
+                    self._release()
+                return served
+            if not self._polling:
+                self._held = False
+        elif held is not None and served:
+            held.last_batch = served
+        if self.device.poll_after and served >= self.device.poll_after and not self._polling:
+            self._start_polling()
+        return served
+
+    def serve(self) -> int:
+        """Run the device over the ring once (no kick counted); returns how many chains it
+        popped, or 1 if it only published used entries (0: no progress)."""
+        if self.state is not RingState.ENABLED:
+            return 0
+        vq = self.vq
+        avail, used = vq.last_avail_idx, vq.used_idx
+        self._device_hook("process_queue", self.device.process_queue)
+        popped: int = (vq.last_avail_idx - avail) & 0xFFFF
+        return popped or int(vq.used_idx != used)
+
+    # ------------------------------------------------------------------ polling
+
+    def _start_polling(self) -> bool:
+        if self.host is None:
+            return False
+        self._polling = True
+        self._poll_since = time.monotonic()
+        self._held = self.coalescing is not None
+        self._poll_gen += 1
+        gen = self._poll_gen
+        self.host.call_later(0, lambda: self._poll_turn(gen))
+        return True
+
+    def _stop_polling(self) -> None:
+        """Leave polling (releasing held interrupts) without asking for kicks."""
+        if self._polling or self._held:
+            self._release()
+        self._polling = False
+        self._poll_gen += 1
+
+    def _poll_turn(self, gen: int) -> None:
+        """Serve the ring for up to POLL_TURN; reschedule, or go back to kicks if idle."""
+        if gen != self._poll_gen or not self._polling:
+            return
+        now = time.monotonic()
+        end = now + POLL_TURN
+        last_work = self._poll_since
+        held = self.coalescing
+        while self.state is RingState.ENABLED and self._polling:
+            if self.serve():
+                last_work = now = time.monotonic()
+                if held is not None:
+                    self._coalesce(held, now, last_work)
+                if now >= end:
+                    break
+                continue
+            now = time.monotonic()
+            if held is not None:
+                self._coalesce(held, now, last_work)
+            if now - last_work >= self.poll_idle and (held is None or held.since is None):
+                if self._keep_polling():
+                    last_work = now = time.monotonic()
+                    continue
+                self._polling = False
+                return
+            break
+        if self.state is not RingState.ENABLED or not self._polling:
+            self._stop_polling()
+            return
+        self._poll_since = last_work
+        assert self.host is not None
+        self.host.call_later(0, lambda: self._poll_turn(gen))
+
+    def _keep_polling(self) -> bool:
+        """The ring went idle: ask for kicks again. Returns True (and polls on) when there is
+        a reason to: the device took entries the driver published before kicks were back on
+        (it need not kick for those), or, where the device leaves entries (receive buffers
+        with no frame for them), entries added after those. Kicks are then asked for only
+        past the entries left, which a driver adding more crosses."""
+        if not self._ask_for_kicks():
+            return False
+        if self.serve():
+            return True
+        return self._ask_for_kicks(after_available=True)
+
+    def _ask_for_kicks(self, *, after_available: bool = False) -> bool:
+        """Stop polling and ask for kicks; if entries are there already, poll on instead and
+        return True."""
+        self._release()
+        self._polling = False
+        if self.state is not RingState.ENABLED or \
+                not self.vq.enable_notifications(after_available=after_available):
+            return False
+        self._polling = True
+        self._held = self.coalescing is not None
+        return True
+
+    # ------------------------------------------------------------------ coalescing
+
+    def _coalesce(self, held: CoalescingStats, now: float, last_work: float) -> None:
+        """Interrupt the driver for what the ring holds once `Coalescing` says it is time."""
+        pending = self.vq.unsignalled
+        if not pending or self._call is None:
+            return
+        if held.since is None:
+            held.since, held.streaming = now, held.last_batch >= 2
+        c = self.device.coalesce
+        assert c is not None
+        if (not held.streaming or pending >= c.batch or now - last_work >= c.quiet
+                or now - held.since >= c.wait):
+            self._release()
+            self._held = True
+
+    def _release(self) -> None:
+        """Stop holding interrupts; interrupt the driver for what was held (if it asked)."""
+        held = self.coalescing
+        waited = held is not None and held.since is not None and held.streaming
+        if held is not None:
+            held.since = None
+        if not self._held:
+            return
+        self._held = False
+        pending = self.vq.unsignalled
+        if held is not None and pending:
+            held.last_batch = pending
+            if waited:
+                held.held += pending
+                held.releases += 1
+        self.vq.signal_used()
+
+    def _log_coalescing(self) -> None:
+        held = self.coalescing
+        if held is not None and held.releases:
+            log.info("vring %d: interrupt coalescing: %d completions held, %d interrupt "
+                     "decisions for them", self.index, held.held, held.releases)
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for logs and introspection."""
+        vq = self.vq
+        return {"index": self.index, "state": self.state.value, "size": vq.size,
+                "last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx,
+                "in_flight": self.in_flight, "kicks": self.kicks, "polling": self._polling,
+                "error": self.error}
+
+    def __repr__(self) -> str:
+        return f"<Vring {self.index} {self.state.value} kicks={self.kicks}>"
