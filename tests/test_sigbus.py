@@ -287,3 +287,23 @@ def test_faults_on_other_threads_are_seen() -> None:
     assert result.returncode == 0, result.stderr
     final = reports(result)[0]["final"]
     assert final is not None and "fd size now 0x0" in final
+
+
+@needs_guard
+def test_a_handler_installed_after_the_guard_is_reported() -> None:
+    result = run_child("""
+        import faulthandler, logging
+        logging.basicConfig(level=logging.WARNING)
+        a, b = memfd(), memfd()
+        mem = GuestMemory()
+        mem.map_fd(a, 0, 64 * P, 0x10000000, 0)    # installs the guard
+        faulthandler.enable()                      # replaces it
+        mem.map_fd(b, GPA * 64, 64 * P, 0x20000000, 0)
+        report(stage="displaced", active=bool(_accel.lib.vp_guard_active()))
+        os.ftruncate(a, P)
+        mem.read(8 * P, 1)                         # the documented limit: no guard any more
+        report(stage="survived")
+    """)
+    assert reports(result) == [{"stage": "displaced", "active": False}]
+    assert "SIGBUS guard over guest memory was replaced" in result.stderr, result.stderr
+    assert killed_by_sigbus(result), (result.returncode, result.stdout, result.stderr)
