@@ -53,8 +53,8 @@ def run_child(body: str, *, faulthandler: bool = False) -> subprocess.CompletedP
     code = PRELUDE + textwrap.dedent(body)
     if faulthandler:
         code = "import faulthandler; faulthandler.enable()\n" + code
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get(
-        "PYTHONPATH", "")]))
+    path = [str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env, check=False)
 
