@@ -219,7 +219,7 @@ class NetPort:
             monitor(self, direction, frames)
 
     def receive_burst(self, burst: Any, idx: Any, count: int) -> None:
-        """Compiled path only (a native `Switch`): frames `idx[:count]` of a C burst buffer
+        """Compiled path only (a `switch.CffiSwitch`): frames `idx[:count]` of a C burst buffer
         toward the guest, as `send` would queue them."""
         self.device.receive_burst(burst, idx, count)
 

@@ -13,7 +13,7 @@ reused while the consumer, header, call fds and receive ring stay the same.
 Otherwise, per burst:
 
 * nothing consumes frames (no handler, monitor, capture or built-in consumer): count only;
-* only built-in consumers (pcap capture, `reflect`, a native `Switch` between vhostpy
+* only built-in consumers (pcap capture, `reflect`, a `switch.CffiSwitch` between vhostpy
   ports): capture records are written by C into the burst buffer and go to the file in one
   write; frames are written by C (`vp_net_rx_place`) straight into the receive ring of the
   destination port, MACs swapped for reflect;
