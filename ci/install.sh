@@ -29,12 +29,16 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.vhostpy-installed
-# Reinstall when the packaging or the compiled fast path's sources changed since the last
-# install (the editable install builds vhostpy/_native*.so once, from these files).
+# Reinstall when the packaging or any source of the compiled fast path changed since the
+# last install (the editable install builds vhostpy/_native*.so once, from these files):
+# every C file and header of the package by glob, so a new one is covered without an edit
+# here, plus the cffi builder.
 stale=0
-for f in pyproject.toml setup.py vhostpy/_native_build.py vhostpy/_fastpath.c vhostpy/_fastpath_blk.c vhostpy/_fastpath.h; do
+shopt -s nullglob
+for f in pyproject.toml setup.py vhostpy/_native_build.py vhostpy/_*.c vhostpy/_*.h; do
     if [ -f "$f" ] && [ "$f" -nt "$stamp" ]; then stale=1; fi
 done
+shopt -u nullglob
 if [ ! -f "$stamp" ] || [ "$stale" = 1 ]; then
     log=.venv/pip-install.log
     if ! { .venv/bin/python -m pip install -q --upgrade pip &&

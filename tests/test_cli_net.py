@@ -5,7 +5,6 @@ and `--reflect` serving a scripted guest.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -18,6 +17,8 @@ from pathlib import Path
 import pytest
 from procs import stop
 from scripted import ScriptedGuest
+
+from vhostpy.cli import parse_counters_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -58,10 +59,11 @@ def wait_for(paths: list[Path], proc: subprocess.Popen[bytes], timeout: float = 
 
 
 def counters_line(stderr: str) -> dict:
-    prefix = "vhostpy net: counters "
-    lines = [line for line in stderr.splitlines() if line.startswith(prefix)]
-    assert len(lines) == 1, stderr
-    counters: dict = json.loads(lines[0][len(prefix):])
+    """The counters of the one exit line (`{"device": "net", "event": "exit", ...}`)."""
+    records = [r for r in parse_counters_lines(stderr) if r["event"] == "exit"]
+    assert len(records) == 1, stderr
+    assert records[0]["device"] == "net"
+    counters: dict = records[0]["counters"]
     return counters
 
 

@@ -29,6 +29,7 @@ from dpdk import (
     vhost_vdev,
     virtio_user_vdev,
 )
+from tools import wait_until
 
 pytestmark = pytest.mark.dpdk
 
@@ -163,8 +164,13 @@ def test_stop_after_peer_crash(testpmd: StartFn, sock: str, victim: str) -> None
     be, fe = _pair(testpmd, sock, "rxonly", "txonly", txpkts=64)
     _wait_rounds(be, 2)
     dead, survivor = (be, fe) if victim == "backend" else (fe, be)
+    mark = len(survivor.output())
     dead.kill()
-    time.sleep(0.5)
+    assert dead.proc is not None
+    dead.proc.wait(10)
+    # the survivor saw its peer go (net_vhost: "vhost peer closed"; virtio-user: "port 0 is
+    # down"; both then report the link change)
+    survivor.wait_for("Port 0: link state change event", timeout=10, start=mark)
     t0 = time.monotonic()
     stats = survivor.stop(timeout=10)
     assert time.monotonic() - t0 < 8, "stop() hung after the peer died"
@@ -202,14 +208,18 @@ def test_interactive_backend(testpmd: StartFn, sock: str) -> None:
     assert "rxonly packet forwarding - ports=1" in be.command("start")
     fe = testpmd("fe", virtio_user_vdev(sock), forward_mode="txonly", txpkts=64, cpu=fe_cpu)
     fe.wait_ready()
-    time.sleep(0.5)
-    out = be.command("show port stats all")
-    assert "NIC statistics for port 0" in out
-    first = be.running_stats()
-    time.sleep(0.5)
-    be.command("show port stats all")
-    second = be.running_stats()
-    assert first is not None and second is not None
+
+    def shown() -> TestpmdStats | None:
+        """`show port stats all` once more: the round it printed."""
+        out = be.command("show port stats all")
+        assert "NIC statistics for port 0" in out, out
+        return be.running_stats()
+
+    # frames arrive, then keep arriving: the counter read on demand grows between two reads
+    first = wait_until(lambda: (r := shown()) is not None and r.rx_packets > 0 and r, 10,
+                       "rx_packets > 0 in `show port stats all`", interval=0.05)
+    second = wait_until(lambda: (r := shown()) is not None and r.rx_packets > first.rx_packets
+                        and r, 10, "rx_packets to grow", interval=0.05)
     assert second.rx_packets > first.rx_packets > 0
     tx = fe.stop()
     rx = be.stop()  # sends "quit"

@@ -26,7 +26,7 @@ from vhostpy import _accel
 from vhostpy.errors import ConfigurationError
 from vhostpy.net import FrameBatch
 from vhostpy.pcap import PcapWriter
-from vhostpy.switch import PythonSwitch, Switch
+from vhostpy.switch import CffiSwitch, PythonSwitch
 from vhostpy.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -289,7 +289,7 @@ def test_reflect_and_capture_match_python(tmp_path: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_switch_between_two_ports(impl: str) -> None:
-    switch = PythonSwitch() if impl == "python" else Switch()
+    switch = PythonSwitch() if impl == "python" else CffiSwitch()
     rigs = [_rig(impl), _rig(impl)]
     for rig in rigs:
         rig.port.set_consumer("switch", switch)
@@ -396,7 +396,7 @@ def test_poll_loop_reflect_and_solo_switch_match_python() -> None:
                                        len(rig.dev.backlog), tx_calls > 0)
         assert impl == "python" or _used_poll_loop(rig)
 
-        switch = PythonSwitch() if impl == "python" else Switch()
+        switch = PythonSwitch() if impl == "python" else CffiSwitch()
         rig = _loop_rig(impl)
         rig.port.set_consumer("switch", switch)
         switch.attach(rig.port)

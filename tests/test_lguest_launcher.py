@@ -11,9 +11,11 @@ Nothing here runs on a real lguest host (see the README for the check done by ha
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import signal
+import struct
 import subprocess
 import sys
 import termios
@@ -26,6 +28,7 @@ import pytest
 from lguest_model import LHREQ_EVENTFD, LHREQ_INITIALIZE, FakeLguest
 from procs import terminate
 from test_lguest_boot import bzimage
+from tools import wait_until
 
 from vhostpy import cli, lguest_launcher
 from vhostpy.errors import ConfigurationError
@@ -60,6 +63,11 @@ def console() -> object:
     yield r_in, w_in, r_out, w_out
     for fd in (r_in, w_in, r_out, w_out):
         os.close(fd)
+
+
+def _unread(fd: int) -> int:
+    """Bytes written into the pipe whose read end is `fd` and not yet read (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
 
 
 def make(model: FakeLguest, console: tuple[int, int, int, int], **kw: object) -> Launcher:
@@ -294,20 +302,28 @@ def test_three_ctrl_c_stop_the_guest(console: tuple[int, int, int, int]) -> None
     launcher = make(model, console)
     launcher.boot(KERNEL)
 
+    stopped = threading.Event()
+
     def typist() -> None:
-        model.initialized.wait(10)
-        for _ in range(3):
-            os.write(console[1], b"\x03")
-            time.sleep(0.05)
-        time.sleep(5)
-        model.die("the ^C hack did not stop the guest")   # never hang the suite
+        try:
+            model.initialized.wait(10)
+            for _ in range(3):
+                os.write(console[1], b"\x03")
+                # one ^C per read, as keys typed apart arrive: the launcher read this one
+                wait_until(lambda: _unread(console[0]) == 0, 5, "the launcher to read ^C",
+                           interval=0.002)
+        finally:
+            if not stopped.wait(10):
+                model.die("the ^C hack did not stop the guest")   # never hang the suite
 
     thread = threading.Thread(target=typist, daemon=True)
     thread.start()
     try:
         result = launcher.run()          # on the main thread, with its signal handlers
     finally:
+        stopped.set()
         launcher.close()
+    thread.join(10)
     assert result == RunExit("stopped", "three ^C on the console")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

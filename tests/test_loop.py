@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 from vhostpy.loop import EventLoop
 
@@ -12,20 +11,19 @@ from vhostpy.loop import EventLoop
 def test_reader_timer_and_threadsafe_call() -> None:
     loop = EventLoop()
     seen: list[str] = []
+    read, soon = threading.Event(), threading.Event()
     r, w = os.pipe()
     try:
         def on_read() -> None:
             seen.append(os.read(r, 10).decode())
+            read.set()
         loop.add_reader(r, on_read)
         loop.call_later(0.01, lambda: os.write(w, b"x"))
         thread = threading.Thread(target=loop.run)
         thread.start()
-        deadline = time.monotonic() + 5
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.01)
-        loop.call_soon_threadsafe(lambda: seen.append("soon"))
-        while len(seen) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert read.wait(5), "the timer's write never reached the reader"
+        loop.call_soon_threadsafe(lambda: (seen.append("soon"), soon.set()))
+        assert soon.wait(5), "call_soon_threadsafe never ran"
         loop.stop()          # from another thread: wakes the loop
         thread.join(5)
         assert not thread.is_alive()

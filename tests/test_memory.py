@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from collections.abc import Iterator
 
 import pytest
 
+from vhostpy import _accel
 from vhostpy.errors import FrontendError, GuestError, MemoryAccessError
 from vhostpy.memory import ADDRESS_LIMIT, GuestMemory, Region
 
@@ -233,3 +235,45 @@ def test_clear_while_view_held(mem: GuestMemory, memfd: int) -> None:
 def test_read_only_buffer_refused(mem: GuestMemory) -> None:
     with pytest.raises(FrontendError, match="read-only"):
         mem.add_buffer(b"immutable", 0)
+
+
+# ------------------------------------------------------------------ the SIGBUS guard (in-process)
+# Truncating a mapped memfd is tested in child processes (tests/test_sigbus.py); here only what
+# is safe to do inside pytest: the guard's bookkeeping and the answer while nothing faulted.
+
+
+def _guard_registrations() -> int:
+    gc.collect()  # mmaps kept alive by views of earlier tests unregister when they go
+    return int(_accel.lib.vp_guard_registered())
+
+
+def test_faulted_is_none_while_every_access_is_backed(mem: GuestMemory, memfd: int) -> None:
+    assert mem.faulted() is None
+    mem.map_fd(memfd, 0, 16 * PAGE, 0, 0)
+    mem.add_buffer(bytearray(PAGE), 0x100000)
+    mem.write(15 * PAGE, b"x" * PAGE)
+    assert mem.read(0, 16 * PAGE)[-PAGE:] == b"x" * PAGE
+    assert mem.faulted() is None
+
+
+@pytest.mark.skipif(
+    _accel.lib is None,
+    reason="no SIGBUS guard without the compiled extension (VHOSTPY_IMPLEMENTATION=python)",
+)
+def test_guard_registrations_follow_the_region_table(mem: GuestMemory, memfd: int) -> None:
+    base = _guard_registrations()
+    mem.map_fd(memfd, 0, 4 * PAGE, 0, 0)
+    mem.map_fd(memfd, 0x100000, 4 * PAGE, 0x100000, 4 * PAGE)
+    mem.add_buffer(bytearray(PAGE), 0x200000)  # the caller's buffer: not guarded
+    assert _guard_registrations() == base + 2
+    assert _accel.lib.vp_guard_active() == 1
+    mem.remove(0, 4 * PAGE)
+    assert _guard_registrations() == base + 1
+    held = mem.view(0x100000, 8)
+    mem.clear()  # cannot unmap under `held`: stays guarded while mapped
+    assert _guard_registrations() == base + 1
+    held.release()
+    assert _guard_registrations() == base
+    with pytest.raises(FrontendError, match="fd size"):
+        mem.map_fd(memfd, 0, 17 * PAGE, 0, 0)  # refused before mapping: nothing registered
+    assert _guard_registrations() == base

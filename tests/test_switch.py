@@ -1,13 +1,23 @@
-"""vhostpy.switch: learning, flooding, unicast, no hairpin, aging, moves, batching, detach."""
+"""vhostpy.switch: learning, flooding, unicast, no hairpin, aging, moves, batching, detach.
+
+Every behaviour test runs over both sibling variants (`PythonSwitch`, and `CffiSwitch` where
+the extension is built), through the `variant` fixture; the alias `Switch` is checked to be
+the visible rule ARCHITECTURE.md asks for.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import pytest
 
+from vhostpy import _accel
 from vhostpy.packets import Responder, parse_mac
-from vhostpy.switch import Port, Switch
+from vhostpy.switch import MAX_ENTRIES, BaseSwitch, CffiSwitch, Port, PythonSwitch, Switch
+
+needs_cffi = pytest.mark.skipif(_accel.lib is None, reason="the compiled switch is not built")
 
 BCAST = "ff:ff:ff:ff:ff:ff"
 
@@ -50,9 +60,16 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(params=["python", pytest.param("cffi", marks=needs_cffi)])
+def variant(request: pytest.FixtureRequest) -> type[BaseSwitch]:
+    """Each sibling variant of the switch in turn."""
+    return PythonSwitch if request.param == "python" else CffiSwitch
+
+
 @pytest.fixture
-def net(clock: FakeClock) -> tuple[Switch, FakePort, FakePort, FakePort]:
-    sw = Switch(aging=300.0, clock=clock)
+def net(clock: FakeClock, variant: type[BaseSwitch]
+        ) -> tuple[BaseSwitch, FakePort, FakePort, FakePort]:
+    sw = variant(aging=300.0, clock=clock)
     a, b, c = FakePort("a"), FakePort("b"), FakePort("c")
     for p in (a, b, c):
         sw.attach(p)
@@ -64,7 +81,7 @@ def test_port_protocol_is_structural() -> None:
     assert port.send([b"\0" * 14]) == 1
 
 
-def test_unknown_unicast_floods_then_learns(net: tuple[Switch, FakePort, FakePort, FakePort]
+def test_unknown_unicast_floods_then_learns(net: tuple[BaseSwitch, FakePort, FakePort, FakePort]
                                             ) -> None:
     sw, a, b, c = net
     f1 = frame(mac(2), mac(1))
@@ -85,7 +102,7 @@ def test_unknown_unicast_floods_then_learns(net: tuple[Switch, FakePort, FakePor
 
 @pytest.mark.parametrize("dst", [BCAST, "01:00:5e:00:00:fb", "33:33:00:00:00:01"])
 def test_broadcast_and_multicast_flood_everywhere_but_source(
-        net: tuple[Switch, FakePort, FakePort, FakePort], dst: str) -> None:
+        net: tuple[BaseSwitch, FakePort, FakePort, FakePort], dst: str) -> None:
     sw, a, b, c = net
     sw.forward(b, [frame(mac(2), mac(1))])  # mac(1) now lives on b
     a.calls.clear()
@@ -95,7 +112,7 @@ def test_broadcast_and_multicast_flood_everywhere_but_source(
     assert sw.flooded == 2
 
 
-def test_no_hairpin(net: tuple[Switch, FakePort, FakePort, FakePort]) -> None:
+def test_no_hairpin(net: tuple[BaseSwitch, FakePort, FakePort, FakePort]) -> None:
     sw, a, b, c = net
     sw.forward(a, [frame(BCAST, mac(1)), frame(BCAST, mac(2))])  # both on a
     b.calls.clear()
@@ -108,7 +125,7 @@ def test_no_hairpin(net: tuple[Switch, FakePort, FakePort, FakePort]) -> None:
     assert a.calls == b.calls == c.calls == [] and sw.filtered == 2
 
 
-def test_aging_with_fake_clock(net: tuple[Switch, FakePort, FakePort, FakePort],
+def test_aging_with_fake_clock(net: tuple[BaseSwitch, FakePort, FakePort, FakePort],
                                clock: FakeClock) -> None:
     sw, a, b, c = net
     sw.forward(b, [frame(BCAST, mac(2))])
@@ -129,8 +146,8 @@ def test_aging_with_fake_clock(net: tuple[Switch, FakePort, FakePort, FakePort],
     assert sw.lookup(parse_mac(mac(2))) is b
 
 
-def test_sweep_bounds_table(clock: FakeClock) -> None:
-    sw = Switch(aging=10.0, clock=clock)
+def test_sweep_bounds_table(clock: FakeClock, variant: type[BaseSwitch]) -> None:
+    sw = variant(aging=10.0, clock=clock)
     a, b = FakePort("a"), FakePort("b")
     sw.attach(a)
     sw.attach(b)
@@ -141,7 +158,7 @@ def test_sweep_bounds_table(clock: FakeClock) -> None:
     assert sw.table() == {mac(99): ("b", 0.0)}
 
 
-def test_mac_move_relearns(net: tuple[Switch, FakePort, FakePort, FakePort],
+def test_mac_move_relearns(net: tuple[BaseSwitch, FakePort, FakePort, FakePort],
                            clock: FakeClock) -> None:
     sw, a, b, c = net
     sw.forward(a, [frame(BCAST, mac(1))])
@@ -154,7 +171,7 @@ def test_mac_move_relearns(net: tuple[Switch, FakePort, FakePort, FakePort],
     assert b.calls[-1] == [f] and a.calls[-1] != [f]
 
 
-def test_one_send_per_destination_in_order(net: tuple[Switch, FakePort, FakePort, FakePort]
+def test_one_send_per_destination_in_order(net: tuple[BaseSwitch, FakePort, FakePort, FakePort]
                                            ) -> None:
     sw, a, b, c = net
     sw.forward(b, [frame(BCAST, mac(2))])
@@ -183,7 +200,7 @@ def test_one_send_per_destination_in_order(net: tuple[Switch, FakePort, FakePort
     assert len(c.calls) == 1 and len(b.calls) == 2  # ports with nothing get no call
 
 
-def test_detach_forgets_macs(net: tuple[Switch, FakePort, FakePort, FakePort]) -> None:
+def test_detach_forgets_macs(net: tuple[BaseSwitch, FakePort, FakePort, FakePort]) -> None:
     sw, a, b, c = net
     sw.forward(b, [frame(BCAST, mac(2)), frame(BCAST, mac(22))])
     sw.forward(c, [frame(BCAST, mac(3))])
@@ -203,8 +220,8 @@ def test_detach_forgets_macs(net: tuple[Switch, FakePort, FakePort, FakePort]) -
         sw.attach(b)
 
 
-def test_table_limit_still_forwards(clock: FakeClock) -> None:
-    sw = Switch(clock=clock, max_entries=4)
+def test_table_limit_still_forwards(clock: FakeClock, variant: type[BaseSwitch]) -> None:
+    sw = variant(clock=clock, max_entries=4)
     a, b = FakePort("a"), FakePort("b")
     sw.attach(a)
     sw.attach(b)
@@ -212,8 +229,8 @@ def test_table_limit_still_forwards(clock: FakeClock) -> None:
     assert len(sw.table()) == 4 and len(b.received) == 9
 
 
-def test_refused_frames_are_the_ports_business(clock: FakeClock) -> None:
-    sw = Switch(clock=clock)
+def test_refused_frames_are_the_ports_business(clock: FakeClock, variant: type[BaseSwitch]) -> None:
+    sw = variant(clock=clock)
     a, full = FakePort("a"), FakePort("full", accept=0)
     sw.attach(a)
     sw.attach(full)
@@ -224,7 +241,7 @@ def test_refused_frames_are_the_ports_business(clock: FakeClock) -> None:
 class ResponderPort:
     """A `Responder` host plugged into the switch: answers straight back through it."""
 
-    def __init__(self, switch: Switch, responder: Responder) -> None:
+    def __init__(self, switch: BaseSwitch, responder: Responder) -> None:
         self.name = f"host-{responder.ip}"
         self.switch = switch
         self.responder = responder
@@ -236,8 +253,8 @@ class ResponderPort:
         return len(frames)
 
 
-def test_ping_through_switch(clock: FakeClock) -> None:
-    sw = Switch(clock=clock)
+def test_ping_through_switch(clock: FakeClock, variant: type[BaseSwitch]) -> None:
+    sw = variant(clock=clock)
     guest_port = FakePort("guest")
     host = ResponderPort(sw, Responder())
     other = ResponderPort(sw, Responder("10.0.2.3", "52:54:00:12:35:03"))
@@ -254,3 +271,46 @@ def test_ping_through_switch(clock: FakeClock) -> None:
     assert host.responder.echo_replies_sent == 2 and other.responder.echo_replies_sent == 0
     assert other.responder.arp_replies_sent == 0
     assert sw.table().keys() == {"52:54:00:12:34:56", "52:54:00:12:35:02"}
+
+
+def test_switch_is_the_visible_alias() -> None:
+    """`Switch` is one of the two siblings, picked by whether the extension is in use; no
+    class builds another class's instances."""
+    assert Switch is (CffiSwitch if _accel.lib is not None else PythonSwitch)
+    assert not issubclass(CffiSwitch, PythonSwitch) and not issubclass(PythonSwitch, CffiSwitch)
+    assert type(PythonSwitch()) is PythonSwitch
+    assert "__new__" not in vars(BaseSwitch)
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_ENTRIES + 1, 2**31, 2**32 - 1, 2**40])
+def test_max_entries_out_of_range_is_refused(variant: type[BaseSwitch], bad: int) -> None:
+    with pytest.raises(ValueError, match=f"max_entries must be 0..{MAX_ENTRIES}"):
+        variant(max_entries=bad)
+
+
+@needs_cffi
+def test_python_limit_is_the_c_limit() -> None:
+    assert _accel.lib.VP_SWITCH_MAX_ENTRIES == MAX_ENTRIES
+
+
+@needs_cffi
+def test_c_switch_init_refuses_huge_tables_without_looping() -> None:
+    """vp_switch_init used to double a 32-bit capacity past 2**31 (to 0) and loop forever for
+    max_entries >= 2**31: it must return VP_ERR_TOO_LARGE at once (run in a child process so a
+    regression fails on the timeout instead of hanging the suite)."""
+    code = (
+        "from vhostpy import _accel\n"
+        "ffi, lib = _accel.ffi, _accel.lib\n"
+        "sw = ffi.new('struct vp_switch *')\n"
+        "for n in (lib.VP_SWITCH_MAX_ENTRIES + 1, 2**31, 2**31 + 5, 2**32 - 1):\n"
+        "    print(n, lib.vp_switch_init(sw, n), sw.t == ffi.NULL)\n"
+        "assert lib.vp_switch_init(sw, 4096) == 0 and sw.cap == 16384\n"
+        "lib.vp_switch_free(sw)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, check=False,
+                            env={"VHOSTPY_IMPLEMENTATION": "cffi", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split()
+    too_large = str(_accel.lib.VP_ERR_TOO_LARGE)
+    assert lines[1::3] == [too_large] * 4 and lines[2::3] == ["True"] * 4

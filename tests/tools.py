@@ -35,7 +35,7 @@ def unavailable(reason: str) -> NoReturn:
     import pytest
 
     if under_ci():
-        pytest.fail(f"CI=true but a prerequisite is missing: {reason}", pytrace=False)
+        pytest.fail(f"{reason} (CI=true: a missing prerequisite fails the test)", pytrace=False)
     pytest.skip(reason)
 
 

@@ -379,6 +379,13 @@ static uint16_t checksum(const uint8_t *p, uint64_t n) {
 }
 
 #define SEGS_LOCAL 2048
+/* The longest virtio-net header: C keeps headers in 12-byte buffers (and 12 bytes of MACs
+ * after one in 24-byte prefixes), so every entry taking `hdr_len` checks it first. */
+#define NET_HDR_MAX 12u
+
+static inline int hdr_len_ok(uint32_t hdr_len) {
+    return hdr_len == 10 || hdr_len == NET_HDR_MAX;
+}
 
 /* Where the partial checksum a NEEDS_CSUM header asks for starts, and its field's offset. */
 static inline void csum_fields(const uint8_t h[12], uint16_t *start, uint16_t *off) {
@@ -495,6 +502,7 @@ static int take_keep(void *out, const struct vp_mem *m, const struct vp_seg *s, 
 
 int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
                     struct vp_net_stats *st, struct vp_frames *out) {
+    if (!hdr_len_ok(hdr_len)) return VP_ERR_HDR_LEN;
     return tx_serve(q, hdr_len, csum, limit, st, out ? take_keep : NULL, out);
 }
 
@@ -618,8 +626,9 @@ static void rx_put(struct vp_vq *q, uint32_t hdr_len, int mrg, const struct vp_c
 
 /* The virtio-net header (all zero but num_buffers, set by rx_put) then a frame's MACs,
  * swapped when asked: the first span of every frame placed into a receive ring. */
-static uint32_t rx_prefix(uint8_t pre[24], uint32_t hdr_len, const uint8_t macs[12], int swap) {
-    memset(pre, 0, 24);
+static uint32_t rx_prefix(uint8_t pre[2 * NET_HDR_MAX], uint32_t hdr_len, const uint8_t macs[12],
+                          int swap) {
+    memset(pre, 0, 2 * NET_HDR_MAX);
     memcpy(pre + hdr_len, macs + (swap ? 6 : 0), 6);
     memcpy(pre + hdr_len + 6, macs + (swap ? 0 : 6), 6);
     return hdr_len + 12;
@@ -628,8 +637,8 @@ static uint32_t rx_prefix(uint8_t pre[24], uint32_t hdr_len, const uint8_t macs[
 int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len,
                     const struct vp_frames *src, const uint32_t *idx, uint32_t n, int swap,
                     struct vp_net_stats *st, struct vp_net_stats *backlog,
-                    struct vp_frames *cap, uint32_t ts_sec, uint32_t ts_usec, int call_fd) {
-    (void)call_fd;
+                    struct vp_frames *cap, uint32_t ts_sec, uint32_t ts_usec) {
+    if (!hdr_len_ok(hdr_len)) return VP_ERR_HDR_LEN;
     struct vp_chain chains[RX_CHAINS];
     struct vp_seg segs[SEGS_LOCAL];
     uint32_t items[2 * 256], nitems = 0;
@@ -641,7 +650,7 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
         const uint8_t *data = src->buf + src->off[f];
         if (len < ETH_HLEN) { backlog->drops[DROP_RUNT]++; backlog->dropped++; continue; }
         if (len > max_len) { backlog->drops[DROP_MTU]++; backlog->dropped++; continue; }
-        uint8_t pre[24];
+        uint8_t pre[2 * NET_HDR_MAX];
         struct span sp[2] = {{pre, rx_prefix(pre, hdr_len, data, swap)}, {data + 12, len - 12}};
         uint32_t nc = 0;
         int got = rx_take(q, mrg, (uint64_t)hdr_len + len, chains, segs, &nc);
@@ -687,7 +696,7 @@ static int take_reflect(void *ctx, const struct vp_mem *m, const struct vp_seg *
     }
     /* Straight from the transmit buffers when that is a plain copy; through `out` when a
      * checksum is to be filled in or the frame is in many pieces. */
-    uint8_t macs[12], pre[24];
+    uint8_t macs[12], pre[2 * NET_HDR_MAX];
     struct span sp[1 + MAX_SPANS];
     int nsp = -1, reason = -1;
     uint32_t kept = out->n;
@@ -726,6 +735,8 @@ int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, in
                          int mrg, uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
                          struct vp_net_stats *rx_st, struct vp_net_stats *backlog,
                          struct vp_frames *out, int *stalled) {
+    *stalled = 0;
+    if (!hdr_len_ok(hdr_len)) return VP_ERR_HDR_LEN;
     struct reflect r;
     r.rq = rq;
     r.mrg = mrg;
@@ -755,11 +766,19 @@ void vp_frames_from_flat(struct vp_frames *f, uint8_t *data, const uint32_t *len
     f->used = pos;
 }
 
-void vp_pcap_headers(struct vp_frames *f, uint32_t ts_sec, uint32_t ts_usec) {
+int vp_pcap_headers(struct vp_frames *f, uint32_t ts_sec, uint32_t ts_usec) {
+    /* Check every slot before writing any: frames laid end to end (vp_frames_from_flat)
+     * have none, and writing there would hit the buffer's front or the previous frame. */
+    uint64_t end = 0;
+    for (uint32_t i = 0; i < f->n; i++) {
+        if (f->off[i] < end + 16) return VP_ERR_NO_SLOT;
+        end = f->off[i] + f->len[i];
+    }
     for (uint32_t i = 0; i < f->n; i++) {
         uint32_t h[4] = {ts_sec, ts_usec, f->len[i], f->len[i]};
         memcpy(f->buf + f->off[i] - 16, h, 16);
     }
+    return (int)f->n;
 }
 
 /* ---------------------------------------------------------------- switch */
@@ -786,10 +805,12 @@ static void fdb_put(struct vp_switch *sw, uint64_t mac, int32_t port, double see
 }
 
 int vp_switch_init(struct vp_switch *sw, uint32_t max_entries) {
+    /* Above the limit the doubling below would pass 2**31 and wrap a 32-bit `cap` to 0. */
+    if (max_entries > VP_SWITCH_MAX_ENTRIES) return VP_ERR_TOO_LARGE;
     uint32_t cap = 16;
     while (cap < 2 * (uint64_t)max_entries + 2) cap *= 2;
     sw->t = calloc(cap, sizeof *sw->t);
-    if (!sw->t) return -1;
+    if (!sw->t) return VP_ERR_NOMEM;
     sw->cap = cap;
     sw->count = 0;
     sw->max_entries = max_entries;

@@ -59,8 +59,10 @@ struct vp_chain {
     uint32_t writable_len;
 };
 
-/* Frames in one flat buffer; each frame's bytes at buf[off[i] .. off[i]+len[i]) and
- * preceded by a 16-byte slot where a pcap record header may be written. */
+/* Frames in one flat buffer; each frame's bytes at buf[off[i] .. off[i]+len[i]), in
+ * ascending order. Frames the net functions keep (transmit bursts, capture buffers) are
+ * each preceded by a 16-byte slot where a pcap record header may be written; frames laid
+ * end to end by vp_frames_from_flat have no such slot (vp_pcap_headers refuses them). */
 struct vp_frames {
     uint8_t *buf;
     uint64_t cap;
@@ -99,6 +101,18 @@ struct vp_switch {
     uint64_t dropped;
 };
 
+/* Negative returns of the functions below (a caller's mistake: nothing was done). */
+enum {
+    VP_ERR_NOMEM = -1,          /* out of memory */
+    VP_ERR_TOO_LARGE = -2,      /* vp_switch_init: max_entries above VP_SWITCH_MAX_ENTRIES */
+    VP_ERR_HDR_LEN = -3,        /* a virtio-net header length other than 10 or 12 */
+    VP_ERR_NO_SLOT = -4         /* vp_pcap_headers: a frame has no record slot before it */
+};
+
+/* The largest forwarding database vp_switch_init builds (its table, twice as many slots
+ * rounded up to a power of two, must fit 32-bit indices). */
+#define VP_SWITCH_MAX_ENTRIES 1073741823
+
 /* ---------------------------------------------------------------- memory and rings */
 int vp_mem_check(const struct vp_mem *m, uint64_t gpa, uint64_t len, char *err, size_t errlen);
 uint8_t *vp_mem_ptr(const struct vp_mem *m, uint64_t gpa, uint64_t len);
@@ -120,15 +134,24 @@ void vp_disable_notifications(struct vp_vq *q);
 int vp_enable_notifications(struct vp_vq *q, int after_available);
 
 /* ---------------------------------------------------------------- virtio-net */
+/* Every function here that takes a virtio-net header length `hdr_len` accepts only 10
+ * (legacy without MRG_RXBUF) or 12 (VERSION_1 or MRG_RXBUF), the lengths virtio defines
+ * and the buffers C keeps headers in are sized for; any other value returns VP_ERR_HDR_LEN
+ * before a ring, a counter or a buffer is touched. */
 /* Pop up to `limit` transmit chains, check each as net.NetDevice does (its virtio-net header
  * too when `csum`: VIRTIO_NET_F_CSUM negotiated; otherwise it is left unread), count them in
  * `st`, copy accepted frames into `out` (unless NULL) and publish the used entries. */
 int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
                     struct vp_net_stats *st, struct vp_frames *out);
+/* Place frames of `src` (those at idx[0 .. n), or the first n when idx is NULL) into the
+ * receive ring `q`, MACs swapped with `swap`, each recorded into `cap` (unless NULL) with
+ * the given timestamp; runts and frames above `max_len` are counted in `backlog` and not
+ * placed. Returns how many frames were taken (placed, or dropped and counted); it stops at
+ * the first frame the ring has no buffers for yet. Used entries are published, not signalled. */
 int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len,
                     const struct vp_frames *src, const uint32_t *idx, uint32_t n, int swap,
                     struct vp_net_stats *st, struct vp_net_stats *backlog,
-                    struct vp_frames *cap, uint32_t ts_sec, uint32_t ts_usec, int call_fd);
+                    struct vp_frames *cap, uint32_t ts_sec, uint32_t ts_usec);
 /* Reflect a burst of transmit chains into the receive ring `rq` of the same port, each
  * accepted frame copied once, straight from its transmit buffers into receive buffers with
  * its MACs swapped: what vp_net_tx_burst then vp_net_rx_place(swap=1) leave behind (used
@@ -140,10 +163,15 @@ int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, in
                          int mrg, uint32_t max_len, uint32_t limit, struct vp_net_stats *st,
                          struct vp_net_stats *rx_st, struct vp_net_stats *backlog,
                          struct vp_frames *out, int *stalled);
+/* Describe `n` frames (at most f->max) laid end to end in `data` (no record slots). */
 void vp_frames_from_flat(struct vp_frames *f, uint8_t *data, const uint32_t *lens, uint32_t n);
-void vp_pcap_headers(struct vp_frames *f, uint32_t ts_sec, uint32_t ts_usec);
+/* Write a pcap record header into the slot before each frame of `f`: how many, or
+ * VP_ERR_NO_SLOT (nothing written) when a frame's 16 bytes before it are not free (it
+ * starts less than 16 bytes after the buffer's start or the previous frame's end). */
+int vp_pcap_headers(struct vp_frames *f, uint32_t ts_sec, uint32_t ts_usec);
 
 /* ---------------------------------------------------------------- switch */
+/* 0, VP_ERR_TOO_LARGE for max_entries above VP_SWITCH_MAX_ENTRIES, or VP_ERR_NOMEM. */
 int vp_switch_init(struct vp_switch *sw, uint32_t max_entries);
 void vp_switch_free(struct vp_switch *sw);
 int32_t vp_switch_lookup(const struct vp_switch *sw, uint64_t mac, double horizon);

@@ -31,11 +31,12 @@ static inline void cpu_relax(void) {
 
 int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *out,
                    struct vp_net_poll *p) {
+    p->bursts = 0;
+    if (p->hdr_len != 10 && p->hdr_len != 12) return VP_ERR_HDR_LEN;
     int keep = p->mode != VP_TX_SINK;
     uint32_t burst = p->burst;
     if (keep && burst > out->max) burst = out->max;
     uint64_t empty_since = 0;
-    p->bursts = 0;
     while (p->bursts < p->max_bursts) {
         int n, stalled = 0;
         if (p->mode == VP_TX_REFLECT) {
@@ -45,6 +46,7 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
             if (keep) out->n = 0, out->used = 0;
             n = vp_net_tx_burst(q, p->hdr_len, p->csum, burst, st, keep ? out : NULL);
         }
+        if (n < 0) return n;   /* not reached: hdr_len was checked above */
         if (n == 0) {
             if (q->broken) return VP_POLL_BROKEN;
             if (!p->spin_ns) return VP_POLL_EMPTY;

@@ -45,5 +45,6 @@ struct vp_net_poll {
                                  the reflected frames that did not fit, as sent) */
 };
 
+/* A VP_POLL_* reason, or VP_ERR_HDR_LEN (nothing done) when p->hdr_len is not 10 or 12. */
 int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *out,
                    struct vp_net_poll *p);

@@ -12,7 +12,8 @@ C returns to Python only for what the reference must do itself, in ring order:
 * a request C does not serve (no status byte, DISCARD, WRITE_ZEROES, unknown types):
   `BlockDevice.handle_chain` serves it and C goes on with the rest of the burst;
 * a request that failed in C: its WARNING line, worded as `BlockDevice` words it;
-* an interrupt when the transport's `call` is not an eventfd C can write;
+* an interrupt C decided on when the ring's `signal_target()` is not an eventfd C can
+  write (`vq.interrupt()`);
 * a chain with more descriptors than the segment array holds: a bigger array.
 
 So used rings, status bytes, data and `BlkStats` are those of the pure-Python path (C's
@@ -22,7 +23,7 @@ counters are folded into `BlkStats` after each drain). This module never imports
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from . import _accel
 from .virtqueue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue
@@ -37,8 +38,8 @@ lib: Any = _accel.lib
 BURST = 64
 _SEGS = 4096
 _ID_BYTES = 20
-_NO_SIGNAL = -2   # call_fd for C: the transport installed no `call`
-_PY_CALL = -1     # call_fd for C: decide, but let Python call `vq.call()`
+_NO_SIGNAL = -2   # call_fd for C: make no interrupt decision (`signal_target()` (0, -1))
+_PY_CALL = -1     # call_fd for C: decide, but let Python interrupt (`vq.interrupt()`)
 
 
 class BlkFastPath:
@@ -56,11 +57,11 @@ class BlkFastPath:
         bu.max_chains, bu.max_segs = BURST, _SEGS
 
     @staticmethod
-    def serves(vq: Virtqueue) -> bool:
+    def serves(vq: Virtqueue) -> TypeGuard[CffiVirtqueue]:
         """Whether `vq` is a ring this path can drive (the compiled `Virtqueue` variant)."""
         return isinstance(vq, CffiVirtqueue)
 
-    def drain(self, index: int, vq: Any) -> None:
+    def drain(self, index: int, vq: CffiVirtqueue) -> None:
         """Serve every available request of ring `index` (what `device.drain` does)."""
         if not vq.ready:
             return
@@ -99,7 +100,7 @@ class BlkFastPath:
             vq.check_broken()
             self._fold()
 
-    def _chain(self, vq: Any, k: int) -> DescriptorChain:
+    def _chain(self, vq: CffiVirtqueue, k: int) -> DescriptorChain:
         """Chain `k` of the current burst as the reference's `DescriptorChain`."""
         ch = self._chains[k]
         segs = self._segs

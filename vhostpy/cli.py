@@ -1,9 +1,12 @@
 """Command-line front doors, following QEMU's "Backend program conventions".
 
-`vhostpy blk --socket-path PATH | --fd N [options]` serves a virtio-blk device until
-SIGTERM or SIGINT, then removes its socket and exits 0. `--print-capabilities` prints the
-JSON capabilities and exits 0. A bad value is reported in one line on stderr with exit
-status 1, before anything listens. The process never daemonises.
+`vhostpy blk|net|rng --socket-path PATH | --fd N [options]` serves a device until SIGTERM or
+SIGINT, then removes its socket, prints one JSON counters line on stderr
+(`{"device": "blk", "event": "exit", "counters": {...}}`) and exits 0. SIGUSR1 prints the same
+line (`"event": "SIGUSR1"`) and serving goes on; SIGHUP is logged (INFO) and ignored.
+`--print-capabilities` prints the JSON capabilities and exits 0. A bad value is reported in
+one line on stderr (`vhostpy COMMAND: error: ...`) with exit status 1, before anything
+listens; a bare `vhostpy` lists the commands (exit 1). The process never daemonises.
 
 `vhostpy lguest [options] KERNEL [KERNEL ARGS...]` is an lguest Launcher (see
 vhostpy.lguest_launcher): it runs a guest on /dev/lguest with the console on stdin/stdout.
@@ -15,11 +18,13 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from vhostpy import __version__
 from vhostpy.blk import BlockDevice
@@ -32,21 +37,50 @@ from vhostpy.server import Server
 if TYPE_CHECKING:
     from vhostpy.lguest_launcher import LaunchOptions
 
+_ActionT = TypeVar("_ActionT", bound=argparse.Action)
+
 log = logging.getLogger("vhostpy")
 
 DEFAULT_DISK_SIZE = 64 << 20
+#: The largest ring the virtio spec allows (2.7: Queue Size up to 32768).
+MAX_QUEUE_SIZE = 32768
+#: blk advertises seg_max = queue size - 2, so its rings hold at least 4 entries.
+MIN_BLK_QUEUE_SIZE = 4
+#: The commands and their one-line help, as a bare `vhostpy` lists them.
+COMMANDS = {
+    "blk": "a vhost-user virtio-blk back-end",
+    "net": "a vhost-user virtio-net back-end",
+    "rng": "a vhost-user virtio-rng back-end",
+    "lguest": "an lguest Launcher: run a guest kernel on /dev/lguest",
+}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad value in one line and exits 1 (not 2 with a usage dump)."""
+    """argparse that reports a bad value in one line and exits 1 (not 2 with a usage dump).
+
+    It also remembers which of its options take a value (`value_options`), so that `main`
+    can keep a value such as `-1M` from being read as an option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.value_options: set[str] = set()
+        self.commands: dict[str, _Parser] = {}
+        super().__init__(*args, **kwargs)
+
+    def _add_action(self, action: _ActionT) -> _ActionT:
+        if action.option_strings and action.nargs != 0:
+            self.value_options.update(action.option_strings)
+        return super()._add_action(action)
 
     def error(self, message: str) -> NoReturn:
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
 def parse_size(text: str) -> int:
-    """'64M', '1G', '512k', '4096' -> bytes (binary multiples)."""
+    """'64M', '1G', '512k', '4096' -> bytes (binary multiples); sizes are never negative."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: sizes must be positive "
+                                         "(examples: 4096, 64M, 1G)")
     match = _SIZE_RE.match(text)
     if not match:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 64M, 1G)")
@@ -62,6 +96,25 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {value}")
     return value
+
+
+def _queue_size(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a ring size, a power of two in minimum..MAX_QUEUE_SIZE."""
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if not minimum <= value <= MAX_QUEUE_SIZE or value & (value - 1):
+            raise argparse.ArgumentTypeError(f"must be a power of two in {minimum}.."
+                                             f"{MAX_QUEUE_SIZE}, not {value}")
+        return value
+    return parse
+
+
+def _image_format(text: str) -> str:
+    if text != "raw":
+        raise argparse.ArgumentTypeError(
+            f"invalid format {text!r}: vhostpy serves raw images only (--format raw forces raw; "
+            f"convert others with qemu-img convert -O raw)")
+    return text
 
 
 def _fd_number(text: str) -> int:
@@ -124,7 +177,7 @@ def _vhost_user(text: str) -> str:
 
 def _add_lguest_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     lg = sub.add_parser(
-        "lguest", help="an lguest Launcher: run a guest kernel on /dev/lguest",
+        "lguest", help=COMMANDS["lguest"],
         description="Run an lguest guest (3.x generation): the console is always the first "
         "device, on stdin/stdout; then the devices in command-line order.")
     lg.add_argument("-m", "--memory", type=_memory_mib, default=64, metavar="MiB",
@@ -161,39 +214,50 @@ def _add_lguest_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     lg.set_defaults(devices=[])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
+    """The whole command line; `parser.commands` maps each command to its sub-parser."""
     parser = _Parser(prog="vhostpy", description="virtio device back-ends in Python")
     parser.add_argument("--version", action="version", version=f"vhostpy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
 
-    blk = sub.add_parser("blk", help="a vhost-user virtio-blk back-end",
+    blk = sub.add_parser("blk", help=COMMANDS["blk"],
                          description="Serve a raw image (or a RAM disk) as virtio-blk.")
     _add_transport_options(blk)
     blk.add_argument("--image", "--blk-file", dest="image", metavar="FILE",
-                     help="raw image file or block device (default: an in-memory disk)")
+                     help="raw image file or block device (default: an in-memory disk); "
+                     "refused if it is in another format, empty or not whole 512-byte sectors, "
+                     "or locked by QEMU, qemu-storage-daemon or another vhostpy")
+    blk.add_argument("--format", dest="image_format", type=_image_format, default=None,
+                     metavar="raw", help="serve --image as raw even if it looks like another "
+                     "format (qcow2, vmdk, ...); raw is the only value")
+    blk.add_argument("--share-rw", action="store_true",
+                     help="let other processes write --image while it is served (like QEMU's "
+                     "share-rw=on; every user of the image must agree)")
     blk.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
                      help="size of the in-memory disk when no --image is given (default 64M)")
     blk.add_argument("--read-only", action="store_true",
                      help="offer VIRTIO_BLK_F_RO; writes fail and the image is never changed")
     blk.add_argument("--serial", default="", metavar="STR",
                      help="serial number reported by GET_ID (at most 20 bytes)")
-    blk.add_argument("--num-queues", type=_positive_int, default=1, metavar="N")
-    blk.add_argument("--queue-size", type=_positive_int, default=256, metavar="N",
-                     help="largest ring size accepted (power of two, default 256)")
+    blk.add_argument("--num-queues", type=_positive_int, default=1, metavar="N",
+                     help="request queues, 1..64 (VIRTIO_BLK_F_MQ above 1; default 1)")
+    blk.add_argument("--queue-size", type=_queue_size(MIN_BLK_QUEUE_SIZE), default=256,
+                     metavar="N", help="largest ring size accepted (a power of two in "
+                     f"{MIN_BLK_QUEUE_SIZE}..{MAX_QUEUE_SIZE}, default 256)")
     blk.add_argument("--no-coalesce", action="store_true",
                      help="interrupt the guest after every batch of requests, even while it "
                      "streams them (default: hold interrupts then, up to 0.5 ms)")
 
-    net = sub.add_parser("net", help="a vhost-user virtio-net back-end",
+    net = sub.add_parser("net", help=COMMANDS["net"],
                          description="Serve virtio-net ports; frames reach the built-in "
                          "responder, a pcap file, a tap device, a switch between the ports, "
                          "or are reflected.")
     _add_transport_options(net, several=True)
     net.add_argument("--num-queues", type=_positive_int, default=1, metavar="N",
-                     help="rx/tx queue pairs per port (default 1)")
-    net.add_argument("--queue-size", type=_positive_int, default=1024, metavar="N",
-                     help="largest ring size accepted (power of two, default 1024)")
+                     help="rx/tx queue pairs per port, 1..64 (default 1)")
+    net.add_argument("--queue-size", type=_queue_size(1), default=1024, metavar="N",
+                     help=f"largest ring size accepted (a power of two in 1..{MAX_QUEUE_SIZE}, "
+                     "default 1024)")
     net.add_argument("--respond", type=_ipv4, default="10.0.2.2", metavar="IP",
                      help="the built-in responder answers ARP and ping for IP (default 10.0.2.2)")
     net.add_argument("--no-respond", action="store_true", help="turn the responder off")
@@ -204,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--reflect", action="store_true",
                      help="send every frame back to its port with the MAC addresses swapped")
 
-    rng = sub.add_parser("rng", help="a vhost-user virtio-rng back-end",
+    rng = sub.add_parser("rng", help=COMMANDS["rng"],
                          description="Serve virtio-rng: each request is filled from "
                          "os.urandom (getrandom), which never blocks.")
     _add_transport_options(rng)
@@ -213,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fill at most SIZE bytes of one request; longer buffers are filled "
                      "partially (default 64K)")
     _add_lguest_parser(sub)
+    parser.commands = {name: p for name, p in sub.choices.items() if isinstance(p, _Parser)}
     return parser
 
 
@@ -240,8 +305,13 @@ def _make_blk(args: argparse.Namespace) -> BlockDevice:
         if args.size is not None:
             raise ConfigurationError("--size is for the in-memory disk; it cannot be "
                                      "combined with --image")
-        device = BlockDevice.open_image(args.image, **options)
+        device = BlockDevice.open_image(args.image, image_format=args.image_format,
+                                        share_rw=args.share_rw, **options)
     else:
+        for given, name in ((args.image_format, "--format"), (args.share_rw, "--share-rw")):
+            if given:
+                raise ConfigurationError(f"{name} is for --image; the in-memory disk is "
+                                         "always raw and never shared")
         size = DEFAULT_DISK_SIZE if args.size is None else args.size  # --size 0 is an error
         device = BlockDevice.in_memory(size, **options)
     if args.no_coalesce:
@@ -253,23 +323,69 @@ def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 \
         else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,
-                        format="vhostpy[%(process)d] %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s.%(msecs)03d vhostpy[%(process)d] %(levelname)s "
+                        "%(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
 
 
-def serve(device: Device, *, socket_path: str | None, fd: int | None) -> int:
-    """Serve `device` until SIGTERM/SIGINT; returns the exit status."""
+def counters_line(device: str, counters: dict[str, Any], event: str = "exit") -> str:
+    """The one JSON line every device command prints at exit (`event` "exit") and on
+    SIGUSR1 (`event` "SIGUSR1"): {"device": ..., "event": ..., "counters": {...}}."""
+    # Written by hand so the line reads device, event, counters (keys sorted inside counters).
+    return (f'{{"device": {json.dumps(device)}, "event": {json.dumps(event)}, '
+            f'"counters": {json.dumps(counters, sort_keys=True)}}}')
+
+
+def parse_counters_lines(text: str) -> list[dict[str, Any]]:
+    """Every counters line (see `counters_line`) found in `text`, e.g. a back-end's stderr,
+    as dictionaries, in order; other lines are skipped."""
+    found: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and {"device", "event", "counters"} <= set(record):
+                found.append(record)
+    return found
+
+
+def _print_counters(device: str, counters: Callable[[], dict[str, Any]], event: str) -> None:
+    print(counters_line(device, counters(), event), file=sys.stderr, flush=True)
+
+
+def _handle_signals(loop: EventLoop, device: str,
+                    counters: Callable[[], dict[str, Any]]) -> None:
+    """SIGTERM/SIGINT stop `loop`; SIGUSR1 prints the counters line and goes on; SIGHUP is
+    logged and ignored. Installed before anything listens, so no signal can leave a socket
+    file behind."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, loop.stop)
+    loop.add_signal_handler(signal.SIGUSR1,
+                            lambda: _print_counters(device, counters, "SIGUSR1"))
+    loop.add_signal_handler(signal.SIGHUP,
+                            lambda: log.info("SIGHUP: nothing to reload; still serving"))
+
+
+def serve(device: Device, *, socket_path: str | None, fd: int | None,
+          counters: Callable[[], dict[str, Any]] | None = None, command: str = "",
+          details: str = "") -> int:
+    """Serve `device` until SIGTERM/SIGINT; returns the exit status.
+
+    With `counters`, SIGUSR1 prints `counters_line(command, counters())` and serving goes
+    on; the caller prints the exit line. `details` ends the `-v` "serving" line."""
     loop = EventLoop()
     # Handlers first: a signal arriving once the socket file exists must still remove it
     # (the loop sees it on its first turn), not kill the process with the file left behind.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, loop.stop)
+    _handle_signals(loop, command or device.name, counters or dict)
     try:
         server = Server(device, loop, socket_path=socket_path, fd=fd)
     except BaseException:
         loop.close()
         raise
-    log.info("serving %s on %s", device.name,
-             socket_path if socket_path is not None else f"fd {fd}")
+    log.info("serving %s on %s%s", device.name,
+             socket_path if socket_path is not None else f"fd {fd}",
+             f": {details}" if details else "")
     try:
         loop.run()
     finally:
@@ -279,11 +395,55 @@ def serve(device: Device, *, socket_path: str | None, fd: int | None) -> int:
     return 0
 
 
+def _human_size(size: int) -> str:
+    """4096 -> '4 KiB', 1572864 -> '1.5 MiB', 100 -> '100 bytes'."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.4g} {unit}"
+    return f"{size} bytes"
+
+
+def _list_commands(parser: _Parser) -> int:
+    lines = ["vhostpy: error: a command is required:"]
+    lines += [f"  {name:<7} {help_}" for name, help_ in COMMANDS.items()]
+    lines.append("(vhostpy COMMAND --help for its options)")
+    print("\n".join(lines), file=sys.stderr)
+    return 1
+
+
+def _keep_negative_values(parser: _Parser, argv: list[str]) -> list[str]:
+    """`--size -1M` as `--size=-1M`: argparse would take `-1M` for an option and say only
+    "expected one argument"; joined, the value reaches its check and is explained."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = parser.commands.get(command or "")
+    if sub is None or command == "lguest":
+        return argv
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if (arg in sub.value_options and i + 1 < len(argv)
+                and re.match(r"^-\d", argv[i + 1])):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)
+    args, extra = parser.parse_known_args(_keep_negative_values(parser, raw))
+    if args.command is None:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _list_commands(parser)
     prog = f"vhostpy {args.command}"
+    if extra:
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        return 1
     if args.command == "lguest":
         return _run_lguest(args, raw)
     if args.print_capabilities:
@@ -306,9 +466,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_blk(args: argparse.Namespace) -> int:
     device = _make_blk(args)
+
+    def counters() -> dict[str, Any]:
+        return asdict(device.stats)
     try:
-        status = serve(device, socket_path=args.socket_path, fd=args.fd)
-        log.info("virtio-blk counters: %s", device.stats)   # only once it has served
+        details = (f"{_human_size(device.size_bytes)} ({device.capacity} sectors), "
+                   f"{'read-only' if device.read_only else 'read-write'}, "
+                   f"{device.num_queues} queue(s) of up to {device.max_queue_size}")
+        status = serve(device, socket_path=args.socket_path, fd=args.fd, counters=counters,
+                       command="blk", details=details)
+        _print_counters("blk", counters, "exit")   # only once it has served
         return status
     finally:
         device.close()
@@ -316,30 +483,54 @@ def _run_blk(args: argparse.Namespace) -> int:
 
 def _run_rng(args: argparse.Namespace) -> int:
     device = RngDevice(max_bytes_per_request=args.max_bytes_per_request)
-    try:
-        return serve(device, socket_path=args.socket_path, fd=args.fd)
-    finally:
-        log.info("virtio-rng counters: %s", device.stats)
+    status = serve(device, socket_path=args.socket_path, fd=args.fd, counters=device.counters,
+                   command="rng", details=f"at most {args.max_bytes_per_request} bytes per "
+                   "request")
+    _print_counters("rng", device.counters, "exit")
+    return status
 
 
 def _run_net(args: argparse.Namespace) -> int:
     from vhostpy.netapp import NetApp
 
-    app = NetApp(socket_paths=args.socket_path or (), fds=args.fd or (),
-                 num_queues=args.num_queues, queue_size=args.queue_size,
-                 respond_ip=None if args.no_respond else args.respond, pcap=args.pcap,
-                 tap=args.tap, reflect=args.reflect)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        app.loop.add_signal_handler(signum, app.loop.stop)
-    log.info("serving virtio-net on %s", ", ".join(args.socket_path or
-                                                   [f"fd {fd}" for fd in args.fd]))
+    places = _distinct("--socket-path", args.socket_path or []) + \
+        _distinct("--fd", args.fd or [])
+    loop = EventLoop()
+    app: NetApp | None = None
+
+    def counters() -> dict[str, Any]:
+        return app.counters() if app is not None else {}
+    _handle_signals(loop, "net", counters)   # before any socket exists
+    try:
+        app = NetApp(socket_paths=args.socket_path or (), fds=args.fd or (),
+                     num_queues=args.num_queues, queue_size=args.queue_size,
+                     respond_ip=None if args.no_respond else args.respond, pcap=args.pcap,
+                     tap=args.tap, reflect=args.reflect, loop=loop)
+    except BaseException:
+        loop.close()
+        raise
+    log.info("serving virtio-net on %s: %d port(s), %d queue pair(s) per port, rings of up "
+             "to %d", ", ".join(places), len(places), args.num_queues, args.queue_size)
     try:
         app.run()
     finally:
-        counters = app.counters()
+        final = app.counters()
         app.close()
-        print(f"vhostpy net: counters {json.dumps(counters, sort_keys=True)}", file=sys.stderr)
+        _print_counters("net", lambda: final, "exit")
     return 0
+
+
+def _distinct(option: str, values: Sequence[str | int]) -> list[str]:
+    """`values` of a repeatable option as display names; ConfigurationError if one is given
+    twice (two ports cannot share one socket)."""
+    seen: dict[str, str] = {}
+    for value in values:
+        key = os.path.abspath(value) if isinstance(value, str) else str(value)
+        if key in seen:
+            raise ConfigurationError(f"{option} {value} was given twice: each port needs "
+                                     "its own socket")
+        seen[key] = str(value) if isinstance(value, str) else f"fd {value}"
+    return list(seen.values())
 
 
 def lguest_options(args: argparse.Namespace) -> LaunchOptions:

@@ -10,6 +10,19 @@ know about rings, devices or the vhost-user protocol.
 
 Every guest address and length is treated as hostile: ranges are checked against 2**64 and
 against region ends before any slicing, so wraparound cannot land inside a valid region.
+
+A front-end can still shrink its memfd (ftruncate) after we mapped it; the next access past the
+new end raises SIGBUS. With the compiled extension, every mapping made by `map_fd` is registered
+with the SIGBUS guard (`_guard.c`, installed when the first region is mapped): such a fault maps
+a zero page over the hole, the access completes (reads see zeros, writes are discarded), and
+`GuestMemory.faulted()` describes it until the region goes away. This covers the C ring walks
+and the pure-Python copies through `view()` / `read()` / `write()` alike. The caller decides
+what to do (the ring runner breaks the ring or drops the front-end). Limits: without the
+extension (`VHOSTPY_IMPLEMENTATION=python`, or no compiled module) there is no guard and such a
+fault kills the process; buffers given to `add_buffer` are the caller's and not guarded; a
+system call handed a view over a hole (os.readv, os.pwritev, socket.send) fails with EFAULT
+instead of faulting, and `faulted()` does not see it; a SIGBUS handler installed after the
+first region was mapped (faulthandler.enable()) replaces the guard, which `map_fd` then logs.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import logging
 import mmap
 import os
 import stat
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,12 +83,19 @@ class Region:
 class _Slot:
     """A region plus what we must release when it goes away (not public)."""
 
-    __slots__ = ("mm", "region", "root")
+    __slots__ = ("guard", "host", "mm", "region", "root")
 
-    def __init__(self, region: Region, root: memoryview, mm: mmap.mmap | None) -> None:
+    def __init__(
+        self,
+        region: Region,
+        root: memoryview,
+        mm: mmap.mmap | None,
+        guard: _Guarded | None = None,
+    ) -> None:
         self.region = region
         self.root = root  # the view `region.mapping` was sliced from
         self.mm = mm  # an mmap we created (map_fd) and must unmap; None for add_buffer
+        self.guard = guard  # its registration with the SIGBUS guard (compiled path only)
 
     def release(self) -> None:
         # mmap.close() raises BufferError while any memoryview of it is alive. Release our own
@@ -85,16 +106,100 @@ class _Slot:
                 view.release()
             except BufferError:
                 pass
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            # Unregister before the unmap: a registration must never outlive its pages, or a
+            # bus error in whatever is mapped there next would be swallowed.
+            guard.unregister()
         if self.mm is not None:
             try:
                 self.mm.close()
             except BufferError:
+                if guard is not None:
+                    # Still mapped for views held elsewhere: guard it until the mmap object
+                    # dies (its dealloc unmaps, then runs the finaliser).
+                    try:
+                        later = _Guarded.register(guard.start, guard.end)
+                    except BackendError as exc:
+                        log.warning("region gpa=%#x left unguarded: %s",
+                                    self.region.guest_phys_addr, exc)
+                    else:
+                        weakref.finalize(self.mm, later.unregister)
                 log.debug(
                     "region gpa=%#x size=%#x still has views; unmapped when they go",
                     self.region.guest_phys_addr,
                     self.region.size,
                 )
             self.mm = None
+
+
+class _Guarded:
+    """One host range registered with the compiled SIGBUS guard (`_guard.c`); not public.
+
+    `start` is the first byte of the mmap, `end` one past its last page. Exists only when the
+    compiled extension is in use; `unregister()` must come before the range is unmapped.
+    """
+
+    __slots__ = ("end", "handle", "start")
+
+    #: Whether the last check found the guard replaced by another SIGBUS handler (logged once).
+    displaced = False
+
+    def __init__(self, handle: int, start: int, end: int) -> None:
+        self.handle = handle
+        self.start = start
+        self.end = end
+
+    @classmethod
+    def install(cls) -> None:
+        """Install the process's SIGBUS handler (the first time) and check it is still ours."""
+        lib = _accel.lib
+        if lib.vp_guard_install() != 0:
+            code = _accel.ffi.errno
+            raise BackendError(f"cannot install the SIGBUS guard: {os.strerror(code)}")
+        active = bool(lib.vp_guard_active())
+        if not active and not cls.displaced:
+            log.warning(
+                "the SIGBUS guard over guest memory was replaced by another SIGBUS handler "
+                "(faulthandler.enable() after the first region was mapped?): a front-end "
+                "that truncates its memory will now kill the process"
+            )
+        cls.displaced = not active
+
+    @classmethod
+    def register(cls, start: int, end: int) -> _Guarded:
+        """Register [start, end); BackendError when the guard's table is full."""
+        handle = int(_accel.lib.vp_guard_register(start, end))
+        if handle < 0:
+            raise BackendError(
+                f"cannot guard guest memory at {start:#x}..{end:#x}: too many regions mapped"
+            )
+        return cls(handle, start, end)
+
+    @classmethod
+    def for_mmap(cls, mm: mmap.mmap) -> _Guarded | None:
+        """Register all of `mm`'s pages, or None when the compiled extension is not in use."""
+        if _accel.lib is None:
+            return None
+        cls.install()
+        with _accel.ffi.from_buffer("uint8_t[]", mm) as pin:
+            start = int(_accel.ffi.cast("uintptr_t", pin))
+        end = start + -(-len(mm) // mmap.PAGESIZE) * mmap.PAGESIZE
+        return cls.register(start, end)
+
+    def unregister(self) -> None:
+        """Forget the range (idempotent)."""
+        if self.handle >= 0:
+            _accel.lib.vp_guard_unregister(self.handle)
+            self.handle = -1
+
+    def fault(self) -> tuple[int, int] | None:
+        """(order, host address) of the first fault absorbed in the range, or None."""
+        record = _accel.ffi.new("struct vp_guard_fault *")
+        if self.handle < 0 or _accel.lib.vp_guard_fault(self.handle, record) != 1:
+            return None
+        # order 0: the handler is between claiming the fault and numbering it.
+        return (int(record.order) or ADDRESS_LIMIT, int(record.addr))
 
 
 def _check_range(gpa: int, length: int) -> None:
@@ -122,6 +227,8 @@ class GuestMemory:
         # from_buffer objects that pin each mapping), valid for `_native_gen` only.
         self._native: tuple[Any, Any, list[Any]] | None = None
         self._native_gen = -1
+        # The guard's process-wide fault count when `faulted()` last found nothing.
+        self._quiet_at = -1
 
     # ---------------------------------------------------------------- table changes
 
@@ -131,7 +238,10 @@ class GuestMemory:
         """Map `size` bytes of `fd` from `mmap_offset` (MAP_SHARED, read/write) as a region.
 
         The fd's size is checked before mapping: a region that extends past the end of its
-        file would SIGBUS on first touch. Does not take ownership of `fd`; the caller closes it.
+        file would SIGBUS on first touch. With the compiled extension the mapping is registered
+        with the SIGBUS guard, so a later shrink of the fd is absorbed and reported by
+        `faulted()` (see the module docstring). Does not take ownership of `fd`; the caller
+        closes it.
         """
         self._check_new(guest_phys_addr, size, userspace_addr)
         if mmap_offset < 0:
@@ -170,11 +280,16 @@ class GuestMemory:
             if code == errno.ENOMEM:
                 raise BackendError(message) from exc
             raise FrontendError(message) from exc
+        try:
+            guard = _Guarded.for_mmap(mm)
+        except BackendError:
+            mm.close()
+            raise
         root = memoryview(mm)
         region = Region(
             guest_phys_addr, size, userspace_addr, mmap_offset, root[delta : delta + size]
         )
-        self._insert(_Slot(region, root, mm))
+        self._insert(_Slot(region, root, mm, guard))
         log.debug(
             "mapped region gpa=%#x size=%#x uva=%#x offset=%#x",
             guest_phys_addr,
@@ -424,6 +539,46 @@ class GuestMemory:
                 return r.guest_phys_addr + off
         raise MemoryAccessError(
             f"front-end range uva={uva:#x} length={length:#x} is not inside one mapped region"
+        )
+
+    def faulted(self) -> str | None:
+        """None while no access hit a hole, else one line describing the first one.
+
+        A hole is a page of a region whose fd the front-end shrank after we mapped it; the
+        SIGBUS guard made the access complete on a zero page (see the module docstring). The
+        line names the region (gpa, size), its fd's size now and the faulting guest address.
+        Sticky: the region's pages past the fd's end stay zero pages, so the answer stays until
+        `clear()` or the removal of that region. Cheap when nothing faulted (one C call). Safe
+        from any thread. Always None without the compiled extension (no guard: such an access
+        kills the process instead).
+        """
+        lib = _accel.lib
+        if lib is None:
+            return None
+        order = int(lib.vp_guard_fault_order())
+        if order == self._quiet_at:
+            return None  # no fault anywhere since the last look found none here
+        # Read each slot's fields once: another thread may clear() while we look.
+        first: tuple[int, int, Region, _Guarded, mmap.mmap | None] | None = None
+        for slot in list(self._slots):
+            guard, mm = slot.guard, slot.mm
+            fault = guard.fault() if guard is not None else None
+            if guard is not None and fault is not None and (first is None or fault[0] < first[0]):
+                first = (fault[0], fault[1], slot.region, guard, mm)
+        if first is None:
+            self._quiet_at = order
+            return None
+        _, addr, r, guard, mm = first
+        gpa = r.guest_phys_addr + addr - guard.start - r.mmap_offset % _PAGE_SIZE
+        try:
+            fd_size = f"{mm.size():#x}" if mm is not None else "unknown"
+        except (OSError, ValueError) as exc:  # ValueError: unmapped by a concurrent clear()
+            fd_size = f"unknown ({exc})"
+        return (
+            f"guest memory region gpa={r.guest_phys_addr:#x} size={r.size:#x} lost its "
+            f"backing: fd size now {fd_size}, region maps fd bytes {r.mmap_offset:#x}.."
+            f"{r.mmap_offset + r.size:#x}; first access to the hole at gpa={gpa:#x} "
+            f"(reads there see zeros, writes never reach the front-end)"
         )
 
     def __repr__(self) -> str:

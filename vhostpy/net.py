@@ -22,14 +22,17 @@ import logging
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vhostpy import _accel
 from vhostpy.device import BATCH, VIRTIO_ID_NET, Device, batches
 from vhostpy.errors import ConfigurationError, FrontendError
 from vhostpy.packets import complete_checksum, frame_bytes, parse_mac, swap_macs, to_scapy
 from vhostpy.virtqueue import VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, DescriptorChain, Virtqueue
+
+if TYPE_CHECKING:
+    from vhostpy.net_cffi import NetFastPath
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,54 @@ FrameHandler = Callable[["NetPort", list[Any]], None]
 FrameMonitor = Callable[["NetPort", str, Sequence[bytes]], None]
 #: Built-in consumers of the frames a guest sends (`NetPort.set_consumer`).
 BUILTINS = ("reflect", "switch")
+
+
+class FrameCapture(Protocol):
+    """Where `NetPort.set_capture` records frames (`pcap.PcapWriter`).
+
+    `write_many` takes frames as bytes; when `native_ok` is true the compiled path may
+    instead hand it whole C buffers of pcap records (`write_records(data, frames, nbytes)`:
+    `frames` records of `nbytes` frame bytes in all, each after its 16-byte record header).
+    """
+
+    def write_many(self, frames: Iterable[bytes]) -> None: ...
+
+    @property
+    def native_ok(self) -> bool: ...
+
+    def write_records(self, data: Any, frames: int, nbytes: int) -> None: ...
+
+
+class FrameSwitch(Protocol):
+    """The switch a port hands its frames to (`NetPort.set_consumer("switch", ...)`)."""
+
+    def forward(self, src: Any, frames: Sequence[bytes]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NetPathConfig:
+    """What a data path needs to know of its device, as negotiated now.
+
+    `NetDevice.path_config` is one of these; the device publishes a new snapshot whenever
+    any field changes (features, MTU, a receive ring started or stopped, a reset) and never
+    mutates one, so a data path may read it once per burst and compare it by identity.
+    """
+
+    #: Size of the virtio_net_hdr in every buffer: 12 with VERSION_1 or MRG_RXBUF, else 10.
+    hdr_len: int = NET_HDR.size
+    #: VIRTIO_NET_F_CSUM: transmit headers are read and their partial checksums completed.
+    csum: bool = False
+    #: VIRTIO_NET_F_MRG_RXBUF: a received frame may spread over several buffers.
+    mrg: bool = False
+    #: The device's MTU; frames to the guest longer than `mtu + ETH_OVERHEAD` are refused.
+    mtu: int = DEFAULT_MTU
+    #: The receive ring, when exactly one is started (None: none, or several to choose from).
+    rx_ring: Virtqueue | None = None
+
+    @property
+    def max_frame(self) -> int:
+        """The longest frame that may go to the guest: the MTU plus `ETH_OVERHEAD`."""
+        return self.mtu + ETH_OVERHEAD
 
 
 @dataclass
@@ -106,14 +157,22 @@ class NetPort:
         self.handler_errors = 0
         self.call_soon_threadsafe: Callable[[Callable[[], None]], None] | None = None
         self.builtin: str | None = None
-        self.switch: Any = None
-        self.capture: Any = None
+        self.switch: FrameSwitch | None = None
+        self.capture: FrameCapture | None = None
 
-    def set_capture(self, writer: Any) -> None:
+    @property
+    def python_consumers(self) -> bool:
+        """Whether Python code must see the frames this port gets from its guest: a
+        handler or monitor is attached, or a capture the compiled path cannot write to."""
+        capture = self.capture
+        return bool(self._handlers or self._monitors) or (
+            capture is not None and not capture.native_ok)
+
+    def set_capture(self, writer: FrameCapture | None) -> None:
         """Record every frame in both directions with `writer.write_many(frames)` (pcap)."""
         self.capture = writer
 
-    def set_consumer(self, kind: str | None, switch: Any = None) -> None:
+    def set_consumer(self, kind: str | None, switch: FrameSwitch | None = None) -> None:
         """The built-in consumer of frames from the guest: "reflect" (back to this port with
         MACs swapped), "switch" (`switch.forward(self, frames)`) or None (count and drop)."""
         if kind is not None and kind not in BUILTINS:
@@ -143,7 +202,7 @@ class NetPort:
         self.observe("from_guest", frames)
         if self.builtin == "reflect":
             self.send([swap_macs(f) for f in frames])
-        elif self.builtin == "switch":
+        elif self.switch is not None:   # the "switch" consumer
             self.switch.forward(self, frames)
         for handler, scapy in self._handlers:
             try:
@@ -160,9 +219,9 @@ class NetPort:
             monitor(self, direction, frames)
 
     def receive_burst(self, burst: Any, idx: Any, count: int) -> None:
-        """Compiled path only (a native `Switch`): frames `idx[:count]` of a C burst buffer
+        """Compiled path only (a `switch.CffiSwitch`): frames `idx[:count]` of a C burst buffer
         toward the guest, as `send` would queue them."""
-        self.device._fast.receive(burst, idx, count)
+        self.device.receive_burst(burst, idx, count)
 
     def send(self, frames: Iterable[Any]) -> int:
         """Queue frames (bytes or scapy packets) for the guest; returns how many were taken."""
@@ -261,7 +320,6 @@ class NetDevice(Device):
             raise ConfigurationError(f"MTU must be 68..{MAX_FRAME - ETH_OVERHEAD}, not {mtu}")
         self.mac = parse_mac(mac)
         self.configured_mtu = mtu
-        self.mtu = mtu or DEFAULT_MTU
         self.queue_pairs = queue_pairs
         self.num_queues = 2 * queue_pairs
         self.max_queue_size = queue_size
@@ -272,13 +330,29 @@ class NetDevice(Device):
         self.rx_counters = [QueueCounters() for _ in range(queue_pairs)]
         self.tx_counters = [QueueCounters() for _ in range(queue_pairs)]
         self._rx_queues: dict[int, Virtqueue] = {}
-        self._hdr_len = NET_HDR.size
-        self._mrg = False
-        self._csum = False   # VIRTIO_NET_F_CSUM: transmit headers are read and checked
-        self._fast: Any = None
+        self._path_config = NetPathConfig(mtu=mtu or DEFAULT_MTU)
+        self._fast: NetFastPath | None = None
         if _accel.lib is not None:
             from vhostpy.net_cffi import NetFastPath
             self._fast = NetFastPath(self)
+
+    @property
+    def path_config(self) -> NetPathConfig:
+        """The data path's view of this device now (replaced on every change, see
+        `NetPathConfig`)."""
+        return self._path_config
+
+    @property
+    def mtu(self) -> int:
+        """The MTU: the configured one until the front-end sets another (`set_mtu`)."""
+        return self._path_config.mtu
+
+    def _publish(self, **changes: Any) -> None:
+        self._path_config = replace(self._path_config, **changes)
+
+    def _rings_changed(self) -> None:
+        queues = self._rx_queues
+        self._publish(rx_ring=next(iter(queues.values())) if len(queues) == 1 else None)
 
     # -- negotiation and config ------------------------------------------------------------
     def device_features(self) -> int:
@@ -294,15 +368,15 @@ class NetDevice(Device):
 
     def set_features(self, features: int) -> None:
         super().set_features(features)
-        self._mrg = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
-        self._csum = self.has_feature(VIRTIO_NET_F_CSUM)
+        mrg = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
         modern = self.has_feature(VIRTIO_F_VERSION_1)
-        self._hdr_len = NET_HDR_MRG.size if (self._mrg or modern) else NET_HDR.size
+        self._publish(mrg=mrg, csum=self.has_feature(VIRTIO_NET_F_CSUM),
+                      hdr_len=NET_HDR_MRG.size if (mrg or modern) else NET_HDR.size)
 
     @property
     def hdr_len(self) -> int:
         """Size of the virtio_net_hdr the driver negotiated (10 or 12)."""
-        return self._hdr_len
+        return self._path_config.hdr_len
 
     def config(self) -> bytes:
         return NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, self.queue_pairs, self.mtu)
@@ -310,7 +384,7 @@ class NetDevice(Device):
     def set_mtu(self, mtu: int) -> None:
         if not 68 <= mtu <= MAX_FRAME - ETH_OVERHEAD:
             raise FrontendError(f"MTU {mtu} is outside 68..{MAX_FRAME - ETH_OVERHEAD}")
-        self.mtu = mtu
+        self._publish(mtu=mtu)
         log.info("%s: MTU %d", self.port.name, mtu)
 
     def reset(self) -> None:
@@ -319,17 +393,18 @@ class NetDevice(Device):
             self.backlog_counters.drops["device reset"] += len(self.backlog)
             self.backlog.clear()
         self._rx_queues.clear()
-        self._mrg = self._csum = False
-        self._hdr_len = NET_HDR.size
+        self._publish(mrg=False, csum=False, hdr_len=NET_HDR.size, rx_ring=None)
 
     # -- queues ----------------------------------------------------------------------------
     def queue_started(self, index: int, vq: Virtqueue) -> None:
         if index % 2 == 0:
             self._rx_queues[index] = vq
+            self._rings_changed()
         self.process_queue(index, vq)
 
     def queue_stopped(self, index: int, vq: Virtqueue) -> None:
-        self._rx_queues.pop(index, None)
+        if self._rx_queues.pop(index, None) is not None:
+            self._rings_changed()
 
     def process_queue(self, index: int, vq: Virtqueue) -> None:
         if index % 2:
@@ -358,7 +433,8 @@ class NetDevice(Device):
 
     def _frame_from(self, chain: DescriptorChain, counters: QueueCounters) -> bytes | None:
         """The Ethernet frame in a transmit chain, or None (counted) when it cannot be valid."""
-        hdr_len = self._hdr_len
+        config = self._path_config
+        hdr_len = config.hdr_len
         total = chain.readable_len
         reason = None
         if total == 0:
@@ -376,7 +452,7 @@ class NetDevice(Device):
             log.debug("%s: dropped a %d-byte transmit chain: %s", self.port.name, total, reason)
             return None
         data = chain.read()
-        if not self._csum:
+        if not config.csum:
             # Without VIRTIO_NET_F_CSUM (and vhostpy offers no GSO) the driver must send
             # flags 0 and GSO_NONE (virtio 1.2 5.1.6.2.1): the header says nothing; unread.
             return data[hdr_len:]
@@ -396,6 +472,13 @@ class NetDevice(Device):
         return data[hdr_len:]
 
     # -- host -> guest ---------------------------------------------------------------------
+    def receive_burst(self, burst: Any, idx: Any, count: int) -> None:
+        """Compiled path only: frames `idx[:count]` of a C burst buffer (`struct vp_frames`)
+        toward the guest, as `transmit_to_guest` would queue them."""
+        if self._fast is None:
+            raise RuntimeError(f"{self.port.name}: C bursts need the compiled fast path")
+        self._fast.receive(burst, idx, count)
+
     def transmit_to_guest(self, frames: Sequence[bytes]) -> int:
         """Queue frames for the driver's receive buffers; returns how many were accepted."""
         if self._fast is not None and frames and not self.backlog:
@@ -438,7 +521,7 @@ class NetDevice(Device):
         `ETH_OVERHEAD`. A refused frame is counted as a drop in `backlog_counters`."""
         if len(frame) < ETH_MIN_FRAME:
             self.backlog_counters.drops["runt"] += 1
-        elif len(frame) > self.mtu + ETH_OVERHEAD:
+        elif len(frame) > self._path_config.max_frame:
             self.backlog_counters.drops["larger than MTU"] += 1
         else:
             return False
@@ -518,7 +601,9 @@ class NetDevice(Device):
     def _place(self, frame: bytes, vq: Virtqueue, used: list[tuple[int, int]],
                counters: QueueCounters) -> str:
         """Write one frame into receive buffers: "done", "dropped" or "wait" (no buffers)."""
-        need = self._hdr_len + len(frame)
+        config = self._path_config
+        mrg = config.mrg
+        need = config.hdr_len + len(frame)
         chains: list[DescriptorChain] = []
         room = 0
         while room < need and len(chains) < vq.size:
@@ -527,10 +612,10 @@ class NetDevice(Device):
                 break
             chains.append(chain)
             room += chain.writable_len
-            if not self._mrg:
+            if not mrg:
                 break
         if room < need:
-            if not self._mrg and chains:
+            if not mrg and chains:
                 vq.rewind(1)   # the buffer stays for a smaller frame
                 counters.drops["rx buffer too small"] += 1
                 return "dropped"
@@ -539,10 +624,10 @@ class NetDevice(Device):
                 counters.drops["larger than the whole ring"] += 1
                 return "dropped"
             return "wait"
-        if self._mrg:
+        if mrg:
             header = NET_HDR_MRG.pack(0, 0, 0, 0, 0, 0, len(chains))
         else:
-            header = NET_HDR_MRG.pack(0, 0, 0, 0, 0, 0, 1)[: self._hdr_len]
+            header = NET_HDR_MRG.pack(0, 0, 0, 0, 0, 0, 1)[: config.hdr_len]
         data = memoryview(header + frame)
         offset = 0
         for chain in chains:

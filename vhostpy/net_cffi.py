@@ -13,7 +13,7 @@ reused while the consumer, header, call fds and receive ring stay the same.
 Otherwise, per burst:
 
 * nothing consumes frames (no handler, monitor, capture or built-in consumer): count only;
-* only built-in consumers (pcap capture, `reflect`, a native `Switch` between vhostpy
+* only built-in consumers (pcap capture, `reflect`, a `switch.CffiSwitch` between vhostpy
   ports): capture records are written by C into the burst buffer and go to the file in one
   write; frames are written by C (`vp_net_rx_place`) straight into the receive ring of the
   destination port, MACs swapped for reflect;
@@ -24,21 +24,30 @@ Otherwise, per burst:
 `NetPort.offer` (a prebuilt `FrameBatch`, flattened once, placed cyclically in one C call),
 and `send_bytes` for `transmit_to_guest` callers (lists of bytes): both fall back to the
 Python backlog path for whatever the ring cannot take at once, so ordering and counters are
-those of the reference. This module never imports `net` (the device is passed in).
+those of the reference.
+
+This module never imports `net`: the device is passed in, and what this path may use of it
+is the narrow interface below (`NetHost`, `NetHostPort`, `PathConfig`, `Counters`), which
+`net.NetDevice`, `net.NetPort` and `net.NetPathConfig` satisfy. The device's negotiated
+state comes as one immutable snapshot (`path_config`), read once per burst or plan; rings
+are signalled through their public `signal_target()` / `interrupt()`. A virtio-net header
+length C refuses (anything but 10 or 12) raises ValueError.
 """
 
 from __future__ import annotations
 
+import collections
 import operator
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Sequence, Sized
+from typing import Any, Protocol, TypeGuard
 
 from . import _accel
 from .virtqueue import Virtqueue
 from .virtqueue_cffi import CffiVirtqueue
 
-__all__ = ["DROP_REASONS", "NetFastPath", "frames_to_bytes"]
+__all__ = ["DROP_REASONS", "Counters", "NetFastPath", "NetHost", "NetHostPort", "PathConfig",
+           "frames_to_bytes"]
 
 
 ffi: Any = _accel.ffi
@@ -56,6 +65,88 @@ POLL_BURSTS = 32
 #: empty before returning: a loop whose frames come back within this long stays in C.
 POLL_SPIN_NS = 20_000
 RECORD = 16  # the pcap record header C leaves room for before each frame
+
+
+class Counters(Protocol):
+    """One queue's counters (`net.QueueCounters`), which this path adds C's counts to."""
+
+    frames: int
+    bytes: int
+    drops: collections.Counter[str]
+    checksums: int
+    merged: int
+
+
+class PathConfig(Protocol):
+    """The device's negotiated state (`net.NetPathConfig`): an immutable snapshot."""
+
+    @property
+    def hdr_len(self) -> int: ...
+    @property
+    def csum(self) -> bool: ...
+    @property
+    def mrg(self) -> bool: ...
+    @property
+    def rx_ring(self) -> Virtqueue | None: ...
+    @property
+    def max_frame(self) -> int: ...
+
+
+class Capture(Protocol):
+    """A pcap capture (`pcap.PcapWriter`); `write_records` only when `native_ok`."""
+
+    @property
+    def native_ok(self) -> bool: ...
+    def write_records(self, data: Any, frames: int, nbytes: int) -> None: ...
+
+
+class FrameSwitch(Protocol):
+    """A port's switch (`switch.Switch`); the compiled variant also has `forward_burst`
+    and `solo`, which this path uses when they are there."""
+
+    def forward(self, src: NetHostPort, frames: Sequence[bytes]) -> None: ...
+
+
+class NetHostPort(Protocol):
+    """What this path uses of the device's port (`net.NetPort`)."""
+
+    @property
+    def builtin(self) -> str | None: ...
+    @property
+    def switch(self) -> FrameSwitch | None: ...
+    @property
+    def capture(self) -> Capture | None: ...
+    @property
+    def python_consumers(self) -> bool: ...
+    def deliver(self, frames: list[bytes]) -> None: ...
+
+
+class NetHost(Protocol):
+    """What this path uses of its device (`net.NetDevice`)."""
+
+    @property
+    def port(self) -> NetHostPort: ...
+    @property
+    def path_config(self) -> PathConfig: ...
+    @property
+    def queue_pairs(self) -> int: ...
+    @property
+    def tx_counters(self) -> Sequence[Counters]: ...
+    @property
+    def rx_counters(self) -> Sequence[Counters]: ...
+    @property
+    def backlog_counters(self) -> Counters: ...
+    @property
+    def backlog(self) -> Sized: ...
+    def transmit_to_guest(self, frames: Sequence[bytes]) -> int: ...
+
+
+def _refused(rc: int, config: PathConfig) -> ValueError:
+    """The error for a C call that refused its arguments (`VP_ERR_HDR_LEN`)."""
+    if rc == lib.VP_ERR_HDR_LEN:
+        return ValueError(f"virtio-net header length {config.hdr_len} refused by the compiled "
+                          f"path (only 10 and 12 exist)")
+    return ValueError(f"the compiled net path refused its arguments (error {rc})")
 
 
 def new_frames(count: int, data_bytes: int) -> tuple[Any, Any]:
@@ -101,7 +192,7 @@ def pcap_time(ts: float) -> tuple[int, int]:
 class NetFastPath:
     """The compiled data path of one `NetDevice` (see the module docstring)."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: NetHost) -> None:
         self.device = device
         self.port = device.port
         self.tx_stats = [ffi.new("struct vp_net_stats *") for _ in range(device.queue_pairs)]
@@ -113,43 +204,32 @@ class NetFastPath:
         self._flat, self._flat_keep = new_frames(0, 0)
         self._flat_max = 0
         self.rejected = 0
-        self._plans: dict[int, tuple[tuple[Any, ...], Any]] = {}   # pair -> (key, plan)
-        self._plan_rxq: Any = None
+        self._plans: dict[int, tuple[tuple[object, ...], Any]] = {}   # pair -> (key, plan)
+        self._plan_rxq: CffiVirtqueue | None = None
         self._dest = ffi.new("int32_t[]", BURST)
         self._offer_idx: Any = None
         self._offer_n = 0
 
     @staticmethod
-    def serves(vq: Virtqueue) -> bool:
+    def serves(vq: Virtqueue | None) -> TypeGuard[CffiVirtqueue]:
         """Whether `vq` is a ring this path can drive (the compiled `Virtqueue` variant)."""
         return isinstance(vq, CffiVirtqueue)
 
     # -- who consumes what -------------------------------------------------------------------
-    def python_consumers(self) -> bool:
-        """True when Python code must see the frames (handlers, monitors, a non-native capture)."""
-        port = self.port
-        capture = port.capture
-        return bool(port._handlers or port._monitors) or (
-            capture is not None and not getattr(capture, "native_ok", False))
-
-    def _rx_queue(self) -> Any:
+    def _rx_queue(self, config: PathConfig) -> CffiVirtqueue | None:
         """The receive ring C may fill: the only one, if it is the compiled variant (None:
         several rings or a pure-Python one, so Python places the frames)."""
-        queues = self.device._rx_queues
-        if len(queues) != 1:
-            return None
-        vq = next(iter(queues.values()))
+        vq = config.rx_ring
         return vq if self.serves(vq) else None
 
     # -- guest -> host -----------------------------------------------------------------------
-    def drain_tx(self, pair: int, vq: Any) -> None:
+    def drain_tx(self, pair: int, vq: CffiVirtqueue) -> None:
         """Serve every transmit chain of `vq`: many bursts per C call when a built-in
         consumer needs no Python (`vp_net_tx_poll`), else a burst per C call (as `batches()`
         does)."""
         st = self.tx_stats[pair]
         counters = self.device.tx_counters[pair]
         port = self.port
-        hdr_len, csum = self.device.hdr_len, self.device._csum
         out = self.burst
         while vq.ready:
             q = vq.native()
@@ -157,10 +237,13 @@ class NetFastPath:
                 break
             if q.notify:   # a polled ring has them off already: skip the C call
                 vq.disable_notifications()
-            plan = self._plan(pair, vq, q)
+            config = self.device.path_config
+            plan = self._plan(pair, vq, q, config)
             if plan is not None:
                 plan.spin_ns = POLL_SPIN_NS if vq.polling else 0
                 rc = lib.vp_net_tx_poll(q, st, out, plan)
+                if rc < 0:
+                    raise _refused(rc, config)
                 if plan.bursts or rc == lib.VP_POLL_BROKEN:
                     vq.check_broken()
                     _fold(st, counters)
@@ -173,9 +256,12 @@ class NetFastPath:
                     break
                 continue
             consume = port.builtin is not None or port.capture is not None or \
-                self.python_consumers()
+                port.python_consumers
             out.n = out.used = 0
-            n = lib.vp_net_tx_burst(q, hdr_len, csum, BURST, st, out if consume else ffi.NULL)
+            n = lib.vp_net_tx_burst(q, config.hdr_len, config.csum, BURST, st,
+                                    out if consume else ffi.NULL)
+            if n < 0:
+                raise _refused(n, config)
             vq.check_broken()
             if n == 0:
                 if not vq.ready or vq.polling or not vq.enable_notifications():
@@ -186,76 +272,76 @@ class NetFastPath:
             if out.n and consume:
                 self._consume(out)
 
-    def _plan(self, pair: int, vq: Any, q: Any) -> Any:
+    def _plan(self, pair: int, vq: CffiVirtqueue, q: Any, config: PathConfig) -> Any:
         """The `struct vp_net_poll` for serving `vq` in C with a built-in consumer, or None
         when some burst needs Python (handlers, monitors, a capture, a switch with other
         ports, a receive backlog, a call only Python can make). Built once and reused while
-        what it depends on (consumer, header, call fds, receive ring) stays the same."""
+        what it depends on (consumer, the device's config snapshot, how each ring is
+        signalled, the receive ring) stays the same."""
         port = self.port
-        if port.capture is not None or port._handlers or port._monitors:
+        if port.capture is not None or port.python_consumers:
             return None
-        dev = self.device
         builtin = port.builtin
         rxq = rq = None
+        key: tuple[object, ...]
         if builtin == "reflect":
-            rxq = self._rx_queue()
-            if rxq is None or dev.backlog:
+            rxq = self._rx_queue(config)
+            if rxq is None or self.device.backlog:
                 return None
             rq = rxq.native()
             if rq is None:
                 return None
-            key: tuple[Any, ...] = (builtin, q, vq.signal_target(), dev._hdr_len, dev._csum,
-                                    rq, rxq.signal_target(), dev._mrg, dev.mtu)
+            key = (builtin, q, vq.signal_target(), config, rq, rxq.signal_target())
         else:
-            key = (builtin, q, vq.signal_target(), dev._hdr_len,
-                   dev._csum, port.switch)
+            key = (builtin, q, vq.signal_target(), config, port.switch)
         cached = self._plans.get(pair)
         if cached is not None and cached[0] == key:
             plan = cached[1]
             if plan is None or builtin != "switch":
                 return plan
-            args = port.switch.solo(port)
+            args = _solo(port)
             if args is None:
                 return None
             plan.now, plan.horizon = args[2], args[3]
             return plan
-        plan = self._build_plan(vq, rxq, rq)
+        plan = self._build_plan(vq, rxq, rq, config)
         self._plans[pair] = (key, plan)
         if plan is not None and builtin == "switch":
-            return self._plan(pair, vq, q)   # the switch's state is checked on every call
+            # the switch's state is checked on every call
+            return self._plan(pair, vq, q, config)
         return plan
 
-    def _build_plan(self, vq: Any, rxq: Any, rq: Any) -> Any:
-        port, dev = self.port, self.device
-        signal = _signal_mode(vq)
+    def _build_plan(self, vq: CffiVirtqueue, rxq: CffiVirtqueue | None, rq: Any,
+                    config: PathConfig) -> Any:
+        port = self.port
+        signal = vq.signal_target()
         if signal is None:
             return None
         plan = ffi.new("struct vp_net_poll *")
         plan.burst = BURST
         plan.max_bursts = POLL_BURSTS
         plan.dest = self._dest
-        plan.hdr_len = dev.hdr_len
-        plan.csum = dev._csum
+        plan.hdr_len = config.hdr_len
+        plan.csum = config.csum
         plan.signal, plan.call_fd = signal
         builtin = port.builtin
         if builtin is None:
             plan.mode = lib.VP_TX_SINK
         elif builtin == "switch":
-            solo = getattr(port.switch, "solo", None)
-            args = solo(port) if solo is not None else None
+            args = _solo(port)
             if args is None:
                 return None
             plan.mode = lib.VP_TX_CLASSIFY
             plan.sw, plan.src = args[0], args[1]
-        elif builtin == "reflect":
-            rx_signal = _signal_mode(rxq)
+        elif builtin == "reflect" and rxq is not None:
+            rx_signal = rxq.signal_target()
             if rx_signal is None:
                 return None
             plan.mode = lib.VP_TX_REFLECT
             plan.rxq = rq
             plan.rx_signal, plan.rx_call_fd = rx_signal
-            plan.mrg = dev._mrg
-            plan.max_len = dev.mtu + 18
+            plan.mrg = config.mrg
+            plan.max_len = config.max_frame
             plan.rx_st = self.rx_stats[rxq.index // 2]
             plan.backlog = self.backlog_stats
             self._plan_rxq = rxq
@@ -267,6 +353,8 @@ class NetFastPath:
         """Fold the receive side of a reflecting `vp_net_tx_poll`; queue what did not fit."""
         dev = self.device
         rxq = self._plan_rxq
+        if rxq is None:   # not reached: a reflecting plan names its receive ring
+            return
         rxq.check_broken()
         _fold(plan.rx_st, dev.rx_counters[rxq.index // 2])
         _fold(self.backlog_stats, dev.backlog_counters, frames=False)
@@ -275,35 +363,38 @@ class NetFastPath:
 
     def _consume(self, out: Any) -> None:
         port = self.port
-        if self.python_consumers():
+        if port.python_consumers:
             port.deliver(frames_to_bytes(out))
             return
         capture = port.capture
         if capture is not None:
             sec, usec = pcap_time(time.time())
-            lib.vp_pcap_headers(out, sec, usec)
+            if lib.vp_pcap_headers(out, sec, usec) < 0:   # a burst always has the slots
+                raise ValueError("a transmit burst without pcap record slots")
             capture.write_records(ffi.buffer(out.buf, out.used), out.n,
                                   out.used - RECORD * out.n)
         if port.builtin == "reflect":
             self.receive(out, None, out.n, swap=True)
         elif port.builtin == "switch":
             switch = port.switch
-            if hasattr(switch, "forward_burst"):
-                switch.forward_burst(port, out)
-            else:
+            forward_burst = getattr(switch, "forward_burst", None)
+            if forward_burst is not None:
+                forward_burst(port, out)
+            elif switch is not None:
                 switch.forward(port, frames_to_bytes(out))
 
     # -- host -> guest -----------------------------------------------------------------------
     def receive(self, src: Any, idx: Any, n: int, *, swap: bool = False) -> None:
         """Frames of the C burst `src` (those at `idx[:n]`, or the first `n`) toward the guest."""
-        vq = self._rx_queue()
+        config = self.device.path_config
+        vq = self._rx_queue(config)
         q = None
-        if vq is not None and not self.device.backlog and not self.python_consumers():
+        if vq is not None and not self.device.backlog and not self.port.python_consumers:
             q = vq.native()
-        if q is None:
+        if vq is None or q is None:
             self.device.transmit_to_guest(frames_to_bytes(src, idx, n, swap))
             return
-        done = self._place(vq, q, src, idx, n, swap)
+        done = self._place(vq, q, config, src, idx, n, swap)
         if done < n:
             if idx is None:
                 idx = ffi.new("uint32_t[]", list(range(n)))
@@ -315,8 +406,9 @@ class NetFastPath:
         refused before placement: runts, larger than the MTU). The caller queues the rest.
         `backlog=True`: the frames are the backlog's head (already checked and captured)."""
         self.rejected = 0
-        vq = self._rx_queue()
-        if vq is None or (self.device.backlog and not backlog) or self.python_consumers():
+        config = self.device.path_config
+        vq = self._rx_queue(config)
+        if vq is None or (self.device.backlog and not backlog) or self.port.python_consumers:
             return 0
         q = vq.native()
         if q is None:
@@ -329,13 +421,14 @@ class NetFastPath:
         lens = ffi.new("uint32_t[]", list(map(len, frames)))
         pin = ffi.from_buffer("uint8_t[]", data)
         lib.vp_frames_from_flat(self._flat, pin, lens, n)
-        return self._place(vq, q, self._flat, None, n, False, record=not backlog)
+        return self._place(vq, q, config, self._flat, None, n, False, record=not backlog)
 
     def offer(self, batch: Any, count: int) -> int | None:
         """`NetPort.offer` in one C call: frames of `batch` (cyclically, `count` at most)
         into the receive ring; how many were taken, or None when Python must do it."""
-        vq = self._rx_queue()
-        if vq is None or self.python_consumers():
+        config = self.device.path_config
+        vq = self._rx_queue(config)
+        if vq is None or self.port.python_consumers:
             return None
         q = vq.native()
         if q is None:
@@ -354,23 +447,25 @@ class NetFastPath:
             nframes = frames.n
             idx = self._offer_idx = ffi.new("uint32_t[]", [k % nframes for k in range(count)])
             self._offer_n = nframes
-        return self._place(vq, q, frames, idx, count, False)
+        return self._place(vq, q, config, frames, idx, count, False)
 
-    def _place(self, vq: Any, q: Any, src: Any, idx: Any, n: int, swap: bool, *,
-               record: bool = True) -> int:
+    def _place(self, vq: CffiVirtqueue, q: Any, config: PathConfig, src: Any, idx: Any, n: int,
+               swap: bool, *, record: bool = True) -> int:
         dev = self.device
-        index = next(iter(dev._rx_queues))
+        index = vq.index
         capture = self.port.capture if record else None
         cap = ffi.NULL
         sec = usec = 0
         if capture is not None:
-            cap = self._capture_buffer(n, dev.mtu + 18)
+            cap = self._capture_buffer(n, config.max_frame)
             cap.n = cap.used = 0
             sec, usec = pcap_time(time.time())
         st, bl = self.rx_stats[index // 2], self.backlog_stats
-        done = lib.vp_net_rx_place(q, dev.hdr_len, dev._mrg, dev.mtu + 18, src,
+        done = lib.vp_net_rx_place(q, config.hdr_len, config.mrg, config.max_frame, src,
                                    idx if idx is not None else ffi.NULL, n, swap, st, bl, cap,
-                                   sec, usec, -1)
+                                   sec, usec)
+        if done < 0:
+            raise _refused(done, config)
         vq.check_broken()
         self.rejected = int(bl.dropped)
         _fold(st, dev.rx_counters[index // 2])
@@ -387,10 +482,14 @@ class NetFastPath:
         return self._cap
 
 
-def _signal_mode(vq: Any) -> tuple[int, int] | None:
-    """(signal?, call fd) for C to signal `vq` as `signal_used` would (`signal_target`)."""
-    target: tuple[int, int] | None = vq.signal_target()
-    return target
+def _solo(port: NetHostPort) -> tuple[Any, int, float, float] | None:
+    """`switch.solo(port)` of the port's switch when it is the compiled variant and the
+    port is alone on it (see `switch.CffiSwitch.solo`); else None."""
+    solo = getattr(port.switch, "solo", None)
+    if solo is None:
+        return None
+    args: tuple[Any, int, float, float] | None = solo(port)
+    return args
 
 
 def _fold(st: Any, counters: Any, *, frames: bool = True) -> None:

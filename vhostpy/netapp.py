@@ -29,7 +29,7 @@ from vhostpy.net import DEFAULT_MTU, NetDevice, NetPort
 from vhostpy.packets import Responder
 from vhostpy.pcap import PcapWriter
 from vhostpy.server import Server
-from vhostpy.switch import Switch
+from vhostpy.switch import BaseSwitch, Switch
 from vhostpy.tap import TapPort
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ RESPONDER_MAC = "52:54:00:12:35:02"
 class ResponderPort:
     """The responder as a switch port: frames in, its replies forwarded back by the switch."""
 
-    def __init__(self, responder: Responder, switch: Switch) -> None:
+    def __init__(self, responder: Responder, switch: BaseSwitch) -> None:
         self.name = "responder"
         self.responder = responder
         self.switch = switch

@@ -11,10 +11,12 @@ It owns only the forwarding database; it never parses past the Ethernet header, 
 copies frames, does no I/O of its own and imports nothing from the rest of vhostpy but the
 compiled fast path (`_accel`).
 
-Variants: `Switch` is the pure-Python reference. With the compiled fast path in use,
-`Switch(...)` builds a `NativeSwitch` (same behaviour, forwarding database in C), which also
-forwards whole C bursts (`forward_burst`) between vhostpy ports without Python per frame;
-`PythonSwitch(...)` always builds the reference.
+Variants: two sibling classes with one behaviour, both built on `BaseSwitch`:
+`PythonSwitch`, the pure-Python reference, and `CffiSwitch`, whose forwarding database and
+per-frame decisions are in C and which also forwards whole C bursts (`forward_burst`)
+between vhostpy ports without Python per frame. The visible rule:
+`Switch = CffiSwitch if _accel.lib is not None else PythonSwitch` (annotate with
+`BaseSwitch`). Either may be built directly; `CffiSwitch` needs the compiled extension.
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from vhostpy import _accel
 
-if TYPE_CHECKING:
-    from typing import Self
-
-__all__ = ["NativeSwitch", "Port", "PythonSwitch", "Switch"]
+__all__ = ["MAX_ENTRIES", "BaseSwitch", "CffiSwitch", "Port", "PythonSwitch", "Switch"]
 
 log = logging.getLogger(__name__)
 
 _ZERO_MAC = bytes(6)
+#: The largest `max_entries` a switch takes (the C table's limit, `VP_SWITCH_MAX_ENTRIES`:
+#: twice as many slots, rounded up to a power of two, must fit 32-bit indices).
+MAX_ENTRIES = (1 << 30) - 1
 
 
 class Port(Protocol):
@@ -49,8 +51,8 @@ class Port(Protocol):
     def send(self, frames: Sequence[bytes]) -> int: ...
 
 
-class Switch:
-    """A learning L2 switch between attached `Port` objects.
+class BaseSwitch:
+    """A learning L2 switch between attached `Port` objects (what both variants share).
 
     Ports are identified by object identity. Entries of the forwarding database (MAC ->
     port, last seen) older than `aging` seconds of `clock` are ignored and swept. Frames
@@ -62,12 +64,15 @@ class Switch:
     Counters: `forwarded` (known-unicast frames sent to one port), `flooded` (frames sent
     to every other port, counted once per frame), `filtered` (known unicast whose port is
     the source port: not sent), `dropped` (invalid or from a detached port).
+
+    Raises ValueError for an `aging` that is not positive or a `max_entries` outside
+    0..`MAX_ENTRIES`.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        # The visible rule: plain `Switch(...)` builds the native variant when it exists.
-        chosen = NativeSwitch if cls is Switch and _accel.lib is not None else cls
-        return super().__new__(chosen)  # type: ignore[return-value]
+    forwarded: int
+    flooded: int
+    filtered: int
+    dropped: int
 
     def __init__(
         self,
@@ -78,21 +83,21 @@ class Switch:
     ) -> None:
         if aging <= 0:
             raise ValueError(f"aging must be positive, not {aging}")
+        if not 0 <= max_entries <= MAX_ENTRIES:
+            raise ValueError(f"max_entries must be 0..{MAX_ENTRIES}, not {max_entries}")
         self.aging = aging
         self.clock = clock
         self.max_entries = max_entries
         self._ports: dict[int, Port] = {}  # id(port) -> port, in attach order
-        self._fdb: dict[bytes, tuple[Port, float]] = {}
         self._next_sweep = clock() + aging
-        self.forwarded = 0
-        self.flooded = 0
-        self.filtered = 0
-        self.dropped = 0
 
     def counters(self) -> dict[str, int]:
         """All counters by name, plus `macs`: the size of the forwarding database."""
         return {"forwarded": self.forwarded, "flooded": self.flooded,
-                "filtered": self.filtered, "dropped": self.dropped, "macs": len(self._fdb)}
+                "filtered": self.filtered, "dropped": self.dropped, "macs": self._macs()}
+
+    def _macs(self) -> int:
+        raise NotImplementedError
 
     @property
     def ports(self) -> list[Port]:
@@ -108,11 +113,7 @@ class Switch:
 
     def detach(self, port: Port) -> None:
         """Disconnect `port` and forget every MAC learned on it; unknown ports are ignored."""
-        if self._ports.pop(id(port), None) is None:
-            return
-        for mac in [m for m, (p, _) in self._fdb.items() if p is port]:
-            del self._fdb[mac]
-        log.debug("switch: detached port %s", port.name)
+        raise NotImplementedError
 
     def forward(self, src: Port, frames: Sequence[bytes]) -> None:
         """Switch `frames` that arrived from `src` to the other ports.
@@ -123,6 +124,40 @@ class Switch:
         destination port that has frames, in attach order. Exceptions from `send()`
         propagate after earlier ports got their frames.
         """
+        raise NotImplementedError
+
+    def lookup(self, mac: bytes) -> Port | None:
+        """The port `mac` was last seen on, or None if unknown or aged out."""
+        raise NotImplementedError
+
+    def table(self) -> dict[str, tuple[str, float]]:
+        """The live forwarding database: 'xx:..:xx' -> (port name, seconds since last seen)."""
+        raise NotImplementedError
+
+
+class PythonSwitch(BaseSwitch):
+    """The pure-Python reference: the forwarding database is a dict."""
+
+    def __init__(self, aging: float = 300.0, clock: Callable[[], float] = time.monotonic, *,
+                 max_entries: int = 4096) -> None:
+        super().__init__(aging, clock, max_entries=max_entries)
+        self._fdb: dict[bytes, tuple[Port, float]] = {}
+        self.forwarded = 0
+        self.flooded = 0
+        self.filtered = 0
+        self.dropped = 0
+
+    def _macs(self) -> int:
+        return len(self._fdb)
+
+    def detach(self, port: Port) -> None:
+        if self._ports.pop(id(port), None) is None:
+            return
+        for mac in [m for m, (p, _) in self._fdb.items() if p is port]:
+            del self._fdb[mac]
+        log.debug("switch: detached port %s", port.name)
+
+    def forward(self, src: Port, frames: Sequence[bytes]) -> None:
         if id(src) not in self._ports:
             self.dropped += len(frames)
             return
@@ -179,35 +214,29 @@ class Switch:
         self._next_sweep = now + self.aging / 2
 
     def lookup(self, mac: bytes) -> Port | None:
-        """The port `mac` was last seen on, or None if unknown or aged out."""
         entry = self._fdb.get(bytes(mac))
         if entry is None or entry[1] < self.clock() - self.aging:
             return None
         return entry[0]
 
     def table(self) -> dict[str, tuple[str, float]]:
-        """The live forwarding database: 'xx:..:xx' -> (port name, seconds since last seen)."""
         now = self.clock()
         self._sweep(now)
         return {mac.hex(":"): (port.name, now - seen) for mac, (port, seen) in self._fdb.items()}
 
 
-class PythonSwitch(Switch):
-    """The pure-Python reference, whatever `_accel` chose."""
-
-
 def _c_counter(name: str) -> property:
-    def get(self: NativeSwitch) -> int:
+    def get(self: CffiSwitch) -> int:
         return int(getattr(self._sw, name))
 
-    def set_(self: NativeSwitch, value: int) -> None:
+    def set_(self: CffiSwitch, value: int) -> None:
         setattr(self._sw, name, value)
 
     return property(get, set_)
 
 
-class NativeSwitch(Switch):
-    """`Switch` with its forwarding database and per-frame decisions in C.
+class CffiSwitch(BaseSwitch):
+    """The switch with its forwarding database and per-frame decisions in C.
 
     Ports get small numbers in attach order (the C table stores those). `forward()` takes
     frames as bytes like the reference; `forward_burst(src, burst)` takes a C burst of the
@@ -222,19 +251,23 @@ class NativeSwitch(Switch):
 
     def __init__(self, aging: float = 300.0, clock: Callable[[], float] = time.monotonic, *,
                  max_entries: int = 4096) -> None:
+        super().__init__(aging, clock, max_entries=max_entries)
         ffi, lib = _accel.ffi, _accel.lib
+        if lib is None:
+            raise RuntimeError("CffiSwitch needs the compiled fast path (vhostpy._native)")
         sw = ffi.new("struct vp_switch *")
-        if lib.vp_switch_init(sw, max_entries) != 0:
-            raise MemoryError("switch forwarding database")
+        rc = lib.vp_switch_init(sw, max_entries)
+        if rc == lib.VP_ERR_TOO_LARGE:   # not reached: the base class checked max_entries
+            raise ValueError(f"max_entries {max_entries} refused by the compiled switch")
+        if rc != 0:
+            raise MemoryError(f"switch forwarding database for {max_entries} entries")
         self._sw: Any = ffi.gc(sw, lib.vp_switch_free)
         self._number: dict[int, int] = {}   # id(port) -> its number in the C table
         self._by_number: dict[int, Port] = {}
         self._next_number = 0
-        super().__init__(aging, clock, max_entries=max_entries)
 
-    def counters(self) -> dict[str, int]:
-        return {"forwarded": self.forwarded, "flooded": self.flooded,
-                "filtered": self.filtered, "dropped": self.dropped, "macs": self._sw.count}
+    def _macs(self) -> int:
+        return int(self._sw.count)
 
     def attach(self, port: Port) -> None:
         super().attach(port)
@@ -339,3 +372,7 @@ def _burst_bytes(burst: Any, idx: Any, k: int) -> list[bytes]:
     offs = ffi.unpack(burst.off, burst.n)
     lens = ffi.unpack(burst.len, burst.n)
     return [blob[offs[i]:offs[i] + lens[i]] for i in ffi.unpack(idx, k)]
+
+
+#: The variant `vhostpy` builds: the compiled one when the extension is in use.
+Switch: type[BaseSwitch] = CffiSwitch if _accel.lib is not None else PythonSwitch
