@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ringbuilder import CallRunner
 from test_fastpath import _rig, _signals, _used_poll_loop
 from test_net import MODERN_NO_MRG, Rig, frame, vhdr
 
@@ -171,8 +172,7 @@ def test_plan_follows_the_rings_signal_target() -> None:
     vq = rig.vqs[1]
     new = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
-        vq.call_fd = new
-        vq.call = lambda: os.eventfd_write(new, 1)  # type: ignore[method-assign]
+        CallRunner(vq, lambda: os.eventfd_write(new, 1), new)   # a new call eventfd
         assert vq.signal_target() == (1, new)
         rig.transmit([vhdr() + frame(64, 2)])
         assert _signals(rig, 1) == 0 and os.eventfd_read(new) == 1

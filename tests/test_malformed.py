@@ -619,6 +619,35 @@ def _kick_regular_file(h: Hostile) -> list[str]:
     return ["VHOST_USER_SET_VRING_KICK", "is not an eventfd"]
 
 
+@case("ring-endpoints-that-are-not-eventfds")
+def _not_eventfds(h: Hostile) -> list[str]:
+    """A pipe nobody reads as call or err fd would block every interrupt write forever, a
+    socket or pipe as kick fd would never signal: all are refused, nothing is kept."""
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    try:
+        for req, fd in ((Request.SET_VRING_CALL, w), (Request.SET_VRING_ERR, w),
+                        (Request.SET_VRING_KICK, r), (Request.SET_VRING_KICK, a.fileno()),
+                        (Request.SET_VRING_CALL, a.fileno())):
+            h.send(req, p.VringFd(0).pack(), fds=[fd])
+            h.nack(req)
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
+    return ["VHOST_USER_SET_VRING_CALL", "vring 0 call fd", "is not an eventfd (pipe:",
+            "VHOST_USER_SET_VRING_ERR", "vring 0 err fd", "VHOST_USER_SET_VRING_KICK",
+            "vring 0 kick fd", "(socket:"]
+
+
+@case("ring-size-32768-over-the-device-limit")
+def _ring_32768(h: Hostile) -> list[str]:
+    h.send(Request.SET_VRING_NUM, vring_state(0, 32768))
+    h.nack(Request.SET_VRING_NUM)
+    return ["VHOST_USER_SET_VRING_NUM", "size 32768 is larger than the 256 this device accepts"]
+
+
 @case("get-config-out-of-range")
 def _get_config(h: Hostile) -> list[str]:
     h.send(Request.GET_CONFIG, config(0xFFFFFF00, 256))
@@ -756,6 +785,26 @@ def test_frontend_vanishes_with_replies_pending(t: Target) -> None:
         assert time.monotonic() < deadline, t.log()
         time.sleep(0.02)
     t.survived()
+
+
+def test_frontend_that_never_reads_its_replies_is_dropped(t: Target) -> None:
+    """100k requests and no reads: the replies pile up to the bound, the front-end is dropped
+    at once (no blocking send holds the loop), and the next front-end is served."""
+    with Hostile(t.path) as h:
+        h.sock.setblocking(False)
+        flood = _hdr(Request.GET_FEATURES, 0) * 100_000
+        sent = 0
+        deadline = time.monotonic() + WAIT
+        while sent < len(flood):
+            assert time.monotonic() < deadline, t.log()
+            try:
+                sent += h.sock.send(flood[sent:sent + 65536])
+            except BlockingIOError:
+                select.select([], [h.sock], [], 0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                break                       # dropped while we were still sending: good
+        t.wait_log("of replies unread", "dropping the connection")
+        t.survived()                        # a new guest is served while we hold our socket
 
 
 def test_frontend_vanishes_mid_message_with_ring_running(t: Target) -> None:

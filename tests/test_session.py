@@ -1114,3 +1114,30 @@ def test_close_releases_everything() -> None:
         rig.session.close()  # idempotent
     finally:
         rig.close()
+
+
+def test_mem_slot_requests_need_configure_mem_slots(rig: Rig) -> None:
+    """ADD/REM_MEM_REG belong to the CONFIGURE_MEM_SLOTS protocol feature: refused without it."""
+    rig.must(R.SET_PROTOCOL_FEATURES, p.U64(int(PF.REPLY_ACK)))
+    rig.must(R.SET_OWNER)
+    fd = os.dup(rig.ram)
+    assert rig.ack(R.ADD_MEM_REG, p.MemRegionMsg(rig.region()), fds=[fd]) == 1
+    assert is_closed(fd) and len(rig.session.memory.regions) == 0
+    assert rig.ack(R.REM_MEM_REG, p.MemRegionMsg(rig.region())) == 1
+
+
+def test_ring_size_above_the_device_limit_names_the_limit(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    rig.negotiate()
+    limit = rig.device.max_queue_size
+    assert rig.ack(R.SET_VRING_NUM, p.VringState(0, limit * 2)) == 1
+    assert f"size {limit * 2} is larger than the {limit} this device accepts" in caplog.text
+    assert rig.ack(R.SET_VRING_NUM, p.VringState(0, 3)) == 1
+    assert "size 3 is not a power of two" in caplog.text
+
+
+def test_config_offered_only_where_the_front_end_reads_it() -> None:
+    assert PF.CONFIG in Session(EchoDevice(), FakeHost()).offered_protocol_features()
+    quiet = EchoDevice()
+    quiet.config_via_frontend = False
+    assert PF.CONFIG not in Session(quiet, FakeHost()).offered_protocol_features()

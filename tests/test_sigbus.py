@@ -130,12 +130,12 @@ def test_python_views_over_a_truncated_memfd() -> None:
 
 C_RING = """
 from ringbuilder import RingBuilder, layout
-from vhostpy.virtqueue import DEFAULT_VARIANT
+from vhostpy.vring import DefaultVirtqueue
 fd = memfd()
 mem = GuestMemory()
 mem.map_fd(fd, 0, 64 * P, 0x7f0000000000, 0)
 rb = RingBuilder(mem, 8, layout(8, base=32 * P, data_size=4 * P))   # all past page 16
-vq = rb.attach(DEFAULT_VARIANT(mem, 0))
+vq = rb.attach(DefaultVirtqueue(mem, 0))
 rb.add_chain([b"request"], [64])
 report(stage="ring", variant=type(vq).__name__, available=vq.has_available())
 os.ftruncate(fd, 16 * P)
