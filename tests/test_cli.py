@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -152,6 +153,11 @@ BAD = [
     ("queue-size-3", ["--queue-size", "3"], "--queue-size"),
     ("queue-size-100000", ["--queue-size", "100000"], "--queue-size"),
     ("queue-size-48", ["--queue-size", "48"], "power of two"),
+    ("queue-size-65536", ["--queue-size", "65536"], "4..32768"),
+    ("queue-size-2", ["--queue-size", "2"], "4..32768"),
+    ("size-negative", ["--size", "-1M"], "sizes must be positive"),
+    ("size-negative-joined", ["--size=-4096"], "sizes must be positive"),
+    ("format-qcow2", ["--image", "{img}", "--format", "qcow2"], "raw"),
     ("serial-21-bytes", ["--serial", "s" * 21], "--serial"),
     ("serial-22-utf8-bytes", ["--serial", "\u00e9" * 11], "--serial"),
     ("size-100", ["--size", "100"], "--size"),
@@ -186,6 +192,7 @@ def test_bad_value(tmp_path: Path, img: Path, args: list[str], needle: str) -> N
     args = [a.format(tmp=tmp_path, img=img) for a in args]
     r = run("blk", "--socket-path", str(sock), *args)
     check_one_line_error(r, needle)
+    assert r.stderr.startswith("vhostpy blk: error: "), r.stderr   # names its command
     assert not sock.exists()
 
 
@@ -204,6 +211,36 @@ def test_both_socket_path_and_fd(tmp_path: Path) -> None:
 
 def test_unknown_command() -> None:
     check_one_line_error(run("frob"), "frob")
+
+
+def test_bare_vhostpy_lists_the_commands() -> None:
+    r = run()
+    assert r.returncode == 1 and r.stdout == ""
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("vhostpy: error: a command is required"), r.stderr
+    listed = [line.split()[0] for line in r.stderr.splitlines()[1:] if line.startswith("  ")]
+    assert listed == list(cli.COMMANDS) == ["blk", "net", "rng", "lguest"]
+    for name in listed:     # every listed command exists
+        assert run(name, "--help").returncode == 0
+
+
+@pytest.mark.parametrize("command", ["blk", "net", "rng"])
+def test_every_error_names_its_command(tmp_path: Path, command: str) -> None:
+    sock = str(tmp_path / "s.sock")
+    for args in (["--bogus"], ["--socket-path", sock, "--fd", "3"], ["-v"],
+                 ["--socket-path", str(tmp_path / "missing" / "s.sock")]):
+        r = run(command, *args)
+        check_one_line_error(r, "")
+        assert r.stderr.startswith(f"vhostpy {command}: error: "), (args, r.stderr)
+
+
+@pytest.mark.parametrize("command", ["blk", "net"])
+def test_num_queues_and_queue_size_have_help(command: str) -> None:
+    out = run(command, "--help").stdout
+    for option in ("--num-queues N", "--queue-size N"):
+        text = out[out.index(option) + len(option):].split("\n  -", 1)[0]
+        assert len(text.split()) >= 4, f"{option} has no help: {text!r}"
+    assert "32768" in out and "power of two" in out
 
 
 @pytest.mark.parametrize("fd", ["999", "-1", "x"])
@@ -230,6 +267,41 @@ def test_socket_path_parent_missing(tmp_path: Path) -> None:
     sock = tmp_path / "no" / "such" / "dir" / "vhost.sock"
     check_one_line_error(run("blk", "--socket-path", str(sock)), "No such file or directory")
     assert not sock.parent.exists()
+
+
+def test_socket_path_under_a_file(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("keep")
+    for path in ("/etc/passwd/x.sock", str(plain / "x.sock")):
+        r = run("blk", "--socket-path", path)
+        check_one_line_error(r, "Not a directory")
+        assert "Traceback" not in r.stderr
+    assert plain.read_text() == "keep"
+
+
+def test_socket_path_in_a_directory_we_may_not_write(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    sock = locked / "vhost.sock"
+    argv = [*PROG, "blk", "--socket-path", str(sock)]
+    if os.geteuid() == 0:   # root writes anywhere: drop the capabilities that allow it
+        setpriv = shutil.which("setpriv")
+        assert setpriv is not None, "setpriv (util-linux) is needed to test this as root"
+        argv = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+    r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=20, cwd=ROOT,
+                       env=ENV, stdin=subprocess.DEVNULL)
+    check_one_line_error(r, "Permission denied")
+    assert r.stderr.startswith("vhostpy blk: error: cannot listen on "), r.stderr
+    assert os.listdir(locked) == []
+
+
+def test_socket_path_in_a_read_only_file_system() -> None:
+    check_one_line_error(run("blk", "--socket-path", "/proc/vhostpy-test.sock"), "cannot listen")
+
+
+def test_socket_path_empty() -> None:
+    check_one_line_error(run("blk", "--socket-path", ""), "--socket-path")
+    check_one_line_error(run("net", "--socket-path", ""), "socket path is empty")
 
 
 def test_socket_path_too_long(tmp_path: Path) -> None:
@@ -409,3 +481,109 @@ def test_bad_value_is_one_line_even_with_verbose(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "not a socket" in result.stderr
     assert regular.read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------------
+# SIGUSR1 / SIGHUP, the counters line, the -v "serving" line
+
+TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}"
+
+
+def start_logged(log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`vhostpy ARGS` with stderr in `log`, so a test can read it while the process runs."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([*PROG, *args], cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=out)
+
+
+def wait_for_text(log: Path, proc: subprocess.Popen[bytes], predicate: Callable[[str], bool],
+                  what: str, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")
+        if predicate(text):
+            return text
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}:\n{text}"
+        assert time.monotonic() < deadline, f"never {what}:\n{text}"
+        time.sleep(0.01)
+
+
+def term(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM a process started by `start_logged`; its exit status."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(15)
+
+
+def records(text: str, event: str) -> list[dict[str, object]]:
+    return [r for r in cli.parse_counters_lines(text) if r["event"] == event]
+
+
+@pytest.mark.parametrize("command", ["blk", "rng"])
+def test_sigusr1_prints_counters_and_sighup_is_harmless(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]], command: str) -> None:
+    sock, log = tmp_path / "vhost.sock", tmp_path / "stderr.txt"
+    extra = ["--size", "1M"] if command == "blk" else []
+    proc = start_logged(log, command, "--socket-path", str(sock), "-v", *extra)
+    procs.append(proc)
+    wait_for(sock, proc)
+    for n in (1, 2):
+        proc.send_signal(signal.SIGUSR1)
+        wait_for_text(log, proc, lambda t, n=n: len(records(t, "SIGUSR1")) == n,
+                      f"SIGUSR1 line {n}")
+    proc.send_signal(signal.SIGHUP)
+    text = wait_for_text(log, proc, lambda t: "SIGHUP" in t, "the SIGHUP log line")
+    assert re.search(rf"^{TIMESTAMP} vhostpy\[{proc.pid}\] INFO vhostpy: SIGHUP", text,
+                     re.MULTILINE)
+    assert proc.poll() is None and _accepts(sock)          # still serving
+    if command == "blk":
+        serve_guest(str(sock))                             # one write, one read
+    rc = term(proc)
+    text = log.read_text()
+    assert rc == 0, text
+    assert not sock.exists()
+    assert "Traceback" not in text
+    usr1, (final,) = records(text, "SIGUSR1"), records(text, "exit")
+    assert [r["device"] for r in usr1] == [command, command] and final["device"] == command
+    assert usr1[0]["counters"] == usr1[1]["counters"] and set(final["counters"]) == \
+        set(usr1[0]["counters"])                           # one shape, signal or exit
+    if command == "blk":
+        assert usr1[0]["counters"]["writes"] == 0
+        assert final["counters"]["writes"] == 1 and final["counters"]["reads"] >= 1
+    # the counters line is one JSON object on a line of its own, device first
+    line = next(ln for ln in text.splitlines() if '"event": "exit"' in ln)
+    assert line.startswith(f'{{"device": "{command}", "event": "exit", "counters": {{')
+
+
+def test_counters_line_at_exit_without_verbose(tmp_path: Path,
+                                               procs: list[subprocess.Popen[bytes]]) -> None:
+    sock = tmp_path / "vhost.sock"
+    proc = start("blk", "--socket-path", str(sock), "--size", "1M")
+    procs.append(proc)
+    wait_for(sock, proc)
+    rc, err = stop(proc)
+    assert rc == 0
+    (line,) = err.splitlines()            # without -v: the counters line and nothing else
+    record = json.loads(line)
+    assert record == {"device": "blk", "event": "exit", "counters": {
+        "reads": 0, "writes": 0, "flushes": 0, "bytes_read": 0, "bytes_written": 0,
+        "errors": 0, "unsupported": 0}}
+
+
+def test_no_counters_line_when_start_fails(tmp_path: Path) -> None:
+    r = run("blk", "--socket-path", str(tmp_path / "missing" / "s.sock"))
+    check_one_line_error(r, "cannot listen")
+    assert cli.parse_counters_lines(r.stderr) == []
+
+
+def test_serving_line_says_size_mode_and_queues(tmp_path: Path, img: Path,
+                                                procs: list[subprocess.Popen[bytes]]) -> None:
+    sock, log = tmp_path / "vhost.sock", tmp_path / "stderr.txt"
+    proc = start_logged(log, "blk", "--socket-path", str(sock), "--image", str(img),
+                        "--read-only", "--num-queues", "2", "--queue-size", "128", "-v")
+    procs.append(proc)
+    text = wait_for_text(log, proc, lambda t: "serving" in t, "the serving line")
+    assert re.search(rf"^{TIMESTAMP} vhostpy\[{proc.pid}\] INFO vhostpy: serving virtio-blk on "
+                     rf"{re.escape(str(sock))}: 1 MiB \(2048 sectors\), read-only, 2 queue\(s\) "
+                     r"of up to 128$", text, re.MULTILINE), text
+    rc = term(proc)
+    assert rc == 0

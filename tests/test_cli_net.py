@@ -6,6 +6,8 @@ and `--reflect` serving a scripted guest.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import struct
 import subprocess
@@ -83,6 +85,11 @@ BAD = {
     "num-queues": (["--num-queues", "0"], "--num-queues"),
     "num-queues-too-many": (["--num-queues", "65"], "--num-queues"),
     "queue-size": (["--queue-size", "x"], "--queue-size"),
+    "queue-size-3": (["--queue-size", "3"], "a power of two in 1..32768, not 3"),
+    "queue-size-65536": (["--queue-size", "65536"], "a power of two in 1..32768, not 65536"),
+    "queue-size-0": (["--queue-size", "0"], "--queue-size"),
+    "queue-size-negative": (["--queue-size", "-8"], "must be positive"),
+    "bogus-option": (["--bogus"], "unrecognized arguments: --bogus"),
     "pcap": (["--pcap", "/nonexistent-dir/x.pcap"], "/nonexistent-dir/x.pcap"),
     "tap": (["--tap", "a" * 20], "invalid interface name"),
 }
@@ -186,3 +193,76 @@ def test_reflect(backend) -> None:
     assert not path.exists()
     port = counters_line(out)["ports"][0]
     assert port["from_guest"]["frames"] == 1 and port["to_guest"]["frames"] == 1
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "dotted"])
+def test_socket_path_given_twice(tmp_path: Path, spelling: str) -> None:
+    first = tmp_path / "a.sock"
+    second = {"same": str(first), "relative": os.path.relpath(first, ROOT),
+              "dotted": str(tmp_path / "." / "a.sock")}[spelling]
+    r = run("--socket-path", str(first), "--socket-path", second)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("vhostpy net: error:"), r.stderr
+    assert "given twice" in r.stderr and "in use" not in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_queue_size_limits_are_accepted(tmp_path: Path, start) -> None:
+    """1 and 32768 are legal ring sizes: the back-end starts and takes them from a front-end."""
+    for size in (1, 32768):
+        sock = tmp_path / f"q{size}.sock"
+        proc = start("--socket-path", str(sock), "--queue-size", str(size))
+        wait_for([sock], proc)
+        guest = ScriptedGuest(str(sock))
+        try:
+            guest.start()
+            guest.fe.set_vring_num(0, size)
+        finally:
+            guest.close()
+        rc, err = stop(proc)
+        assert rc == 0, err
+
+
+def test_sigusr1_and_sighup_keep_serving(tmp_path: Path) -> None:
+    sock, log = tmp_path / "net.sock", tmp_path / "stderr.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*PROG, "--socket-path", str(sock), "-v", "--num-queues", "2"],
+                                cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        wait_for([sock], proc)
+
+        def until(predicate, what: str) -> str:
+            deadline = time.monotonic() + 15
+            while not predicate(text := log.read_text(errors="replace")):
+                assert proc.poll() is None, f"exited before {what}:\n{text}"
+                assert time.monotonic() < deadline, f"never {what}:\n{text}"
+                time.sleep(0.01)
+            return text
+
+        text = until(lambda t: "serving virtio-net" in t, "the serving line")
+        assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} vhostpy\[\d+\] INFO vhostpy: "
+                         rf"serving virtio-net on {re.escape(str(sock))}: 1 port\(s\), 2 queue "
+                         r"pair\(s\) per port, rings of up to 1024$", text, re.MULTILINE), text
+        proc.send_signal(signal.SIGUSR1)
+        until(lambda t: any(r["event"] == "SIGUSR1" for r in parse_counters_lines(t)),
+              "the SIGUSR1 counters line")
+        proc.send_signal(signal.SIGHUP)
+        until(lambda t: "SIGHUP" in t, "the SIGHUP log line")
+        guest = ScriptedGuest(str(sock))            # still serving
+        try:
+            guest.start()
+            assert guest.fe.get_queue_num() == 4
+        finally:
+            guest.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert not sock.exists() and "Traceback" not in text
+    (usr1,) = [r for r in parse_counters_lines(text) if r["event"] == "SIGUSR1"]
+    assert usr1["device"] == "net"
+    assert set(usr1["counters"]) == set(counters_line(text))   # one shape, signal or exit
