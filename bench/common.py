@@ -481,4 +481,4 @@ def write_results(out_dir: str | os.PathLike[str], results: Iterable[Result],
 
 
 def now_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()

@@ -73,6 +73,8 @@ from dpdk import (  # tests/ is put on sys.path just above
 )
 from procs import terminate  # tests/ is on sys.path
 
+from vhostpy.cli import parse_counters_lines
+
 QUEUE_SIZE = 256
 BURST = 32
 FE_MAC = "02:dd:00:00:00:01"        # the front-end's port MAC (virtio-user picks a random one)
@@ -82,7 +84,7 @@ TRAFFIC_THRESHOLD = 2 * (QUEUE_SIZE + BURST)
 DISTURBED_PERCENT = 15.0
 #: The whole suite waits for an idle machine at most this many times --wait-idle.
 WAIT_BUDGET_FACTOR = 5
-COUNTERS_PREFIXES = ("vhostpy net: counters ", "vhostpy-bench: counters ")
+COUNTERS_PREFIXES = ("vhostpy-bench: counters ",)
 
 NOTES = {
     "net": (
@@ -278,6 +280,12 @@ def _cpu_seconds(pid: int | None) -> float | None:
 
 
 def _parse_counters(text: str) -> dict[str, Any] | None:
+    """The counters a back-end printed at exit: vhostpy's counters line (`cli`), or the
+    bench helpers' own prefixed line."""
+    exits = [r for r in parse_counters_lines(text) if r.get("event") == "exit"]
+    if exits:
+        counters: dict[str, Any] = exits[-1]["counters"]
+        return counters
     for line in reversed(text.splitlines()):
         for prefix in COUNTERS_PREFIXES:
             if line.startswith(prefix):

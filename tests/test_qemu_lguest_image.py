@@ -60,6 +60,7 @@ def test_lguest_and_qemu_guests_share_one_image(backend: Callable[..., object],
     assert result.exit_code == 0, result.console
     assert hashlib.md5(from_lguest).hexdigest() in result.console
     assert "written" in result.console
+    assert b.stop() == 0    # type: ignore[attr-defined]  # it holds the image's write lock
 
     # 3. the lguest guest (both page layouts) reads what QEMU's guest wrote
     for layout in ("3.x", "2.6.24"):
