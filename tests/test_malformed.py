@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import Backend
 from ringbuilder import RingBuilder
-from scripted import RAM_SIZE, UVA_BASE, ScriptedGuest, blk_request
+from scripted import RAM_SIZE, RING_STRIDE, UVA_BASE, ScriptedGuest, blk_request
 
+from vhostpy import _accel
 from vhostpy import protocol as p
 from vhostpy.blk import (
     VIRTIO_BLK_S_IOERR,
@@ -805,6 +806,26 @@ def test_frontend_that_never_reads_its_replies_is_dropped(t: Target) -> None:
                 break                       # dropped while we were still sending: good
         t.wait_log("of replies unread", "dropping the connection")
         t.survived()                        # a new guest is served while we hold our socket
+
+
+@pytest.mark.skipif(_accel.lib is None, reason="without the compiled extension there is no "
+                    "SIGBUS guard: a shrunk memfd kills the process (README, limits)")
+def test_frontend_that_shrinks_guest_ram_under_a_live_ring_is_dropped(t: Target) -> None:
+    """The front-end truncates its RAM memfd below a live ring: the back-end's next ring
+    access lands in the hole, completes on a zero page, and the front-end is dropped with
+    one line; the process serves the next guest (qemu-storage-daemon and DPDK die here)."""
+    guest = ScriptedGuest(t.path, timeout=WAIT)
+    try:
+        start(guest)
+        ring = guest.setup_ring(0)
+        assert blk_request(guest, VIRTIO_BLK_T_OUT, 1, data=b"a" * 512)[0] == VIRTIO_BLK_S_OK
+        ring.builder.add_chain([BLK_HDR.pack(VIRTIO_BLK_T_IN, 0, 1)], [512, 1])
+        os.ftruncate(guest.ram_fd, RING_STRIDE)      # every ring lives above this
+        guest.kick(0)
+        t.wait_log("lost its backing", "first access to the hole", "the front-end is dropped")
+    finally:
+        guest.close()
+    t.survived()
 
 
 def test_frontend_vanishes_mid_message_with_ring_running(t: Target) -> None:

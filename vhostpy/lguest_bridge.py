@@ -46,6 +46,7 @@ from typing import Literal
 
 from .device import Device
 from .errors import ConfigurationError, MemoryAccessError, VhostError
+from .loop import EventLoop
 from .memory import GuestMemory
 from .virtqueue import Virtqueue
 from .vring import CallbackNotifier, DefaultVirtqueue, RingHost, Vring, call_hook
@@ -243,9 +244,10 @@ class LguestBridge:
         self._host: RingHost | None = None
         memory.write(ram_size, bytes(PAGE_SIZE))
 
-    def attach(self, loop: RingHost) -> None:
-        """Run the rings' timers (polling, coalescing) on `loop`, under `lock`; call before
-        the guest starts devices (rings started earlier keep serving without polling)."""
+    def attach(self, loop: EventLoop) -> None:
+        """Run the rings' timers (polling, coalescing) on `loop`, under `lock` (notifies may
+        come on any thread: timers are handed to the loop's thread); call before the guest
+        starts devices (rings started earlier keep serving without polling)."""
         self._host = _LockedHost(loop, self.lock)
 
     # ---------------------------------------------------------------- layout
@@ -586,9 +588,10 @@ class LguestBridge:
 
 
 class _LockedHost:
-    """A loop whose timers run under the bridge's lock (notifies may come from any thread)."""
+    """A loop whose timers run on its own thread under the bridge's lock: notifies (and so
+    the runners' `call_later`) may come on any thread."""
 
-    def __init__(self, loop: RingHost, lock: threading.RLock) -> None:
+    def __init__(self, loop: EventLoop, lock: threading.RLock) -> None:
         self.loop = loop
         self.lock = lock
 
@@ -599,7 +602,8 @@ class _LockedHost:
         return self.loop.remove_reader(fd)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        self.loop.call_later(delay, self._locked(callback))
+        locked = self._locked(callback)
+        self.loop.call_soon_threadsafe(lambda: self.loop.call_later(delay, locked))
 
     def _locked(self, callback: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

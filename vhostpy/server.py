@@ -52,6 +52,8 @@ class Connection:
         self.sock = sock
         self.decoder = p.Decoder("frontend")
         self.session = Session(server.device, server.loop)
+        # Not from inside the ring's call stack: close on the loop's next turn.
+        self.session.on_fatal = lambda reason: server.loop.call_later(0, self.close)
         self.closed = False
         #: Encoded replies not yet (fully) sent: (bytes, fds to send with the first byte).
         self._out: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()

@@ -87,6 +87,12 @@ class Session:
         #: Each ring's SET_VRING_ADDR (front-end virtual addresses), re-translated into
         #: guest-physical ones whenever the memory table changes.
         self._addrs: list[p.VringAddr | None] = [None] * device.num_queues
+        for ring in self.rings:
+            ring.on_memory_lost = self._memory_lost
+        #: Set by the host: called once when guest memory lost its backing (the front-end
+        #: shrank a memfd under a ring); the host drops the front-end.
+        self.on_fatal: Callable[[str], None] | None = None
+        self._fatal = False
         #: Each ring's explicit SET_VRING_ENABLE.
         self._enabled = [False] * device.num_queues
         self.features = 0
@@ -196,6 +202,17 @@ class Session:
                 self.memory.uva_to_gpa(a.avail_user_addr, 6 + 2 * size),
                 self.memory.uva_to_gpa(a.used_user_addr, 6 + 8 * size))
 
+    def _memory_lost(self, reason: str) -> None:
+        """Guest memory lost its backing: every ring over it breaks, the front-end goes."""
+        if self._fatal:
+            return
+        self._fatal = True
+        log.error("%s: %s; the front-end is dropped", self.device.name, reason)
+        for ring in self.rings:
+            ring.fail(f"guest memory lost: {reason}")
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
     def kick(self, index: int) -> int:
         """The driver kicked ring `index` (the runner watches kick fds itself; this is for
         in-process front-ends and tests). Returns how many chains the device took."""
@@ -215,6 +232,7 @@ class Session:
 
     def close(self) -> None:
         """The front-end went away: stop rings, release every fd and mapping, reset the device."""
+        self._fatal = False
         self._reset_device()
         self.memory.clear()
         self._region_dups.clear()

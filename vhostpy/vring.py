@@ -284,6 +284,9 @@ class Vring:
         self.coalescing = CoalescingStats() if device.coalesce is not None else None
         idle = device.poll_idle
         self.poll_idle = POLL_IDLE if idle is None else idle
+        #: Called (once) when guest memory lost its backing under this ring (the front-end
+        #: shrank a memfd: `GuestMemory.faulted`); the transport drops that front-end.
+        self.on_memory_lost: Callable[[str], None] | None = None
         vq.runner = self
 
     # ------------------------------------------------------------------ what devices see
@@ -545,7 +548,12 @@ class Vring:
             if hook != "queue_stopped":
                 self.fail(f"device error: {exc}")
             return
-        if self.vq.error is not None and self.state is not RingState.BROKEN:
+        lost = self.vq.memory.faulted()
+        if lost is not None:
+            self.fail(f"guest memory lost: {lost}")
+            if self.on_memory_lost is not None:
+                self.on_memory_lost(lost)
+        elif self.vq.error is not None and self.state is not RingState.BROKEN:
             self.fail(self.vq.error)
 
     # ------------------------------------------------------------------ serving
