@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import tools
 
 from vhostpy.blk import LOCK_PERM_BASE, LOCK_SHARED_BASE, PROBE_BYTES, probe_format
 
@@ -36,13 +36,8 @@ MiB = 1 << 20
 
 
 def require_tool(name: str) -> str:
-    """The path of `name`; a missing tool fails the test under CI and skips it elsewhere."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{name} is not installed (run ci/install.sh)")
-        pytest.skip(f"{name} is not installed (run ci/install.sh)")
-    return path
+    """The QEMU tool `name` (tools.require_tool: fails under CI, skips elsewhere)."""
+    return tools.require_tool(name, "ci/install.sh installs the QEMU tools")
 
 
 def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
