@@ -274,9 +274,7 @@ class VringFd(_Struct):
     _FMT = struct.Struct("<Q")
 
     def _values(self) -> tuple[int, ...]:
-        if not 0 <= self.index <= VRING_IDX_MASK:
-            raise ValueError(f"vring index {self.index} does not fit in 8 bits")
-        return (self.index | (VRING_NOFD_MASK if self.no_fd else 0),)
+        return (_vring_fd_word(self.index, self.no_fd),)
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview) -> VringFd:
@@ -287,6 +285,16 @@ class VringFd(_Struct):
         return cls(raw & VRING_IDX_MASK, bool(raw & VRING_NOFD_MASK))
 
 
+def _vring_fd_word(index: int, no_fd: bool) -> int:
+    """The u64 of VringFd and VringArea: the ring index in bits 0-7, bit 8 = no fd."""
+    if not 0 <= index <= VRING_IDX_MASK:
+        raise ValueError(f"vring index {index} does not fit in 8 bits")
+    return index | (VRING_NOFD_MASK if no_fd else 0)
+
+
+_REGION = struct.Struct("<QQQQ")
+
+
 @dataclass(frozen=True)
 class MemoryRegion(_Struct):
     """VhostUserMemoryRegion (32 bytes). Size 0 or a range past 2**64 is a ProtocolError."""
@@ -295,7 +303,7 @@ class MemoryRegion(_Struct):
     memory_size: int
     userspace_addr: int
     mmap_offset: int
-    _FMT = struct.Struct("<QQQQ")
+    _FMT = _REGION
 
     def _validate(self) -> None:
         if self.memory_size == 0:
@@ -305,7 +313,6 @@ class MemoryRegion(_Struct):
                 raise _bad("memory region wraps past 2**64", field, hex(getattr(self, field)))
 
 
-_REGION = MemoryRegion._FMT
 _MEMTABLE_HDR = struct.Struct("<II")
 
 
@@ -445,7 +452,7 @@ class VringArea(_Struct):
     _FMT = struct.Struct("<QQQ")
 
     def _values(self) -> tuple[int, ...]:
-        word = VringFd(self.index, self.no_fd)._values()[0]
+        word = _vring_fd_word(self.index, self.no_fd)
         return (word, self.size, self.offset)
 
     @classmethod

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 from vhostpy import protocol as p
 from vhostpy.device import Device
@@ -438,6 +438,34 @@ class Session:
                   cfg.payload)
 
 
+    #: The dispatch table: every request this back-end implements. Absent means unsupported.
+    HANDLERS: ClassVar[dict[Request, Callable[[Session, p.Message], p.Payload | None]]] = {
+        Request.GET_FEATURES: _on_get_features,
+        Request.SET_FEATURES: _on_set_features,
+        Request.SET_OWNER: _on_set_owner,
+        Request.RESET_OWNER: _on_reset,
+        Request.SET_MEM_TABLE: _on_set_mem_table,
+        Request.SET_VRING_NUM: _on_set_vring_num,
+        Request.SET_VRING_ADDR: _on_set_vring_addr,
+        Request.SET_VRING_BASE: _on_set_vring_base,
+        Request.GET_VRING_BASE: _on_get_vring_base,
+        Request.SET_VRING_KICK: _on_set_vring_kick,
+        Request.SET_VRING_CALL: _on_set_vring_call,
+        Request.SET_VRING_ERR: _on_set_vring_err,
+        Request.GET_PROTOCOL_FEATURES: _on_get_protocol_features,
+        Request.SET_PROTOCOL_FEATURES: _on_set_protocol_features,
+        Request.GET_QUEUE_NUM: _on_get_queue_num,
+        Request.SET_VRING_ENABLE: _on_set_vring_enable,
+        Request.NET_SET_MTU: _on_net_set_mtu,
+        Request.GET_CONFIG: _on_get_config,
+        Request.SET_CONFIG: _on_set_config,
+        Request.RESET_DEVICE: _on_reset,
+        Request.GET_MAX_MEM_SLOTS: _on_get_max_mem_slots,
+        Request.ADD_MEM_REG: _on_add_mem_reg,
+        Request.REM_MEM_REG: _on_rem_mem_reg,
+    }
+
+
 _P = TypeVar("_P")
 
 
@@ -448,30 +476,5 @@ def _payload(msg: p.Message, kind: type[_P]) -> _P:
                             f"a {kind.__name__}")
     return msg.payload
 
-
-#: The dispatch table: every request this back-end implements. Absent means unsupported.
-HANDLERS: dict[Request, Callable[[Session, p.Message], p.Payload | None]] = {
-    Request.GET_FEATURES: Session._on_get_features,
-    Request.SET_FEATURES: Session._on_set_features,
-    Request.SET_OWNER: Session._on_set_owner,
-    Request.RESET_OWNER: Session._on_reset,
-    Request.SET_MEM_TABLE: Session._on_set_mem_table,
-    Request.SET_VRING_NUM: Session._on_set_vring_num,
-    Request.SET_VRING_ADDR: Session._on_set_vring_addr,
-    Request.SET_VRING_BASE: Session._on_set_vring_base,
-    Request.GET_VRING_BASE: Session._on_get_vring_base,
-    Request.SET_VRING_KICK: Session._on_set_vring_kick,
-    Request.SET_VRING_CALL: Session._on_set_vring_call,
-    Request.SET_VRING_ERR: Session._on_set_vring_err,
-    Request.GET_PROTOCOL_FEATURES: Session._on_get_protocol_features,
-    Request.SET_PROTOCOL_FEATURES: Session._on_set_protocol_features,
-    Request.GET_QUEUE_NUM: Session._on_get_queue_num,
-    Request.SET_VRING_ENABLE: Session._on_set_vring_enable,
-    Request.NET_SET_MTU: Session._on_net_set_mtu,
-    Request.GET_CONFIG: Session._on_get_config,
-    Request.SET_CONFIG: Session._on_set_config,
-    Request.RESET_DEVICE: Session._on_reset,
-    Request.GET_MAX_MEM_SLOTS: Session._on_get_max_mem_slots,
-    Request.ADD_MEM_REG: Session._on_add_mem_reg,
-    Request.REM_MEM_REG: Session._on_rem_mem_reg,
-}
+#: The dispatch table (`Session.HANDLERS`): every request this back-end implements.
+HANDLERS = Session.HANDLERS
