@@ -30,7 +30,6 @@ Facts these tests rely on (DPDK 22.11):
 from __future__ import annotations
 
 import collections
-import json
 import os
 import shutil
 import signal
@@ -44,6 +43,7 @@ import pytest
 from conftest import Backend
 from dpdk import Testpmd, TestpmdStats, pick_cpus, rate, require_dpdk, virtio_user_vdev
 
+from vhostpy.cli import parse_counters_lines
 from vhostpy.packets import swap_macs, verify_l4_checksums
 from vhostpy.pcap import read_pcap
 
@@ -99,10 +99,9 @@ class Vhostpy(Backend):
         out = self.output()
         assert rc == 0, f"vhostpy exited with {rc}:\n{out}"
         assert not os.path.exists(self.path), "vhostpy left its socket behind"
-        prefix = "vhostpy net: counters "
-        lines = [line for line in out.splitlines() if line.startswith(prefix)]
-        assert len(lines) == 1, out
-        counters: dict = json.loads(lines[0][len(prefix):])
+        records = parse_counters_lines(out)
+        assert [(r["device"], r["event"]) for r in records] == [("net", "exit")], out
+        counters: dict = records[0]["counters"]
         return counters
 
 

@@ -27,7 +27,6 @@ they are checked while frames flow; busybox ``nc -l`` listens on a dual-stack IP
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import subprocess
@@ -50,6 +49,7 @@ from scapy.packet import Raw
 from scapy.utils import rdpcap
 from tools import unavailable, wait_until
 
+from vhostpy.cli import parse_counters_lines
 from vhostpy.net import VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF
 from vhostpy.netapp import RESPONDER_MAC, NetApp
 from vhostpy.packets import EchoReply, verify_l4_checksums
@@ -90,6 +90,14 @@ def _sock(app: NetApp, i: int = 0) -> str:
     path = app.servers[i].socket_path
     assert path is not None
     return str(path)
+
+
+def _exit_counters(output: str) -> dict[str, Any]:
+    """The counters of the one line `vhostpy net` prints at exit (see cli.counters_line)."""
+    records = parse_counters_lines(output)
+    assert [(r["device"], r["event"]) for r in records] == [("net", "exit")], output
+    counters: dict[str, Any] = records[0]["counters"]
+    return counters
 
 
 def _rx_values(console: str) -> list[int]:
@@ -300,8 +308,7 @@ def test_two_guests_ping_each_other_through_one_cli_process(backend: Any,
     assert b.stop() == 0, b.log_path.read_text()
     assert not os.path.exists(b.path) and not os.path.exists(second)
     output = b.log_path.read_text()
-    line = next(ln for ln in output.splitlines() if ln.startswith("vhostpy net: counters "))
-    counters = json.loads(line.removeprefix("vhostpy net: counters "))
+    counters = _exit_counters(output)
     p0, p1 = counters["ports"]
     assert p0["port"] == "port0" and p1["port"] == "port1"
     # At least the 3 + 3 echo requests and replies each guest sent and received, no drops.
@@ -404,8 +411,7 @@ def test_tap_bridges_guest_and_host_namespace(netns: str, tmp_path: Path) -> Non
     output = log_path.read_text(errors="replace")
     assert proc.returncode == 0, output
     assert not os.path.exists(sock), "back-end left its socket behind"
-    line = next(ln for ln in output.splitlines() if ln.startswith("vhostpy net: counters "))
-    counters = json.loads(line.removeprefix("vhostpy net: counters "))
+    counters = _exit_counters(output)
     # 3 + 3 echo requests/replies each way at least (plus ARP, IPv6 chatter); none dropped.
     assert counters["tap"]["sent"] >= 6 and counters["tap"]["received"] >= 6, counters
     assert "responder" not in counters
