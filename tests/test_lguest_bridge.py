@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from vhostpy.blk import BlockDevice
+from vhostpy.console import ConsoleDevice
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError
 from vhostpy.lguest_bridge import LguestBridge, vring_layout, vring_size
@@ -25,18 +26,8 @@ from vhostpy.lguest_guest import LguestGuestDriver
 from vhostpy.memory import GuestMemory
 from vhostpy.net import NetDevice, NetPort
 from vhostpy.packets import Responder
-
-try:
-    from vhostpy.rng import RngDevice
-except ImportError:  # pragma: no cover - being written in parallel
-    RngDevice = None  # type: ignore[assignment,misc]
-try:
-    from vhostpy.console import ConsoleDevice
-except ImportError:  # pragma: no cover
-    ConsoleDevice = None  # type: ignore[assignment,misc]
-
-needs_rng = pytest.mark.skipif(RngDevice is None, reason="vhostpy.rng not there yet")
-needs_console = pytest.mark.skipif(ConsoleDevice is None, reason="vhostpy.console not there yet")
+from vhostpy.rng import RngDevice
+from vhostpy.vring import RingState
 
 # Header facts, written out here.
 PAGE = 4096
@@ -275,7 +266,6 @@ def test_net_ping_through_the_responder(layout: str, mrg: bool) -> None:
     assert len(guest.echo_replies) == 1 and host.echo_replies_sent == 1
 
 
-@needs_rng
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_rng_returns_bytes(layout: str) -> None:
     rig = Rig(layout)
@@ -284,7 +274,6 @@ def test_rng_returns_bytes(layout: str) -> None:
     assert rng.read(64) == b"\xab" * 64
 
 
-@needs_console
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_console_text_arrives(layout: str) -> None:
     rig = Rig(layout)
@@ -301,7 +290,6 @@ def test_console_text_arrives(layout: str) -> None:
 # ------------------------------------------------------------------ interrupts
 
 
-@needs_rng
 def test_no_interrupt_is_honoured() -> None:
     rig = Rig()
     rig.bridge.add_device(RngDevice())
@@ -496,12 +484,32 @@ def test_device_errors_are_contained(caplog: pytest.LogCaptureFixture) -> None:
 
     rig = Rig()
     lg = rig.bridge.add_device(Broken())
+    other = rig.bridge.add_device(BlockDevice.in_memory(4096))
     drv = rig.driver.probe(rig.driver.find(4))
+    blk = rig.driver.blk()
     drv.rings[0].add([], [16])
     with caplog.at_level(logging.WARNING):
         drv.rings[0].kick()
-    assert "boom" in caplog.text and lg.queues[0].vq is not None
-    assert lg.queues[0].vq.error is not None
+    assert "device broken failed in process_queue on vring 0" in caplog.text
+    assert "RuntimeError: boom" in caplog.text
+    ring = lg.queues[0].ring
+    assert ring is not None and ring.state is RingState.BROKEN and ring.error is not None
+    assert other.running and blk.read(0, 1) == bytes(512)     # the other device goes on
+
+
+def test_set_features_that_raises_leaves_the_device_stopped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Picky(BlockDevice):
+        def set_features(self, features: int) -> None:
+            raise RuntimeError("no such feature set")
+
+    rig = Rig()
+    lg = rig.bridge.add_device(Picky.in_memory(4096))
+    with caplog.at_level(logging.WARNING):
+        rig.driver.probe(rig.driver.find(2))
+    assert "device virtio-blk failed in set_features" in caplog.text
+    assert "no such feature set" in caplog.text
+    assert not lg.running and all(q.ring is None for q in lg.queues)
 
 
 def test_irq_sink_errors_are_contained(caplog: pytest.LogCaptureFixture) -> None:

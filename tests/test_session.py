@@ -1141,3 +1141,25 @@ def test_config_offered_only_where_the_front_end_reads_it() -> None:
     quiet = EchoDevice()
     quiet.config_via_frontend = False
     assert PF.CONFIG not in Session(quiet, FakeHost()).offered_protocol_features()
+
+
+@pytest.mark.parametrize("hook", ["set_features", "write_config", "set_mtu"])
+def test_a_request_hook_that_raises_fails_only_that_request(
+        rig: Rig, hook: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device bug in a hook that belongs to a request: logged with device and hook, the
+    request gets a failure reply, and the session goes on (the rings still echo)."""
+    rig.start(0)
+
+    def bug(*args: object) -> None:
+        raise RuntimeError(f"{hook} bug")
+
+    monkeypatch.setattr(rig.device, hook, bug)
+    request = {"set_features": (R.SET_FEATURES, p.U64(rig.session.features)),
+               "write_config": (R.SET_CONFIG, p.ConfigSpace(8, 2, 0, b"\1\2")),
+               "set_mtu": (R.NET_SET_MTU, p.U64(1500))}[hook]
+    assert rig.ack(*request) == 1
+    assert f"device echo failed in {hook}" in caplog.text
+    assert f"RuntimeError: {hook} bug" in caplog.text      # the traceback is logged
+    monkeypatch.undo()
+    assert rig.echo(0, b"still served")

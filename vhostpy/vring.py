@@ -86,7 +86,8 @@ def call_hook(device: Device, hook: str, fn: Callable[..., _T], *args: object,
     Any exception is logged once (device, ring, hook, traceback) and re-raised as
     `HookError`, which the caller turns into "this ring breaks" (`Vring`) or "this request
     fails" (a failure reply): it never reaches a transport's loop. `VhostError`s a hook raises
-    on purpose (a refused value) keep their class and are logged at WARNING without a traceback.
+    on purpose (a refused value) keep their class and are logged at WARNING without a traceback;
+    a PermissionError (a read-only config field) becomes a `BackendError` the same way.
     """
     try:
         return fn(*args)
@@ -94,6 +95,9 @@ def call_hook(device: Device, hook: str, fn: Callable[..., _T], *args: object,
         where = f" on vring {ring}" if ring is not None else ""
         log.warning("device %s refused %s%s: %s", device.name, hook, where, exc)
         raise
+    except PermissionError as exc:     # `Device.write_config`'s refusal of a read-only field
+        log.warning("device %s refused %s: %s", device.name, hook, exc)
+        raise BackendError(str(exc)) from exc
     except Exception as exc:
         where = f" on vring {ring}" if ring is not None else ""
         log.exception("device %s failed in %s%s", device.name, hook, where)
