@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from procs import terminate
+from tools import unavailable
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -47,6 +49,13 @@ class Backend:
         terminate(self.proc)
         self.log.close()
         return self.proc.returncode
+
+
+@pytest.fixture
+def scapy_installed() -> None:
+    """scapy is a test dependency (the `test` extra): missing, it fails under CI."""
+    if importlib.util.find_spec("scapy") is None:
+        unavailable("scapy not installed (pip install 'vhostpy[scapy]')")
 
 
 @pytest.fixture

@@ -210,6 +210,13 @@ class RingBuilder:
     def set_used_event(self, idx: int) -> None:
         self.memory.write(self.lay.avail + 4 + 2 * self.size, _U16.pack(idx & 0xFFFF))
 
+    def device_wants_kicks(self, event_idx: bool) -> bool:
+        """Whether the device asks for a kick at the next entry the driver adds: it is not
+        polling this ring (avail_event at avail->idx, or NO_NOTIFY clear)."""
+        if event_idx:
+            return self.avail_event == self.avail_idx
+        return not self.no_notify
+
     def should_kick(self, old_avail: int, event_idx: bool) -> bool:
         """What a driver decides after publishing entries old_avail..avail_idx."""
         if event_idx:

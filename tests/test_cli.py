@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,7 +133,6 @@ def test_help_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_console_script_is_cli_main() -> None:
-    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["scripts"]["vhostpy"] == "vhostpy.cli:main"
     assert "main()" in (ROOT / "vhostpy" / "__main__.py").read_text()

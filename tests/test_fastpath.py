@@ -21,6 +21,7 @@ import pytest
 from ringbuilder import CallRunner, RingBuilder, anon_memory, layout
 from scripted import ScriptedGuest
 from test_net import ALL, F_CSUM, HDR_MRG, MODERN_NO_MRG, PEER_MAC, Rig, frame, vhdr
+from tools import wait_until
 
 from vhostpy import _accel
 from vhostpy.errors import ConfigurationError
@@ -28,6 +29,7 @@ from vhostpy.net import FrameBatch
 from vhostpy.pcap import PcapWriter
 from vhostpy.switch import CffiSwitch, PythonSwitch
 from vhostpy.virtqueue import (
+    VIRTIO_RING_F_EVENT_IDX,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
@@ -525,7 +527,9 @@ def test_idle_backend_uses_no_cpu(tmp_path: Path, impl: str) -> None:
             tx.add_chain([vhdr(), frame(64)])
         guest.kick(1)
         guest.wait_used(1, 20)
-        time.sleep(0.2)
+        event_idx = bool(guest.fe.features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        wait_until(lambda: tx.device_wants_kicks(event_idx), 5.0,
+                   "the back-end to stop polling the transmit ring")
         before = _cpu_seconds(proc.pid)
         time.sleep(1.0)
         used = _cpu_seconds(proc.pid) - before

@@ -40,7 +40,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     HAVE_SCAPY = False
 
-needs_scapy = pytest.mark.skipif(not HAVE_SCAPY, reason="scapy not installed (pip install scapy)")
+#: scapy is a test dependency: missing, these tests fail under CI (conftest.scapy_installed).
+needs_scapy = pytest.mark.usefixtures("scapy_installed")
 
 # Spec numbers written out here rather than taken from net.py (virtio 1.2, 5.1.3 and 5.1.6).
 F_CSUM, F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS, F_MQ = 0, 3, 5, 15, 16, 22

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 
 from conftest import Backend
+from ringbuilder import RingBuilder
 from scripted import ScriptedGuest
+from tools import wait_until
 
 from vhostpy.virtqueue import VIRTIO_RING_F_EVENT_IDX
 
@@ -77,6 +79,13 @@ class Driver:
         assert len(used) == count, used
         return [self.guest.memory.read(self.buffers.pop(head), n) for head, n in used]
 
+    def idle(self, *builders: RingBuilder) -> None:
+        """Wait until the back-end polls none of `builders` (default both): it asks for
+        kicks again, which it does only once it has gone idle on that ring."""
+        for rb in builders or (self.rx, self.tx):
+            wait_until(lambda rb=rb: rb.device_wants_kicks(self.event_idx), 5.0,
+                       "the back-end to stop polling and ask for kicks")
+
     def receive(self, count: int) -> list[bytes]:
         """Wait for `count` reflected frames, one buffer each (virtio-net header removed)."""
         return [data[len(HDR):] for data in self.buffers_used(count)]
@@ -93,11 +102,11 @@ def test_waiting_frames_go_out_when_buffers_come_then_the_back_end_idles(
         drv.send([_frame(k) for k in range(12)])     # 7 of them wait for buffers
         got = drv.receive(5)
         for more, spare in ((2, 0), (1, 0), (4, 8)):
-            time.sleep(0.05)   # the driver refills later, as a guest busy elsewhere would
+            drv.idle(drv.rx)    # the driver refills only after the back-end gave up polling
             drv.post(more + spare)   # at the end, 8 buffers more than frames wait
             got += drv.receive(more)
         assert got == [_reflected(k) for k in range(12)]
-        time.sleep(0.2)
+        drv.idle()
         before = _cpu_seconds(b.proc.pid)
         time.sleep(1.0)
         assert _cpu_seconds(b.proc.pid) - before < 0.1, "the back-end keeps polling"
@@ -121,10 +130,10 @@ def test_a_frame_waiting_for_more_buffers_than_posted_gets_its_kick(
         small = _frame(1)
         big = PEER_MAC + FE_MAC + b"\x88\xb5" + bytes(range(256)) * 4   # 1038 bytes
         drv.send([small, big])     # no buffers yet: both wait
-        time.sleep(0.1)
+        wait_until(lambda: drv.tx.used_idx == 2, 5.0, "the back-end to take both frames")
         drv.post(2, size=300)      # the small frame fits; the big one needs 4 of these
         got = drv.receive(1)
-        time.sleep(0.2)            # the back-end polls the receive ring, then goes idle
+        drv.idle(drv.rx)           # the back-end polls the receive ring, then goes idle
         drv.post(3, size=300)      # now there are enough
         parts = drv.buffers_used(4)   # one frame over four buffers
         assert got == [_reflected_bytes(small)]

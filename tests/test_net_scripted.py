@@ -30,7 +30,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     HAVE_SCAPY = False
 
-pytestmark = pytest.mark.skipif(not HAVE_SCAPY, reason="scapy not installed (pip install scapy)")
+#: scapy is a test dependency: missing, these tests fail under CI (conftest.scapy_installed).
+pytestmark = pytest.mark.usefixtures("scapy_installed")
 
 RX, TX = 0, 1
 HDR_MRG = struct.Struct("<BBHHHHH")   # virtio_net_hdr with num_buffers (VERSION_1: 12 bytes)

@@ -45,7 +45,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     HAVE_SCAPY = False
 
-needs_scapy = pytest.mark.skipif(not HAVE_SCAPY, reason="scapy not installed (pip install scapy)")
+#: scapy is a test dependency: missing, these tests fail under CI (conftest.scapy_installed).
+needs_scapy = pytest.mark.usefixtures("scapy_installed")
 
 HOST_IP, HOST_MAC = "10.0.2.2", "52:54:00:12:35:02"
 GUEST_IP, GUEST_MAC = "10.0.2.15", "52:54:00:12:34:56"

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tools import wait_until
 
 from vhostpy.packets import Responder, verify_l4_checksums
 from vhostpy.pcap import PcapWriter, read_pcap
@@ -25,7 +26,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     HAVE_SCAPY = False
 
-needs_scapy = pytest.mark.skipif(not HAVE_SCAPY, reason="scapy not installed (pip install scapy)")
+#: scapy is a test dependency: missing, these tests fail under CI (conftest.scapy_installed).
+needs_scapy = pytest.mark.usefixtures("scapy_installed")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,7 +178,8 @@ def test_sigterm_then_close_leaves_complete_file(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
-    time.sleep(0.05)  # a few MB of batches, then the signal lands mid-stream
+    # A few MB of batches, then the signal lands mid-stream.
+    wait_until(lambda: path.stat().st_size > 2 << 20, 10.0, "the capture to pass 2 MiB")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
     records = read_pcap(path)  # raises on any partial record
