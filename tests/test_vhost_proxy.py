@@ -181,3 +181,24 @@ def _no_leaked_fds() -> Iterator[None]:
     after = _open_fds()
     assert after == before, (f"leaked: { {fd: after[fd] for fd in after.keys() - before.keys()} }"
                              f" closed: { {fd: before[fd] for fd in before.keys() - after.keys()} }")
+
+
+def test_a_proxy_whose_backend_is_gone_raises_backend_gone_and_closes_its_frontend() -> None:
+    """Sending into a closed connection is BackendGone (not a raw EPIPE), and a proxy that
+    cannot finish its handshake closes the front-end it was given."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    fe = Frontend(ours, timeout=1.0)
+    memfd = os.memfd_create("ram")
+    try:
+        with pytest.raises(BackendGone, match="connection error"):
+            fe.get_features()
+        fe2_ours, fe2_theirs = socket.socketpair()
+        fe2_theirs.close()
+        fe2 = Frontend(fe2_ours, timeout=1.0)
+        with pytest.raises(BackendGone):
+            VhostUserProxy(fe2, device_id=VIRTIO_ID_BLOCK, memory_fd=memfd, memory_size=4096)
+        assert fe2.sock.fileno() == -1
+    finally:
+        fe.close()
+        os.close(memfd)

@@ -79,9 +79,14 @@ class Frontend:
             self.sock.sendall(data[sent:])
 
     def send(self, msg: p.Message) -> None:
-        """Encode and send one message."""
+        """Encode and send one message; BackendGone if the connection is gone (EPIPE...)."""
         data, fds = p.encode(msg)
-        self.send_raw(data, fds)
+        try:
+            self.send_raw(data, fds)
+        except TimeoutError as exc:
+            raise BackendGone("the back-end does not take our requests in time") from exc
+        except OSError as exc:
+            raise BackendGone(f"connection error: {exc}") from exc
 
     def receive(self) -> p.Message:
         """Block until one whole message arrives; BackendGone on EOF or timeout."""

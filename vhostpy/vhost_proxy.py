@@ -61,6 +61,14 @@ class VhostUserProxy(Device):
         self._kick: dict[int, int] = {}
         self._call: dict[int, tuple[int, Virtqueue]] = {}
         self._memory_sent = False
+        try:
+            self._handshake(config_size)
+        except BaseException:
+            fe.close()      # the proxy owns `fe` from here on, even when it cannot start
+            raise
+
+    def _handshake(self, config_size: int) -> None:
+        fe = self.fe
         fe.set_owner()
         self.backend_features = fe.get_features()
         protocol = PF(0)
