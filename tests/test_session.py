@@ -12,10 +12,11 @@ from __future__ import annotations
 import errno
 import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from fakeloop import FakeLoop
 from ringbuilder import RingBuilder, layout
 
 from vhostpy import protocol as p
@@ -48,37 +49,6 @@ EMPTY = p.Empty()
 
 
 # ------------------------------------------------------------------ fakes
-
-
-class FakeHost:
-    """Records the fds the session's rings asked to watch (unwatching an unknown fd is a bug)
-    and the timers they set (run by `run_timers`)."""
-
-    def __init__(self) -> None:
-        self.watched: dict[int, Callable[[], None]] = {}
-        self.calls: list[tuple[str, int]] = []
-        self.timers: list[Callable[[], None]] = []
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        assert fd not in self.watched, f"fd {fd} watched twice"
-        self.calls.append(("watch", fd))
-        self.watched[fd] = callback
-
-    def remove_reader(self, fd: int) -> bool:
-        self.calls.append(("unwatch", fd))
-        return self.watched.pop(fd, None) is not None
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        self.timers.append(callback)
-
-    def run_timers(self, rounds: int = 100) -> None:
-        """Run due timers (and those they add) up to `rounds` times."""
-        for _ in range(rounds):
-            if not self.timers:
-                return
-            timers, self.timers = self.timers, []
-            for t in timers:
-                t()
 
 
 class EchoDevice(Device):
@@ -180,7 +150,7 @@ class Rig:
         self.driver = GuestMemory()
         self.driver.map_fd(self.ram, 0, RAM_SIZE, UVA, 0)
         self.device = EchoDevice()
-        self.host = FakeHost()
+        self.host = FakeLoop()
         self.session = Session(self.device, self.host, max_mem_slots=max_mem_slots)
         self.rings: dict[int, DriverRing] = {}
 
@@ -428,7 +398,7 @@ def test_net_mtu_only_for_devices_with_an_mtu() -> None:
     class Plain(Device):
         pass
 
-    session = Session(Plain(), FakeHost())
+    session = Session(Plain(), FakeLoop())
     offered = session.handle(p.request(R.GET_PROTOCOL_FEATURES))[0].payload
     # no MTU, and (with no config space) no CONFIG either
     assert offered == p.U64(int(SUPPORTED_PROTOCOL_FEATURES & ~PF.CONFIG))
@@ -445,7 +415,7 @@ def test_config_offered_only_with_a_config_space() -> None:
             return b"\x01\x02"
 
     for device, has_config in ((Device(), False), (WithConfig(), True)):
-        session = Session(device, FakeHost())
+        session = Session(device, FakeLoop())
         offered = session.handle(p.request(R.GET_PROTOCOL_FEATURES))[0].payload
         assert isinstance(offered, p.U64)
         assert bool(offered.value & PF.CONFIG) is has_config
@@ -1137,10 +1107,10 @@ def test_ring_size_above_the_device_limit_names_the_limit(
 
 
 def test_config_offered_only_where_the_front_end_reads_it() -> None:
-    assert PF.CONFIG in Session(EchoDevice(), FakeHost()).offered_protocol_features()
+    assert PF.CONFIG in Session(EchoDevice(), FakeLoop()).offered_protocol_features()
     quiet = EchoDevice()
     quiet.config_via_frontend = False
-    assert PF.CONFIG not in Session(quiet, FakeHost()).offered_protocol_features()
+    assert PF.CONFIG not in Session(quiet, FakeLoop()).offered_protocol_features()
 
 
 @pytest.mark.parametrize("hook", ["set_features", "write_config", "set_mtu"])

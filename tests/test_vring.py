@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from fakeloop import FakeLoop
 from ringbuilder import RingBuilder, anon_memory, layout
 
 from vhostpy.device import Coalescing, Device
@@ -33,33 +34,6 @@ from vhostpy.vring import (
 
 SIZE = 8
 S = RingState
-
-
-class FakeLoop:
-    """Readers and timers recorded; `run_timers` runs what is due, rounds at a time."""
-
-    def __init__(self) -> None:
-        self.readers: dict[int, Callable[[], None]] = {}
-        self.timers: list[Callable[[], None]] = []
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self.readers[fd] = callback
-
-    def remove_reader(self, fd: int) -> bool:
-        return self.readers.pop(fd, None) is not None
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        self.timers.append(callback)
-
-    def run_timers(self, rounds: int = 1000) -> int:
-        """Run timers until none is left (or `rounds`); returns how many rounds ran."""
-        for k in range(rounds):
-            if not self.timers:
-                return k
-            timers, self.timers = self.timers, []
-            for t in timers:
-                t()
-        return rounds
 
 
 class Recorder(Device):
@@ -323,16 +297,16 @@ def test_kick_fd_is_watched_and_drained() -> None:
         ring = rig.live(0)
         kick = os.eventfd(0, os.EFD_NONBLOCK)
         ring.set_kick(EventFdNotifier(os.dup(kick)))
-        assert ring.kick_fd in host.readers
+        assert ring.kick_fd in host.watched
         head = rig.rbs[0].add_chain([b"x"], [4])[0]
         os.eventfd_write(kick, 1)
-        host.readers[ring.kick_fd]()
+        host.watched[ring.kick_fd]()
         assert ring.kicks == 1 and rig.rbs[0].get_used() == [(head, 0)]
-        host.readers[ring.kick_fd]()                 # spurious wake-up: nothing to read
+        host.watched[ring.kick_fd]()                 # spurious wake-up: nothing to read
         assert ring.kicks == 1
         old = ring.kick_fd
         ring.stop()
-        assert old not in host.readers
+        assert old not in host.watched
         os.close(kick)
     finally:
         rig.close()
