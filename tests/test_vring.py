@@ -373,3 +373,10 @@ def test_coalescing_holds_a_streaming_drivers_interrupts_until_the_batch() -> No
         assert fired(rig.calls[0]) == 1
     finally:
         rig.close()
+
+
+def test_failing_a_ring_with_nothing_configured_changes_nothing(rig: Rig) -> None:
+    ring = rig.rings[0]
+    ring.fail("front-end memory went away")
+    assert ring.state is S.UNCONFIGURED and ring.error is None and fired(rig.errs[0]) == 0
+    assert rig.live(0).state is S.ENABLED          # it can still be brought up

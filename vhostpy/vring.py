@@ -493,14 +493,17 @@ class Vring:
             self.coalescing = CoalescingStats()
 
     def fail(self, reason: str) -> None:
-        """Break the ring: the device stops serving it, err is signalled once."""
+        """Break the ring: the device stops serving it, err is signalled once. A ring with
+        nothing configured (unconfigured, stopped) has nothing to break: only logged."""
         if self.state is RingState.BROKEN:
+            return
+        if RingState.BROKEN not in TRANSITIONS[self.state]:
+            log.debug("vring %d (%s): %s", self.index, self.state.value, reason)
             return
         self.vq.fail(reason)   # the ring rejects every further access
         self.error = self.vq.error
-        if RingState.BROKEN in TRANSITIONS[self.state]:
-            self._stop_polling()
-            self._move(RingState.BROKEN)
+        self._stop_polling()
+        self._move(RingState.BROKEN)
         err = self._err
         if err is not None:
             try:
