@@ -10,6 +10,7 @@ The session's host is a fake that records which kick fds it was asked to watch; 
 from __future__ import annotations
 
 import errno
+import logging
 import gc
 import os
 from collections.abc import Iterator
@@ -1133,3 +1134,10 @@ def test_a_request_hook_that_raises_fails_only_that_request(
     assert f"RuntimeError: {hook} bug" in caplog.text      # the traceback is logged
     monkeypatch.undo()
     assert rig.echo(0, b"still served")
+
+
+def test_driver_features_are_logged_by_name(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="vhostpy.session"):
+        rig.negotiate()
+    line = next(r.getMessage() for r in caplog.records if "driver features" in r.getMessage())
+    assert "EVENT_IDX" in line and "VERSION_1" in line and f"bit {DEVICE_BIT}" in line, line

@@ -641,3 +641,34 @@ def test_layout_helper_is_sane() -> None:
     lay = layout(SIZE)
     assert isinstance(lay, Layout) and lay.desc % 16 == 0 and lay.avail % 2 == 0
     assert lay.used % 4 == 0 and lay.data >= lay.used + 6 + 8 * SIZE
+
+
+def test_pure_python_ring_fences_where_x86_reorders(
+        rb: RingBuilder, mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Store -> load ordering: asking for kicks then re-reading avail->idx, and publishing
+    used->idx then reading used_event / flags, each have a full fence between them."""
+    import vhostpy.virtqueue as vqmod
+
+    fences: list[str] = []
+    monkeypatch.setattr(vqmod, "full_fence", lambda: fences.append("fence"))
+    vq = rb.attach(PythonVirtqueue(mem, 0))
+    vq.enable_notifications()
+    assert fences == ["fence"]
+    add_and_complete(rb, vq, 1)
+    vq.needs_notification()
+    assert fences == ["fence", "fence"]
+
+
+def test_pure_python_ring_refuses_architectures_it_cannot_fence() -> None:
+    from vhostpy.virtqueue import check_fence_support
+
+    for machine in ("x86_64", "aarch64", "AMD64"):
+        check_fence_support(machine)
+    for machine in ("riscv64", "ppc64le", "s390x", "armv7l"):
+        with pytest.raises(RingError, match=f"cannot order its stores and loads on {machine}"):
+            check_fence_support(machine)
+
+
+def test_the_abstract_ring_is_not_a_variant(mem: GuestMemory) -> None:
+    with pytest.raises(TypeError, match="abstract"):
+        Virtqueue(mem, 0)  # type: ignore[abstract]
