@@ -10,8 +10,8 @@ The session's host is a fake that records which kick fds it was asked to watch; 
 from __future__ import annotations
 
 import errno
-import logging
 import gc
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
