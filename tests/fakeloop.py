@@ -27,6 +27,9 @@ class FakeLoop:
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         self.timers.append(callback)
 
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        self.timers.append(callback)
+
     def run_timers(self, rounds: int = 1000) -> int:
         """Run timers (and those they add) until none is left or `rounds` rounds ran;
         returns how many rounds ran."""

@@ -380,3 +380,42 @@ def test_failing_a_ring_with_nothing_configured_changes_nothing(rig: Rig) -> Non
     ring.fail("front-end memory went away")
     assert ring.state is S.UNCONFIGURED and ring.error is None and fired(rig.errs[0]) == 0
     assert rig.live(0).state is S.ENABLED          # it can still be brought up
+
+
+def test_a_depth_one_driver_keeping_up_with_one_drain_is_not_streaming() -> None:
+    """Twenty requests served by one kick, each completed, interrupted and followed by the
+    next (queue depth 1 with a fast driver): one completion per interrupt, so the next
+    kick's completion is interrupted at once, not held."""
+    host = FakeLoop()
+
+    class KeepsUp(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.more = 0
+            self.rb: RingBuilder | None = None
+
+        def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> int:
+            if self.more and self.rb is not None:    # the driver's next request arrives
+                self.more -= 1
+                self.rb.add_chain([b"n"], [4])
+            return 0
+
+    dev = KeepsUp()
+    dev.coalesce = Coalescing(quiet=60.0, batch=64, wait=60.0)
+    rig = Rig(dev, host)
+    try:
+        ring = rig.live(0)
+        dev.rb = rig.rbs[0]
+        dev.more = 19
+        rig.rbs[0].add_chain([b"a"], [4])
+        assert ring.kick() == 20
+        assert fired(rig.calls[0]) == 20                 # one interrupt per completion
+        assert ring.coalescing is not None and ring.coalescing.last_batch == 1
+        host.timers.clear()
+        ring.enable(False)
+        ring.enable(True)                                # polling off, state kept
+        rig.rbs[0].add_chain([b"b"], [4])
+        ring.kick()
+        assert fired(rig.calls[0]) == 1 and ring.vq.unsignalled == 0   # not held
+    finally:
+        rig.close()

@@ -288,11 +288,13 @@ int vp_signal(struct vp_vq *q, int call_fd) {
         q->unsignalled = 0;
         q->signal_valid = 1;
     }
-    if (need && call_fd >= 0) {
-        uint64_t one = 1;
-        ssize_t rc;
-        do rc = write(call_fd, &one, sizeof one); while (rc < 0 && errno == EINTR);
+    if (need) {
         q->calls++;
+        if (call_fd >= 0) {
+            uint64_t one = 1;
+            ssize_t rc;
+            do rc = write(call_fd, &one, sizeof one); while (rc < 0 && errno == EINTR);
+        }
     }
     return need;
 }

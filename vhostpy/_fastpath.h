@@ -39,7 +39,7 @@ struct vp_vq {
     uint32_t unsignalled;
     uint32_t broken;         /* set with `error` when the ring turned out hostile */
     uint32_t seg_overflow;   /* vp_pop stopped because the segment array was full */
-    uint64_t calls;          /* call eventfd writes made by C */
+    uint64_t calls;          /* decisions that wanted an interrupt (whoever raised it) */
     char error[320];
 };
 

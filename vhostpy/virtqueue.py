@@ -271,6 +271,7 @@ class Virtqueue(abc.ABC):
         self._notify = True  # whether we currently want kicks
         self._unsignalled = 0  # used entries added since the last signal decision
         self._signal_valid = False  # False until the first signal decision after (re)start
+        self._signals = 0  # interrupt decisions that wanted an interrupt, ever
         self._cache_gen = -1
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
@@ -364,6 +365,12 @@ class Virtqueue(abc.ABC):
         self._unsignalled = 0
         self._signal_valid = False
         self._drop_views()
+
+    @property
+    def signals(self) -> int:
+        """How many interrupt decisions wanted an interrupt (a running count): what the
+        runner divides completions by to learn how many each interrupt covered."""
+        return self._signals
 
     @property
     def addresses_set(self) -> bool:
@@ -695,6 +702,8 @@ class PythonVirtqueue(Virtqueue):
 
     def decide_signal(self) -> bool:
         need = self.needs_notification()
+        if need:
+            self._signals += 1
         if self._unsignalled:
             self._unsignalled = 0
             self._signal_valid = True

@@ -59,6 +59,7 @@ class CffiVirtqueue(Virtqueue):
     _notify = _field("notify", bool)
     _unsignalled = _field("unsignalled")
     _signal_valid = _field("signal_valid", bool)
+    _signals = _field("calls")
 
     def __init__(self, memory: GuestMemory, index: int) -> None:
         if lib is None:

@@ -574,6 +574,7 @@ class Vring:
         held = self.coalescing
         streaming = held is not None and held.last_batch >= 2 and self._call is not None
         self._held = streaming or (held is not None and self._polling)
+        signals = self.vq.signals
         served = self.serve()
         if held is not None and self._held:
             if self.vq.unsignalled:
@@ -585,7 +586,9 @@ class Vring:
             if not self._polling:
                 self._held = False
         elif held is not None and served:
-            held.last_batch = served
+            # Completions per interrupt: a driver at queue depth 1 that keeps up with a long
+            # drain (one completion, one interrupt, the next request) is not streaming.
+            held.last_batch = served // max(1, self.vq.signals - signals)
         if self.device.poll_after and served >= self.device.poll_after and not self._polling:
             self._start_polling()
         return served
