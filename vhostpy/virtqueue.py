@@ -13,13 +13,13 @@ coalescing; `signal_used()` only asks it. It never knows about vhost-user messag
 
 Memory ordering: the guest runs concurrently. We read avail->idx before the ring entries it
 publishes, and write used elements before used->idx, each as a separate store (loads are not
-reordered with older loads, nor stores with older stores, on x86-64; CPython's interpreter
-adds its own dependencies elsewhere). Where a store must be ordered before a later load --
-asking for kicks then re-reading avail->idx, publishing used->idx then reading the driver's
-used_event or flags -- x86 does reorder, so `full_fence()` sits between them: an
+reordered with older loads, nor stores with older stores, on x86, 64- or 32-bit; CPython's
+interpreter adds its own dependencies elsewhere). Where a store must be ordered before a later
+load -- asking for kicks then re-reading avail->idx, publishing used->idx then reading the
+driver's used_event or flags -- x86 does reorder, so `full_fence()` sits between them: an
 uncontended lock acquire and release, whose locked read-modify-write is a full barrier on
-x86-64 (and acquire/release pairs order store->load on AArch64, where pthread locks use
-LDAXR/STLR). The fallback refuses to run on other architectures (`check_fence_support`).
+x86-64 and i386 (and acquire/release pairs order store->load on AArch64, where pthread locks
+use LDAXR/STLR). The fallback refuses to run on other architectures (`check_fence_support`).
 
 Variants: `Virtqueue` is the abstract split ring (configuration, state, failure); its two
 implementations are siblings: `PythonVirtqueue` here, the reference, and
@@ -223,7 +223,8 @@ class RingRunner(Protocol):
 
 
 _FENCE = threading.Lock()
-FENCE_ARCHITECTURES = ("x86_64", "amd64", "aarch64", "arm64")
+#: x86 (64- and 32-bit: an i386 lguest host reports i686) and AArch64.
+FENCE_ARCHITECTURES = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "aarch64", "arm64")
 
 
 def full_fence() -> None:
@@ -237,7 +238,7 @@ def check_fence_support(machine: str | None = None) -> None:
     machine = (machine or platform.machine()).lower()
     if machine not in FENCE_ARCHITECTURES:
         raise RingError(f"the pure-Python ring cannot order its stores and loads on {machine} "
-                        "(only x86-64 and AArch64 are known): use the compiled fast path")
+                        "(only x86 and AArch64 are known): use the compiled fast path")
 
 
 class Virtqueue(abc.ABC):
