@@ -524,3 +524,28 @@ def test_irq_sink_errors_are_contained(caplog: pytest.LogCaptureFixture) -> None
     drv = LguestGuestDriver(mem, RAM, bridge.notify).blk()
     assert drv.read(0, 1) == bytes(512)
     assert "irq line gone" in caplog.text
+
+
+def test_a_queue_that_cannot_be_built_is_reported_not_silently_dead(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring the host cannot build (here: the ring implementation refuses the machine, as
+    the fence check once did on i686) leaves one WARNING at start and one at the first kick,
+    never an exception out of notify."""
+    import vhostpy.lguest_bridge as bridge_mod
+    from vhostpy.errors import RingError
+
+    def refuse(*args: object) -> object:
+        raise RingError("cannot order its stores and loads on this machine")
+
+    rig = Rig()
+    lg = rig.bridge.add_device(RngDevice())
+    monkeypatch.setattr(bridge_mod, "DefaultVirtqueue", refuse)
+    with caplog.at_level(logging.WARNING):
+        drv = rig.driver.probe(rig.driver.find(4))
+        drv.rings[0].add([], [16])
+        drv.rings[0].kick()
+        drv.rings[0].add([], [16])
+        drv.rings[0].kick()
+    assert "queue 0 cannot start: cannot order its stores and loads" in caplog.text
+    assert caplog.text.count("queue 0 kicked but it could not start") == 1
+    assert lg.queues[0].ring is None

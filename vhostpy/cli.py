@@ -207,7 +207,7 @@ def _add_lguest_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     lg.add_argument("--layout", choices=("3.x", "2.6.24"), default="3.x",
                     help="device page generation (only 3.x boots; see the docs)")
     lg.add_argument("-v", "--verbose", action="count", default=0,
-                    help="log more: -v for devices, -vv for every notify")
+                    help="log more: -v for devices, -vv for ring state changes")
     lg.add_argument("kernel", metavar="KERNEL", help="a vmlinux (ELF) or bzImage")
     lg.add_argument("cmdline", nargs=argparse.REMAINDER, metavar="ARG",
                     help="the kernel command line")

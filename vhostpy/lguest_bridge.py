@@ -131,6 +131,7 @@ class LguestQueue:
     irq: int
     pfn: int
     ring: Vring | None = None
+    refused: bool = False        # a kick of a queue that could not start was reported
 
     @property
     def vq(self) -> Virtqueue | None:
@@ -400,6 +401,10 @@ class LguestBridge:
                 self._start(lg)     # a 2.6.24 guest never announces it: first kick starts
             if q.ring is not None:
                 q.ring.kick()
+            elif not q.refused:
+                q.refused = True
+                log.warning("lguest: %s queue %d kicked but it could not start (see above); "
+                            "its kicks are ignored", lg.device.name, q.index)
 
     def _status_changed(self, lg: LguestDevice) -> None:
         status = self.memory.read(lg.status_address, 1)[0]
@@ -499,8 +504,8 @@ class LguestBridge:
         lg.acked = acked
         lg.running = True
         for q in lg.queues:
-            ring = Vring(lg.device, DefaultVirtqueue(self.memory, q.index), self._host)
             try:
+                ring = Vring(lg.device, DefaultVirtqueue(self.memory, q.index), self._host)
                 ring.set_size(q.num)
                 ring.set_addresses(*q.addresses())
                 ring.set_base(0)
@@ -538,6 +543,7 @@ class LguestBridge:
                 if q.ring is not None:
                     q.ring.reset()
                     q.ring = None
+                q.refused = False
             try:
                 call_hook(lg.device, "reset", lg.device.reset)
             except VhostError:
