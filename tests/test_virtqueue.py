@@ -686,3 +686,18 @@ def test_pure_python_ring_runs_on_32_bit_x86(machine: str, mem: GuestMemory,
 def test_the_abstract_ring_is_not_a_variant(mem: GuestMemory) -> None:
     with pytest.raises(TypeError, match="abstract"):
         Virtqueue(mem, 0)  # type: ignore[abstract]
+
+
+def test_taken_follows_pops_completions_rewinds_and_resets(
+        rb: RingBuilder, vq: Virtqueue) -> None:
+    heads = [rb.add_chain([bytes([k])], [4])[0] for k in range(3)]
+    assert vq.taken == ()
+    chains = vq.pop_many(8)
+    assert vq.taken == tuple(heads) == tuple(c.head for c in chains)
+    vq.rewind(1)                                   # the last chain goes back unused
+    assert vq.taken == (heads[0], heads[1])
+    assert [c.head for c in vq.pop_many(8)] == [heads[2]]
+    vq.add_used_many([(heads[1], 0)])              # completions may come out of order
+    assert vq.taken == (heads[0], heads[2])
+    vq.set_base(vq.last_avail_idx)
+    assert vq.taken == ()

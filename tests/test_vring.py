@@ -169,16 +169,23 @@ def test_size_and_base_refused_while_serving(rig: Rig) -> None:
         ring.set_base(3)
 
 
-def test_in_flight_counts_chains_taken_and_not_completed(rig: Rig) -> None:
+def test_in_flight_holds_the_chains_taken_and_not_completed(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     ring = rig.live(0)
-    rig.rbs[0].add_chain([b"a"], [4])
-    rig.rbs[0].add_chain([b"b"], [4])
+    heads = [rig.rbs[0].add_chain([bytes([k])], [4])[0] for k in range(4)]
     chains = ring.vq.pop_many(8)
-    assert len(chains) == 2 and ring.in_flight == 2
-    ring.vq.add_used(chains[0].head, 0)
-    assert ring.in_flight == 1
-    ring.vq.add_used(chains[1].head, 0)
-    assert ring.in_flight == 0
+    assert [c.head for c in chains] == heads and ring.in_flight == tuple(heads)
+    ring.vq.add_used(chains[1].head, 0)                  # out of order
+    assert ring.in_flight == (heads[0], heads[2], heads[3])
+    ring.vq.rewind(1)                                     # the last one is given back
+    assert ring.in_flight == (heads[0], heads[2])
+    assert [c.head for c in ring.vq.pop_many(8)] == [heads[3]]
+    ring.vq.add_used_many([(heads[0], 0), (heads[3], 0)])
+    assert ring.in_flight == (heads[2],) and ring.status()["in_flight"] == 1
+    with caplog.at_level(logging.WARNING):
+        ring.stop()
+    assert f"stopped with 1 chains in flight (heads [{heads[2]}])" in caplog.text
+    assert ring.in_flight == ()
 
 
 # ------------------------------------------------------------------ containment

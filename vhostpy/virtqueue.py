@@ -273,6 +273,9 @@ class Virtqueue(abc.ABC):
         self._unsignalled = 0  # used entries added since the last signal decision
         self._signal_valid = False  # False until the first signal decision after (re)start
         self._signals = 0  # interrupt decisions that wanted an interrupt, ever
+        #: Heads popped through `pop_many` and not yet returned by `add_used_many`, in pop
+        #: order (compiled paths that pop and complete inside one C call never show here).
+        self._taken: dict[int, None] = {}
         self._cache_gen = -1
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
@@ -353,6 +356,7 @@ class Virtqueue(abc.ABC):
         self._unsignalled = 0
         self._signal_valid = False
         self._notify = True
+        self._taken.clear()
 
     def reset(self) -> None:
         """Forget size, addresses, indices and error (device reset, ring stop)."""
@@ -365,7 +369,24 @@ class Virtqueue(abc.ABC):
         self._notify = True
         self._unsignalled = 0
         self._signal_valid = False
+        self._taken.clear()
         self._drop_views()
+
+    @property
+    def taken(self) -> tuple[int, ...]:
+        """Heads of the chains taken (`pop_many`) and not yet completed (`add_used_many`),
+        oldest first: what a device still holds."""
+        return tuple(self._taken)
+
+    def _took(self, chains: Sequence[DescriptorChain]) -> None:
+        for chain in chains:
+            self._taken[chain.head] = None
+
+    def _completed(self, items: Sequence[tuple[int, int]]) -> None:
+        taken = self._taken
+        if taken:
+            for head, _ in items:
+                taken.pop(head, None)
 
     @property
     def signals(self) -> int:
@@ -437,6 +458,8 @@ class Virtqueue(abc.ABC):
         if not 0 <= count <= self._size:
             raise ValueError(f"virtqueue {self.index}: cannot rewind {count} chains")
         self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+        for _ in range(min(count, len(self._taken))):
+            self._taken.popitem()
 
 
     def add_used(self, head: int, length: int) -> None:
@@ -585,6 +608,7 @@ class PythonVirtqueue(Virtqueue):
         if out and self.event_idx and self._notify:
             # Keep kicks coming: ask for one when the driver publishes the entry after these.
             _store_u16(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
+        self._took(out)
         return out
 
 
@@ -677,6 +701,7 @@ class PythonVirtqueue(Virtqueue):
         _store_u16(used, 2, idx)
         self.used_idx = idx
         self._unsignalled += len(items)
+        self._completed(items)
 
 
     def needs_notification(self) -> bool:

@@ -146,6 +146,7 @@ class CffiVirtqueue(Virtqueue):
             out.append(DescriptorChain(memory, ch.head, readable, writable, ch.readable_len,
                                        ch.writable_len))
         self.check_broken()
+        self._took(out)
         return out
 
     # ---------------------------------------------------------------- used ring
@@ -159,6 +160,7 @@ class CffiVirtqueue(Virtqueue):
         self._check_used(items)
         flat = ffi.new("uint32_t[]", list(itertools.chain.from_iterable(items)))
         lib.vp_add_used(q, flat, len(items))
+        self._completed(items)
 
     # ---------------------------------------------------------------- notifications
 

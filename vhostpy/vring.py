@@ -16,8 +16,8 @@ vhost-user session turns SET_VRING_* messages into `set_size`, `set_base`, `set_
 * the decision after a kick: interrupt now, hold the interrupt (coalescing, `Coalescing`),
   keep polling with kicks off, or ask for kicks again. The transport supplies only a
   `RingHost` (fd watching and timers); without timers a ring is never polled;
-* the count of chains taken and not yet completed (`in_flight`), and what a stop does about
-  them.
+* the chains taken and not yet completed (`in_flight`, their heads in pop order), and what
+  a stop does about them (today: log them; the drain comes with asynchronous completion).
 
 What it must never do: parse a vhost-user message, know an lguest page, or walk a ring
 itself (`Virtqueue` is ring mechanics only).
@@ -340,11 +340,11 @@ class Vring:
         self._release()
 
     @property
-    def in_flight(self) -> int:
-        """Chains the device took and has not completed (split ring: popped minus used)."""
-        if self.vq.size == 0:
-            return 0
-        return (self.vq.last_avail_idx - self.vq.used_idx) & 0xFFFF
+    def in_flight(self) -> tuple[int, ...]:
+        """Heads of the chains the device took and has not completed, oldest first (the
+        foundation for asynchronous completion, inflight tracking and the drain before a
+        stop; a device completing every chain before it returns leaves none)."""
+        return self.vq.taken
 
     # ------------------------------------------------------------------ configuration
 
@@ -465,9 +465,11 @@ class Vring:
         """Stop the ring (GET_VRING_BASE) and return the next avail index to take; the kick
         endpoint is dropped and size, addresses and indices are forgotten."""
         self._stop_polling()
-        if self.in_flight and self.state is RingState.ENABLED:
-            log.warning("vring %d stopped with %d chains in flight", self.index,
-                        self.in_flight)
+        held = self.in_flight
+        if held and self.state is RingState.ENABLED:
+            log.warning("vring %d stopped with %d chains in flight (heads %s): they are "
+                        "not completed",
+                        self.index, len(held), list(held)[:8])
         self._started = False
         self._stopped = True
         self._move(RingState.STOPPED)
@@ -725,7 +727,8 @@ class Vring:
         vq = self.vq
         return {"index": self.index, "state": self.state.value, "size": vq.size,
                 "last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx,
-                "in_flight": self.in_flight, "kicks": self.kicks, "polling": self._polling,
+                "in_flight": len(self.in_flight), "kicks": self.kicks,
+                "polling": self._polling,
                 "error": self.error}
 
     def __repr__(self) -> str:
