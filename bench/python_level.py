@@ -42,7 +42,8 @@ from ringbuilder import RingBuilder, anon_memory, layout
 
 import vhostpy  # the path is set just above
 from vhostpy.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, BlockDevice
-from vhostpy.vring import DefaultVirtqueue, EventFdNotifier, Vring
+from vhostpy.notifier import EventFdNotifier
+from vhostpy.vring import DefaultVirtqueue, Vring
 
 BATCH = 64
 BLOCK = 4096

@@ -21,7 +21,7 @@ ROOT = "__init__"  # `import vhostpy` / `from vhostpy import __version__`
 SRC = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Layers (ARCHITECTURE.md, "Module map and import rules").
-LAYER0 = {"errors", "protocol", "_accel"}
+LAYER0 = {"errors", "protocol", "_accel", "notifier"}
 LAYER1 = LAYER0 | {"memory", "virtqueue"}
 LAYER2 = LAYER1 | {"device"}
 MODELS = {"blk", "net", "rng", "console"}
@@ -40,6 +40,8 @@ ALLOWED: dict[str, set[str] | None] = {
     # layer 0: codec, errors, accelerated loops
     "errors": set(),
     "protocol": {"errors"},
+    # ring endpoints: eventfds and callables, nothing about rings
+    "notifier": {"errors"},
     "_accel": {"errors", "_native"},
     "_native": set(),  # the compiled extension itself (built from _fastpath.c)
     "_native_build": set(),  # the cffi builder: run at install, never imported

@@ -57,6 +57,7 @@ def test_a_streaming_lguest_guest_is_polled_and_coalesced(loop: bool) -> None:
     for k in range(32):                   # the stream starts with a burst
         submit(k)
     ring.kick()
+    fake.run_timers(2)
     assert len(interrupts) == 1 and len(done) == 32
     for k in range(STREAM):               # then one request at a time
         submit(k)

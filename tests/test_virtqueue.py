@@ -12,6 +12,7 @@ from ringbuilder import CallRunner, Layout, RingBuilder, anon_memory, layout
 from vhostpy.device import Device
 from vhostpy.errors import GuestError, RingError
 from vhostpy.memory import ADDRESS_LIMIT, GuestMemory
+from vhostpy.notifier import CallbackNotifier
 from vhostpy.virtqueue import (
     MAX_QUEUE_SIZE,
     VIRTQ_DESC_F_INDIRECT,
@@ -21,7 +22,7 @@ from vhostpy.virtqueue import (
     Virtqueue,
     vring_need_event,
 )
-from vhostpy.vring import CallbackNotifier, DefaultVirtqueue, Vring
+from vhostpy.vring import DefaultVirtqueue, Vring
 
 SIZE = 8
 OTHER_BASE = 0x80000  # where the second ring of a test lives (memory is 1 MiB at 0)

@@ -19,17 +19,15 @@ from ringbuilder import RingBuilder, anon_memory, layout
 from vhostpy.device import Coalescing, Device
 from vhostpy.errors import FrontendError, UnsupportedError
 from vhostpy.memory import GuestMemory
-from vhostpy.virtqueue import DescriptorChain, Virtqueue
+from vhostpy.notifier import CallbackNotifier, EventFdNotifier, eventfd_notifier
+from vhostpy.virtqueue import VIRTIO_RING_F_EVENT_IDX, DescriptorChain, Virtqueue
 from vhostpy.vring import (
     TRANSITIONS,
-    CallbackNotifier,
     DefaultVirtqueue,
-    EventFdNotifier,
     HookError,
     RingState,
     Vring,
     call_hook,
-    eventfd_notifier,
 )
 
 SIZE = 8
@@ -424,5 +422,37 @@ def test_a_depth_one_driver_keeping_up_with_one_drain_is_not_streaming() -> None
         rig.rbs[0].add_chain([b"b"], [4])
         ring.kick()
         assert fired(rig.calls[0]) == 1 and ring.vq.unsignalled == 0   # not held
+    finally:
+        rig.close()
+
+
+def test_a_streaming_driver_stays_streaming_while_its_queue_is_deep() -> None:
+    """Depth (EVENT_IDX: avail->idx against used_event) keeps a streaming driver streaming
+    when an interrupt found one completion; it never starts streaming by itself."""
+    dev = Recorder()
+    dev.coalesce = Coalescing(quiet=60.0, batch=64, wait=60.0)
+    rig = Rig(dev, FakeLoop())
+    try:
+        ring = rig.rings[0]
+        ring.set_features(1 << VIRTIO_RING_F_EVENT_IDX)
+        rig.configure(0)
+        ring.start()
+        ring.enable(True)
+        held = ring.coalescing
+        assert held is not None
+        rb = rig.rbs[0]
+        for _ in range(4):
+            rb.add_chain([b"x"], [4])
+        rb.set_used_event(0)                          # four published, none taken back
+        assert ring.vq.driver_depth() == 4
+        held.last_batch = 1
+        assert not ring._streaming(held)              # depth alone does not start it
+        held.last_batch = 2
+        assert ring._streaming(held)                  # an interrupt covered two: streaming
+        held.last_batch = 1
+        assert ring._streaming(held)                  # one completion, but 4 deep: still
+        rb.set_used_event(3)
+        assert ring.vq.driver_depth() == 1
+        assert not ring._streaming(held) and not held.engaged
     finally:
         rig.close()

@@ -48,8 +48,9 @@ from .device import Device
 from .errors import ConfigurationError, MemoryAccessError, VhostError
 from .loop import EventLoop
 from .memory import GuestMemory
+from .notifier import CallbackNotifier
 from .virtqueue import Virtqueue
-from .vring import CallbackNotifier, DefaultVirtqueue, RingHost, Vring, call_hook
+from .vring import DefaultVirtqueue, RingHost, Vring, call_hook
 
 __all__ = [
     "LGUEST_VRING_ALIGN", "LHCALL_NOTIFY", "LHREQ_BREAK", "LHREQ_EVENTFD", "LHREQ_GETDMA",

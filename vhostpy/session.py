@@ -37,8 +37,9 @@ from vhostpy import protocol as p
 from vhostpy.device import Device
 from vhostpy.errors import FrontendError, ProtocolError, UnsupportedError, VhostError
 from vhostpy.memory import GuestMemory
+from vhostpy.notifier import EventFdNotifier, eventfd_notifier
 from vhostpy.virtqueue import MAX_QUEUE_SIZE
-from vhostpy.vring import DefaultVirtqueue, EventFdNotifier, Vring, call_hook, eventfd_notifier
+from vhostpy.vring import DefaultVirtqueue, Vring, call_hook
 
 log = logging.getLogger(__name__)
 

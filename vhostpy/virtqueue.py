@@ -443,6 +443,33 @@ class Virtqueue(abc.ABC):
         return desc, avail, used
 
 
+    def available(self) -> int:
+        """How many entries the driver published that were not popped yet (0 when the ring
+        is not ready; a count the ring could not hold reads as 0: `pop_many` reports it)."""
+        rings = self._rings()
+        if rings is None:
+            return 0
+        avail_idx: int = _U16.unpack_from(rings[1], 2)[0]
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        return pending if pending <= self._size else 0
+
+    def driver_depth(self) -> int | None:
+        """With EVENT_IDX: how many requests the driver has published and not yet taken
+        back (avail->idx minus the used_event it re-armed after its last look at the used
+        ring), i.e. its queue depth as seen from here; None without EVENT_IDX, when the ring
+        is not ready, or when used_event is not a position behind avail->idx (a driver
+        asking for a later interrupt on purpose)."""
+        if not self.event_idx:
+            return None
+        rings = self._rings()
+        if rings is None:
+            return None
+        avail = rings[1]
+        avail_idx: int = _U16.unpack_from(avail, 2)[0]
+        used_event: int = _U16.unpack_from(avail, 4 + 2 * self._size)[0]
+        depth = (avail_idx - used_event) & 0xFFFF
+        return depth if depth <= self._size else None
+
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None (empty, not ready, or the ring just broke)."""
         chains = self.pop_many(1)

@@ -7,8 +7,8 @@ vhost-user session turns SET_VRING_* messages into `set_size`, `set_base`, `set_
 `lguest_vqconfig` and a status notify into the same calls. Per ring it owns:
 
 * its state, a `RingState` moved only along `TRANSITIONS` (see `RingState`);
-* its endpoints, one `Notifier` each for kick, call and err: an eventfd (which the compiled
-  data paths write directly) or a Python callable (in-process transports);
+* its endpoints, one `notifier.Notifier` each for kick, call and err: an eventfd (which the
+  compiled data paths write directly) or a Python callable (in-process transports);
 * every call of a device hook, under ONE rule (`call_hook`): the exception is logged with the
   device, ring and hook, and only that ring breaks (its err notifier fires once) -- it never
   escapes to the transport; hooks that belong to a request (`set_features`, `write_config`,
@@ -38,9 +38,7 @@ kicks. Held completions are already in the used ring; only the interrupt waits.
 from __future__ import annotations
 
 import enum
-import errno
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,14 +47,13 @@ from typing import Protocol, TypeVar
 from . import _accel
 from .device import Device
 from .errors import BackendError, FrontendError, VhostError
+from .notifier import EventFdNotifier, Notifier, NotifierError
 from .virtqueue import VIRTIO_RING_F_EVENT_IDX, PythonVirtqueue, Virtqueue
 from .virtqueue_cffi import CffiVirtqueue
 
 __all__ = [
-    "POLL_IDLE", "POLL_TURN", "TRANSITIONS", "CallbackNotifier", "CoalescingStats",
-    "DefaultVirtqueue",
-    "EventFdNotifier", "HookError", "Notifier", "NotifierError", "RingHost", "RingState",
-    "Vring", "call_hook", "eventfd_notifier",
+    "POLL_IDLE", "POLL_TURN", "TRANSITIONS", "CoalescingStats", "DefaultVirtqueue",
+    "HookError", "RingHost", "RingState", "Vring", "call_hook",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,102 +99,6 @@ def call_hook(device: Device, hook: str, fn: Callable[..., _T], *args: object,
         where = f" on vring {ring}" if ring is not None else ""
         log.exception("device %s failed in %s%s", device.name, hook, where)
         raise HookError(f"device {device.name} failed in {hook}{where}: {exc!r}") from exc
-
-
-# ---------------------------------------------------------------------------- notifiers
-
-class NotifierError(OSError):
-    """A notifier could not be written (its ring breaks)."""
-
-
-class Notifier:
-    """One endpoint of a ring: kick (driver -> device), call or err (device -> driver).
-
-    `fd` is the eventfd behind it (compiled paths write it directly, hosts watch it), or None
-    for a Python callable. `notify()` raises `NotifierError` when it cannot be delivered;
-    it never blocks.
-    """
-
-    fd: int | None = None
-
-    def notify(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release what the notifier owns (an eventfd is closed)."""
-
-
-class EventFdNotifier(Notifier):
-    """An eventfd the notifier owns, non-blocking (see `eventfd_notifier`)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd: int | None = fd
-
-    def notify(self) -> None:
-        fd = self.fd
-        if fd is None:
-            raise NotifierError(errno.EBADF, "eventfd already closed")
-        try:
-            os.eventfd_write(fd, 1)
-        except BlockingIOError:
-            pass    # the counter is saturated: the other side has a wake-up pending anyway
-        except OSError as exc:
-            raise NotifierError(exc.errno, f"eventfd {fd}: {exc.strerror or exc}") from exc
-
-    def drain(self) -> bool:
-        """Read (reset) the counter; False when nothing was pending."""
-        fd = self.fd
-        if fd is None:
-            return False
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            raise NotifierError(exc.errno, f"eventfd {fd}: {exc.strerror or exc}") from exc
-        return True
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __repr__(self) -> str:
-        return f"<EventFdNotifier fd={self.fd}>"
-
-
-class CallbackNotifier(Notifier):
-    """A Python callable (an lguest interrupt, a test's counter); owns nothing."""
-
-    def __init__(self, callback: Callable[[], None]) -> None:
-        self.callback = callback
-
-    def notify(self) -> None:
-        try:
-            self.callback()
-        except Exception as exc:
-            raise NotifierError(errno.EIO, f"notifier callback failed: {exc!r}") from exc
-
-    def __repr__(self) -> str:
-        return f"<CallbackNotifier {self.callback!r}>"
-
-
-def eventfd_notifier(fd: int, what: str) -> EventFdNotifier:
-    """Adopt `fd` as a ring endpoint: it must be an eventfd (FrontendError otherwise: a pipe
-    nobody reads would block a write forever, a socket never signals a kick); it is made
-    non-blocking. On success the notifier owns `fd`; on failure the caller still does."""
-    try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError as exc:
-        raise FrontendError(f"{what} fd {fd}: {exc.strerror or exc}") from exc
-    if target != "anon_inode:[eventfd]":
-        raise FrontendError(f"{what} fd {fd} is not an eventfd ({target}); only eventfds "
-                            "are accepted for kick, call and err")
-    os.set_blocking(fd, False)
-    return EventFdNotifier(fd)
 
 
 # ---------------------------------------------------------------------------- state
@@ -255,6 +156,7 @@ class CoalescingStats:
     last_batch: int = 0         # completions the last interrupt decision covered
     since: float | None = None  # when the oldest held completion was seen (None: none held)
     streaming: bool = False     # whether the held ones may wait (see `Coalescing`)
+    engaged: bool = False       # whether the driver counts as streaming (`Vring._streaming`)
     held: int = 0               # completions whose interrupt waited, in all
     releases: int = 0           # interrupt decisions that covered them
 
@@ -574,9 +476,9 @@ class Vring:
         if self.state is not RingState.ENABLED:
             return 0
         held = self.coalescing
-        streaming = held is not None and held.last_batch >= 2 and self._call is not None
+        streaming = held is not None and self._streaming(held) and self._call is not None
         self._held = streaming or (held is not None and self._polling)
-        signals = self.vq.signals
+        signals, waiting = self.vq.signals, self.vq.available()
         served = self.serve()
         if held is not None and self._held:
             if self.vq.unsignalled:
@@ -588,9 +490,12 @@ class Vring:
             if not self._polling:
                 self._held = False
         elif held is not None and served:
-            # Completions per interrupt: a driver at queue depth 1 that keeps up with a long
-            # drain (one completion, one interrupt, the next request) is not streaming.
-            held.last_batch = served // max(1, self.vq.signals - signals)
+            # A kick that found several requests waiting: the driver streams. One that found
+            # a single request may still serve many (a depth-1 driver keeping up with a long
+            # drain: a completion, its interrupt, the next request): count completions per
+            # interrupt then.
+            held.last_batch = served if waiting >= 2 else \
+                served // max(1, self.vq.signals - signals)
         if self.device.poll_after and served >= self.device.poll_after and not self._polling:
             self._start_polling()
         return served
@@ -691,13 +596,27 @@ class Vring:
         if not pending or self._call is None:
             return
         if held.since is None:
-            held.since, held.streaming = now, held.last_batch >= 2
+            held.since, held.streaming = now, self._streaming(held)
         c = self.device.coalesce
         assert c is not None
         if (not held.streaming or pending >= c.batch or now - last_work >= c.quiet
                 or now - held.since >= c.wait):
             self._release()
             self._held = True
+
+    def _streaming(self, held: CoalescingStats) -> bool:
+        """Whether the driver keeps several requests in flight: its last interrupt covered
+        two or more completions; or it was streaming and (EVENT_IDX) its queue depth as the
+        ring shows it (avail->idx against used_event) is still two or more, which keeps it
+        streaming when, on a busy host, a few interrupts happened to find one completion
+        each. Depth alone never starts it: a driver whose requests all complete at once has
+        nothing to gain from a held interrupt."""
+        if held.last_batch >= 2:
+            held.engaged = True
+        elif held.engaged:
+            depth = self.vq.driver_depth()
+            held.engaged = depth is not None and depth >= 2
+        return held.engaged
 
     def _release(self) -> None:
         """Stop holding interrupts; interrupt the driver for what was held (if it asked)."""
