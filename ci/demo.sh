@@ -63,6 +63,6 @@ net_pid=""
 echo "== the back-ends exited cleanly; the host image now holds at sector 1:"
 dd if="$img" bs=512 skip=1 count=1 status=none | head -n 1
 echo "== vhostpy net's counters at exit:"
-grep -o 'counters .*' "$work/net.log" | cut -c1-300
+grep '"event": "exit"' "$work/net.log" | cut -c1-300
 echo "== frames captured in $work/net.pcap: $(.venv/bin/python -c "
 from vhostpy.pcap import read_pcap; import sys; print(len(read_pcap(sys.argv[1])))" "$work/net.pcap")"
