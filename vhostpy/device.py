@@ -16,7 +16,16 @@ builds `Virtqueue` objects over guest memory and calls the device in this order:
 
 A device adds used buffers with `vq.add_used()` and then calls `vq.signal_used()`: the ring's
 runner (`vring.Vring`) interrupts the driver when the driver asked for it, or holds the
-interrupt while it coalesces. Every hook runs under the runner's one containment rule: an
+interrupt while it coalesces.
+
+Completing later. `handle_chain` (called by `drain`, the default `process_queue`) returns
+the bytes it wrote into the chain's buffers, and the chain is completed at once. It may
+instead return `vq.defer(chain)` and call `.complete(written)` on it later, from any thread;
+or be an `async def` (or return any awaitable), which the transport's host runs on an asyncio
+loop. The runner publishes those completions on the ring's thread, in the order they come
+(in ring order under VIRTIO_F_IN_ORDER), with interrupt coalescing. In-flight chains are
+bounded by the ring size. A stop (GET_VRING_BASE) waits up to `stop_timeout` for them; a
+reset or a vanished front-end drops them, and a completion that comes after that is ignored. Every hook runs under the runner's one containment rule: an
 exception breaks only that ring (or fails only that request) and is logged with the device,
 ring and hook. Devices must treat every guest buffer as hostile: sizes and contents come from
 the guest.
@@ -27,6 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from vhostpy.errors import UnsupportedError
 from vhostpy.virtqueue import (
@@ -95,6 +105,8 @@ class Device:
     #: Interrupt coalescing for a driver that streams requests (see `Coalescing`); None:
     #: every batch the device completes gets its interrupt decision at once.
     coalesce: Coalescing | None = None
+    #: How long (seconds) a ring stop waits for chains this device completes later.
+    stop_timeout: float = 30.0
 
     def __init__(self) -> None:
         self.acked_features = 0
@@ -138,8 +150,10 @@ class Device:
         """Serve every available chain of ring `index` (called on each kick)."""
         drain(vq, lambda chain: self.handle_chain(index, vq, chain))
 
-    def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> int:
-        """Serve one chain and return how many bytes were written into its buffers."""
+    def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> Any:
+        """Serve one chain and return how many bytes were written into its buffers; or
+        `vq.defer(chain)` to complete it later; or an awaitable (an `async def` override)
+        whose result is that byte count (see the module docstring)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -177,15 +191,28 @@ def batches(vq: Virtqueue, size: int = BATCH) -> Iterator[list[DescriptorChain]]
         yield chains
 
 
-def drain(vq: Virtqueue, handle: Callable[[DescriptorChain], int]) -> int:
-    """Serve every available chain with `handle(chain) -> bytes written`; returns how many.
+def drain(vq: Virtqueue, handle: Callable[[DescriptorChain], Any]) -> int:
+    """Serve every available chain with `handle(chain)`; returns how many were taken.
 
-    Used entries are published per batch of `BATCH` chains and the driver is signalled once
-    per batch when it asked for it.
+    `handle` returns the bytes written (the chain completes now), or what `handle_chain` may
+    return to complete it later (`vq.later`). Used entries are published per batch of `BATCH`
+    chains and the driver is signalled once per batch when it asked for it. The fast case,
+    every result an int, costs one type check per chain.
     """
     served = 0
     for chains in batches(vq):
-        vq.add_used_many([(chain.head, handle(chain)) for chain in chains])
+        done: list[tuple[int, int]] = []
+        for chain in chains:
+            result = handle(chain)
+            if type(result) is int:
+                done.append((chain.head, result))
+                continue
+            if done:   # older chains first (VIRTIO_F_IN_ORDER)
+                vq.publish(done)
+                done = []
+            vq.later(chain, result)
+        if done:
+            vq.publish(done)
         vq.signal_used()
         served += len(chains)
     return served

@@ -1,26 +1,42 @@
-"""A thin event loop over `selectors`: fd readers, timers and signals.
+"""Event loops for the I/O edges: fd readers and writers, timers, signals, coroutines.
 
-It knows nothing about virtio or vhost-user. Callbacks run one at a time on the thread
-that called `run()`; an exception escaping a callback is logged and the loop goes on,
-so one misbehaving connection cannot take the process down.
+Two hosts with one interface (what `vring.RingHost` and the servers use):
+
+* `EventLoop`, a thin loop over `selectors` (the command line's: its per-event cost is about
+  half of asyncio's, which a ring pays per kick). Coroutines (a device or block store
+  written with `async def`) run on a companion asyncio loop in a thread of its own, started
+  on first use; their outcome comes back to the loop's thread.
+* `AsyncioHost`, the same interface over an asyncio loop an application already runs
+  (`vhostpy.serve_async`): everything, coroutines included, runs on that loop's thread.
+
+Neither knows anything about virtio or vhost-user. Callbacks run one at a time on the loop's
+thread; an exception escaping a callback is logged and the loop goes on, so one
+misbehaving connection cannot take the process down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import heapq
 import itertools
 import logging
 import os
 import selectors
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
+#: Called on the loop's thread when a coroutine ends: (result, None), or (None, the
+#: exception it raised; `asyncio.CancelledError` when it was cancelled).
+Outcome = Callable[[Any, BaseException | None], None]
 _EVENTS = (selectors.EVENT_READ, selectors.EVENT_WRITE)
 
 
@@ -40,6 +56,8 @@ class EventLoop:
         self._soon: collections.deque[Callback] = collections.deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.add_reader(self._wake_fd, self._run_soon)
+        self._companion: _Companion | None = None
+        self._closing = threading.Lock()
 
     # -- readers and writers -----------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -92,9 +110,30 @@ class EventLoop:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback))
 
     def call_soon_threadsafe(self, callback: Callback) -> None:
-        """Run `callback()` on the loop's thread soon; callable from any thread."""
-        self._soon.append(callback)
-        os.eventfd_write(self._wake_fd, 1)
+        """Run `callback()` on the loop's thread soon; callable from any thread. After
+        `close()` the callback is dropped (there is no thread to run it)."""
+        with self._closing:
+            if self._wake_fd < 0:
+                return
+            self._soon.append(callback)
+            os.eventfd_write(self._wake_fd, 1)
+
+    # -- coroutines --------------------------------------------------------------------------
+    def run_coroutine(self, coro: Coroutine[Any, Any, Any], done: Outcome) -> Callable[[], bool]:
+        """Run `coro` on the companion asyncio loop (its own thread, started on first use);
+        `done(result, exc)` is then called on this loop's thread. Returns a function that
+        cancels it (callable from this loop's thread; `done` still comes, with
+        CancelledError, unless the loop closed first)."""
+        companion = self._companion
+        if companion is None:
+            companion = self._companion = _Companion()
+        future = asyncio.run_coroutine_threadsafe(coro, companion.loop)
+
+        def finished(f: concurrent.futures.Future[Any]) -> None:   # the companion's thread
+            result, exc = _outcome(f)
+            self.call_soon_threadsafe(lambda: done(result, exc))
+        future.add_done_callback(finished)
+        return future.cancel
 
     def _run_soon(self) -> None:
         try:
@@ -158,19 +197,125 @@ class EventLoop:
             log.exception("event loop callback %r failed", callback)
 
     def close(self) -> None:
-        """Restore signal handlers and release the loop's own descriptors (idempotent)."""
+        """Restore signal handlers, cancel running coroutines (their companion loop and
+        thread end) and release the loop's own descriptors (idempotent)."""
         if self._wake_fd < 0:
             return  # closing the numbers again could close files that reused them
+        companion, self._companion = self._companion, None
+        if companion is not None:
+            companion.close()
         for signum, previous in self._previous_handlers.items():
             signal.signal(signum, previous)  # type: ignore[arg-type]
         if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
         self._selector.close()
-        os.close(self._wake_fd)
+        with self._closing:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
         os.close(self._signal_r)
         os.close(self._signal_w)
-        self._wake_fd = self._signal_r = self._signal_w = -1
+        self._signal_r = self._signal_w = -1
 
 
 def _ignore_in_handler(signum: int, frame: FrameType | None) -> None:
     """The real work happens in the loop, woken through the wakeup fd."""
+
+
+def _outcome(future: concurrent.futures.Future[Any] | asyncio.Future[Any]
+             ) -> tuple[Any, BaseException | None]:
+    if future.cancelled():
+        return None, asyncio.CancelledError()
+    exc = future.exception()
+    return (None, exc) if exc is not None else (future.result(), None)
+
+
+class _Companion:
+    """An asyncio loop on a daemon thread of its own, for `EventLoop.run_coroutine`."""
+
+    #: How long `close` lets cancelled coroutines finish their clean-up (seconds).
+    SHUTDOWN_WAIT = 5.0
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name="vhostpy-asyncio")
+        self.thread.start()
+
+    def close(self) -> None:
+        """Cancel every task, let them finish, stop the loop and join its thread."""
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(self.SHUTDOWN_WAIT)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            log.warning("coroutines still running %.0f s after they were cancelled",
+                        self.SHUTDOWN_WAIT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(self.SHUTDOWN_WAIT)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class AsyncioHost:
+    """`EventLoop`'s interface over a running asyncio loop (`loop`, default: the running one).
+
+    Readers, writers, timers and coroutines all run on that loop's thread. `add_signal_handler`
+    is asyncio's (main thread only). There is no `run()`: the application runs its loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        """Call `callback()` whenever `fd` is readable (replaces an earlier reader)."""
+        self.loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> bool:
+        """Stop watching `fd` for reading; returns False when it was not watched."""
+        try:
+            return self.loop.remove_reader(fd)
+        except (ValueError, RuntimeError):    # a closed fd, a closed loop
+            return False
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call `callback()` whenever `fd` is writable (replaces an earlier writer)."""
+        self.loop.add_writer(fd, callback)
+
+    def remove_writer(self, fd: int) -> bool:
+        """Stop watching `fd` for writing; returns False when it was not watched."""
+        try:
+            return self.loop.remove_writer(fd)
+        except (ValueError, RuntimeError):
+            return False
+
+    def call_later(self, delay: float, callback: Callback) -> None:
+        """Call `callback()` once, `delay` seconds from now."""
+        if delay <= 0:
+            self.loop.call_soon(callback)
+        else:
+            self.loop.call_later(delay, callback)
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        """Run `callback()` on the loop's thread soon; callable from any thread (dropped
+        once the loop is closed)."""
+        try:
+            self.loop.call_soon_threadsafe(callback)
+        except RuntimeError:
+            pass
+
+    def run_coroutine(self, coro: Coroutine[Any, Any, Any], done: Outcome) -> Callable[[], bool]:
+        """Run `coro` as a task of the loop; `done(result, exc)` when it ends. Returns a
+        function that cancels it."""
+        task = self.loop.create_task(coro)
+
+        def finished(t: asyncio.Future[Any]) -> None:
+            done(*_outcome(t))
+        task.add_done_callback(finished)
+        return task.cancel
+
+    def add_signal_handler(self, signum: int, callback: Callback) -> None:
+        """Run `callback()` from the loop on `signum` (asyncio's rules: main thread only)."""
+        self.loop.add_signal_handler(signum, callback)

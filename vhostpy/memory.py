@@ -406,11 +406,21 @@ class GuestMemory:
         pins: list[Any] = []
         for k, slot in enumerate(self._slots):
             r = slot.region
-            pin = ffi.from_buffer("uint8_t[]", r.mapping, require_writable=True)
+            # Pin the object that owns the bytes (an mmap, a bytearray), not the region's
+            # memoryview: the garbage collector may clear a memoryview in a reference cycle
+            # before the pin on it is released, and CPython then crashes releasing the pin.
+            # Neither an mmap nor a bytearray takes part in cycles.
+            owner = slot.root.obj
+            pin = ffi.from_buffer("uint8_t[]", owner, require_writable=True)
+            with ffi.from_buffer("uint8_t[]", r.mapping) as view:
+                delta = int(ffi.cast("uintptr_t", view)) - int(ffi.cast("uintptr_t", pin))
+            if not 0 <= delta <= len(pin) - r.size:
+                raise AssertionError(f"region gpa={r.guest_phys_addr:#x} lies outside "
+                                     "the object it was mapped from")
             pins.append(pin)
             regions[k].gpa = r.guest_phys_addr
             regions[k].size = r.size
-            regions[k].host = pin
+            regions[k].host = pin + delta
         table = ffi.new("struct vp_mem *")
         table.n = len(self._slots)
         table.r = regions

@@ -54,6 +54,7 @@ class Connection:
         self.session = Session(server.device, server.loop)
         # Not from inside the ring's call stack: close on the loop's next turn.
         self.session.on_fatal = lambda reason: server.loop.call_later(0, self.close)
+        self.session.on_reply = self._late_reply
         self.closed = False
         #: Encoded replies not yet (fully) sent: (bytes, fds to send with the first byte).
         self._out: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
@@ -84,6 +85,19 @@ class Connection:
             self.close()
             return
         self.decoder.feed(data, fds)
+        if self.session.waiting and self.decoder.pending_bytes > MAX_PENDING_REPLY_BYTES:
+            log.warning("front-end sent %d bytes while its GET_VRING_BASE reply was pending; "
+                        "dropping the connection", self.decoder.pending_bytes)
+            self.close()
+            return
+        self._drain()
+
+    def _late_reply(self, replies: list[p.Message]) -> None:
+        """A reply the session gave after `handle` returned: send it, then go on with the
+        messages that waited for it."""
+        if self.closed:
+            return
+        self._send(replies)
         self._drain()
 
     def _report_truncation(self) -> None:
@@ -102,7 +116,7 @@ class Connection:
                         pending - p.HEADER_SIZE)
 
     def _drain(self) -> None:
-        while not self.closed:
+        while not self.closed and not self.session.waiting:
             try:
                 msg = self.decoder.next_message()
             except ProtocolError as err:

@@ -20,6 +20,11 @@ kick, call and err (`vring.eventfd_notifier`). Device hooks that belong to a req
 (`set_features`, `write_config`, `set_mtu`) run under `vring.call_hook`, so a device that
 raises fails that request only.
 
+One reply may come later: GET_VRING_BASE on a ring with chains in flight (a device
+completing requests later) is answered once they are completed (`Vring.stop_after_drain`).
+Meanwhile `waiting` is True and the host must hand over no further message; the reply
+then goes out through `on_reply`.
+
 Ring states follow the spec: a ring is *started* by SET_VRING_KICK and stopped by
 GET_VRING_BASE; it is *enabled* by SET_VRING_ENABLE, or implicitly when
 VHOST_USER_F_PROTOCOL_FEATURES was not negotiated. The device serves a ring only while it
@@ -94,6 +99,11 @@ class Session:
         #: shrank a memfd under a ring); the host drops the front-end.
         self.on_fatal: Callable[[str], None] | None = None
         self._fatal = False
+        #: True while a reply is pending (GET_VRING_BASE waiting for a ring to drain): the
+        #: host must not call `handle` until `on_reply` delivered it.
+        self.waiting = False
+        #: Set by the host: sends replies that come after `handle` returned.
+        self.on_reply: Callable[[list[p.Message]], None] | None = None
         #: Each ring's explicit SET_VRING_ENABLE.
         self._enabled = [False] * device.num_queues
         self.features = 0
@@ -133,6 +143,8 @@ class Session:
                 raise FrontendError(f"{name}: a reply where a request was expected")
             if handler is None:
                 raise UnsupportedError(f"{name} is not supported by this back-end")
+            if self.waiting:
+                raise FrontendError(f"{name} while a GET_VRING_BASE reply is pending")
             result = handler(self, msg)
         except (VhostError, ValueError, OverflowError) as exc:
             log.warning("%s failed (%s): %s", name, getattr(exc, "whose", "input"), exc)
@@ -141,6 +153,8 @@ class Session:
             for fd in msg.fds:
                 if fd not in self._kept:
                     _close(fd)
+        if isinstance(result, _Later):
+            return []
         if result is not None:
             return [p.reply(req, result)]
         if self._wants_ack(msg.flags) and (spec is None or spec.reply is None):
@@ -220,6 +234,7 @@ class Session:
         return self._ring(index).kick()
 
     def _reset_device(self) -> None:
+        self.waiting = False
         for ring in self.rings:
             ring.reset()
         self._addrs = [None] * len(self.rings)
@@ -369,12 +384,27 @@ class Session:
                                 "split ring (packed rings are not offered)")
         ring.set_base(state.num)
 
-    def _on_get_vring_base(self, msg: p.Message) -> p.Payload:
+    def _on_get_vring_base(self, msg: p.Message) -> p.Payload | _Later:
         state = _payload(msg, p.VringState)
         ring = self._ring(state.index)
-        base = ring.stop()
-        self._addrs[state.index] = None
-        return p.VringState(state.index, base)
+        now: list[int] = []
+        later = False
+
+        def stopped(base: int) -> None:
+            self._addrs[state.index] = None
+            if not later:
+                now.append(base)
+                return
+            self.waiting = False
+            log.debug("GET_VRING_BASE reply for vring %d: base %d", state.index, base)
+            if self.on_reply is not None:
+                self.on_reply([p.reply(Request.GET_VRING_BASE, p.VringState(state.index, base))])
+        ring.stop_after_drain(stopped)
+        if now:
+            return p.VringState(state.index, now[0])
+        later = True
+        self.waiting = True
+        return _LATER
 
     def _on_set_vring_kick(self, msg: p.Message) -> None:
         vfd = _payload(msg, p.VringFd)
@@ -440,7 +470,7 @@ class Session:
 
 
     #: The dispatch table: every request this back-end implements. Absent means unsupported.
-    HANDLERS: ClassVar[dict[Request, Callable[[Session, p.Message], p.Payload | None]]] = {
+    HANDLERS: ClassVar[dict[Request, Callable[[Session, p.Message], p.Payload | _Later | None]]] = {
         Request.GET_FEATURES: _on_get_features,
         Request.SET_FEATURES: _on_set_features,
         Request.SET_OWNER: _on_set_owner,
@@ -468,6 +498,13 @@ class Session:
 
 
 _P = TypeVar("_P")
+
+
+class _Later:
+    """A handler's result when its reply comes later, through `Session.on_reply`."""
+
+
+_LATER = _Later()
 
 
 def _payload(msg: p.Message, kind: type[_P]) -> _P:

@@ -36,7 +36,7 @@ import platform
 import struct
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import MemoryAccessError, RingError
 from .memory import ADDRESS_LIMIT, GuestMemory
@@ -220,6 +220,15 @@ class RingRunner(Protocol):
 
     def interrupt(self) -> None:
         """Interrupt the driver now."""
+
+    def defer(self, chain: DescriptorChain) -> Any:
+        """A handle to complete `chain` later (a `completion.Completion`)."""
+
+    def later(self, chain: DescriptorChain, result: object) -> None:
+        """`handle_chain` returned a deferred handle or an awaitable for `chain`."""
+
+    def publish(self, items: list[tuple[int, int]]) -> None:
+        """Used entries for chains completed now, in the order the runner requires."""
 
 
 _FENCE = threading.Lock()
@@ -538,6 +547,31 @@ class Virtqueue(abc.ABC):
         `signal_target`); does nothing when no interrupt is installed."""
         if self.runner is not None:
             self.runner.interrupt()
+
+    def defer(self, chain: DescriptorChain) -> Any:
+        """Complete `chain` later: returns a `completion.Completion` the device returns from
+        `handle_chain` and completes (`complete(written)`, from any thread) when done.
+        RuntimeError on a ring no runner serves."""
+        if self.runner is None:
+            raise RuntimeError(f"virtqueue {self.index}: no runner serves it; chains cannot "
+                               "be completed later")
+        return self.runner.defer(chain)
+
+    def later(self, chain: DescriptorChain, result: object) -> None:
+        """`handle_chain` returned `result` for `chain` instead of a byte count: a handle
+        from `defer`, or an awaitable the runner runs (`device.drain` calls this)."""
+        if self.runner is None:
+            raise RuntimeError(f"virtqueue {self.index}: no runner serves it; chains cannot "
+                               "be completed later")
+        self.runner.later(chain, result)
+
+    def publish(self, items: list[tuple[int, int]]) -> None:
+        """`add_used_many` for chains completed now, through the runner, which keeps them
+        behind older chains still in flight under VIRTIO_F_IN_ORDER (`device.drain`)."""
+        if self.runner is None:
+            self.add_used_many(items)
+        else:
+            self.runner.publish(items)
 
     # ---------------------------------------------------------------- ring mechanics
 

@@ -16,8 +16,14 @@ vhost-user session turns SET_VRING_* messages into `set_size`, `set_base`, `set_
 * the decision after a kick: interrupt now, hold the interrupt (coalescing, `Coalescing`),
   keep polling with kicks off, or ask for kicks again. The transport supplies only a
   `RingHost` (fd watching and timers); without timers a ring is never polled;
-* the chains taken and not yet completed (`in_flight`, their heads in pop order), and what
-  a stop does about them (today: log them; the drain comes with asynchronous completion).
+* the chains taken and not yet completed (`in_flight`, their heads in pop order), among them
+  those a device completes later (`completion.InFlight`: `vq.defer(chain)` or an `async def
+  handle_chain`), published on the ring's thread as they finish (in order under
+  VIRTIO_F_IN_ORDER), with interrupt coalescing;
+* what a stop does about them: `stop_after_drain` (GET_VRING_BASE) takes no new chains,
+  lets those in flight finish (their completions are published) and only then stops, or
+  gives up on them after `device.stop_timeout`; `reset` (front-end gone) and `fail` cancel
+  them at once. A completion that comes after its ring stopped is never published.
 
 What it must never do: parse a vhost-user message, know an lguest page, or walk a ring
 itself (`Virtqueue` is ring mechanics only).
@@ -39,16 +45,24 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from . import _accel
+from .completion import Completion, InFlight
 from .device import Device
 from .errors import BackendError, FrontendError, VhostError
 from .notifier import EventFdNotifier, Notifier, NotifierError
-from .virtqueue import VIRTIO_RING_F_EVENT_IDX, PythonVirtqueue, Virtqueue
+from .virtqueue import (
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_RING_F_EVENT_IDX,
+    DescriptorChain,
+    PythonVirtqueue,
+    Virtqueue,
+)
 from .virtqueue_cffi import CffiVirtqueue
 
 __all__ = [
@@ -108,15 +122,17 @@ class RingState(enum.Enum):
 
     UNCONFIGURED: size or addresses unknown. CONFIGURED: size and addresses set, not started.
     STARTED: started (a kick endpoint arrived, or the lguest device was started) but disabled.
-    ENABLED: the device serves it. BROKEN: the ring, its notifier or the device failed;
-    nothing is served until it is stopped or reset. STOPPED: `stop()` returned its base;
-    it must be configured again.
+    ENABLED: the device serves it. STOPPING: a stop waits for the chains in flight (nothing
+    new is taken; completions are still published). BROKEN: the ring, its notifier or the
+    device failed; nothing is served until it is stopped or reset. STOPPED: `stop()` returned
+    its base; it must be configured again.
     """
 
     UNCONFIGURED = "unconfigured"
     CONFIGURED = "configured"
     STARTED = "started"
     ENABLED = "enabled"
+    STOPPING = "stopping"
     BROKEN = "broken"
     STOPPED = "stopped"
 
@@ -125,12 +141,13 @@ _S = RingState
 #: Every move a ring may make. Resetting (to UNCONFIGURED) is allowed from every state.
 TRANSITIONS: dict[RingState, frozenset[RingState]] = {
     _S.UNCONFIGURED: frozenset({_S.CONFIGURED, _S.STARTED, _S.ENABLED, _S.STOPPED}),
-    _S.CONFIGURED: frozenset({_S.UNCONFIGURED, _S.STARTED, _S.ENABLED, _S.BROKEN,
-                              _S.STOPPED}),
-    _S.STARTED: frozenset({_S.UNCONFIGURED, _S.CONFIGURED, _S.ENABLED, _S.BROKEN,
-                           _S.STOPPED}),
-    _S.ENABLED: frozenset({_S.UNCONFIGURED, _S.CONFIGURED, _S.STARTED, _S.BROKEN,
-                           _S.STOPPED}),
+    _S.CONFIGURED: frozenset({_S.UNCONFIGURED, _S.STARTED, _S.ENABLED, _S.STOPPING,
+                              _S.BROKEN, _S.STOPPED}),
+    _S.STARTED: frozenset({_S.UNCONFIGURED, _S.CONFIGURED, _S.ENABLED, _S.STOPPING,
+                           _S.BROKEN, _S.STOPPED}),
+    _S.ENABLED: frozenset({_S.UNCONFIGURED, _S.CONFIGURED, _S.STARTED, _S.STOPPING,
+                           _S.BROKEN, _S.STOPPED}),
+    _S.STOPPING: frozenset({_S.UNCONFIGURED, _S.BROKEN, _S.STOPPED}),
     _S.BROKEN: frozenset({_S.UNCONFIGURED, _S.STOPPED}),
     _S.STOPPED: frozenset({_S.UNCONFIGURED, _S.CONFIGURED, _S.STARTED, _S.ENABLED}),
 }
@@ -147,6 +164,10 @@ class RingHost(Protocol):
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         """Call `callback()` once, `delay` seconds from now."""
+
+    # Optional, for chains completed later (`completion.CompletionHost`): a host without
+    # `call_soon_threadsafe` publishes other threads' completions on the ring's next turn;
+    # one without `run_coroutine` cannot serve a device whose `handle_chain` is async.
 
 
 @dataclass
@@ -193,6 +214,13 @@ class Vring:
         #: Called (once) when guest memory lost its backing under this ring (the front-end
         #: shrank a memfd: `GuestMemory.faulted`); the transport drops that front-end.
         self.on_memory_lost: Callable[[str], None] | None = None
+        #: Chains the device completes later (see `completion`).
+        self.inflight = InFlight(vq.index, self._publish, self.fail)
+        self.inflight.host = host
+        self._stopping: Callable[[int], None] | None = None
+        self._stop_token = 0
+        self._async_timer = False
+        self._last_completion = 0.0
         vq.runner = self
 
     # ------------------------------------------------------------------ what devices see
@@ -243,10 +271,34 @@ class Vring:
 
     @property
     def in_flight(self) -> tuple[int, ...]:
-        """Heads of the chains the device took and has not completed, oldest first (the
-        foundation for asynchronous completion, inflight tracking and the drain before a
-        stop; a device completing every chain before it returns leaves none)."""
+        """Heads of the chains the device took and has not completed, oldest first (those
+        it completes later, and any it simply holds; a device completing every chain before
+        it returns leaves none)."""
         return self.vq.taken
+
+    def defer(self, chain: DescriptorChain) -> Completion:
+        """`vq.defer(chain)`: a handle to complete `chain` later (see `completion`)."""
+        return self.inflight.defer(chain)
+
+    def later(self, chain: DescriptorChain, result: object) -> None:
+        """`handle_chain` returned `result` (a `Completion` or an awaitable) for `chain`."""
+        self.inflight.later(chain, result)
+
+    def publish(self, items: list[tuple[int, int]]) -> None:
+        """Used entries for chains the device completed now (`device.drain`): published at
+        once, unless VIRTIO_F_IN_ORDER holds them behind older chains still in flight."""
+        items = self.inflight.completed_now(items)
+        if items:
+            self.vq.add_used_many(items)
+
+    def _publish(self, items: list[tuple[int, int]]) -> None:
+        """Chains completed later: publish them and decide the interrupt (coalesced)."""
+        vq = self.vq
+        vq.add_used_many(items)
+        if vq.error is not None:
+            self.fail(vq.error)
+            return
+        self._completions_published()
 
     # ------------------------------------------------------------------ configuration
 
@@ -270,6 +322,7 @@ class Vring:
     def set_features(self, features: int) -> None:
         """The driver's feature bits (only the ring's own ones matter here)."""
         self._event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.inflight.in_order = bool(features >> VIRTIO_F_IN_ORDER & 1)
 
     def _refuse_while_serving(self, what: str) -> None:
         if self.state is RingState.ENABLED or self.state is RingState.BROKEN:
@@ -364,14 +417,17 @@ class Vring:
         self._settle()
 
     def stop(self) -> int:
-        """Stop the ring (GET_VRING_BASE) and return the next avail index to take; the kick
-        endpoint is dropped and size, addresses and indices are forgotten."""
+        """Stop the ring now and return the next avail index to take; chains still in flight
+        are dropped (logged), the kick endpoint is dropped and size, addresses and indices
+        are forgotten. See `stop_after_drain` for the stop GET_VRING_BASE wants."""
         self._stop_polling()
-        held = self.in_flight
-        if held and self.state is RingState.ENABLED:
+        self._stopping = None
+        dropped = self.inflight.cancel("stopped")
+        held = [head for head in self.in_flight if head not in dropped]
+        if held and self.state in (RingState.ENABLED, RingState.STOPPING):
             log.warning("vring %d stopped with %d chains in flight (heads %s): they are "
                         "not completed",
-                        self.index, len(held), list(held)[:8])
+                        self.index, len(held), held[:8])
         self._started = False
         self._stopped = True
         self._move(RingState.STOPPED)
@@ -381,8 +437,44 @@ class Vring:
         self.error = None
         return base
 
+    def stop_after_drain(self, done: Callable[[int], None]) -> None:
+        """Stop the ring once the chains in flight are completed, then `done(base)` (see
+        `stop`). Until then (`RingState.STOPPING`) no new chain is taken and completions are
+        published. After `device.stop_timeout` seconds (a host's timer) the rest are given
+        up; a ring that breaks meanwhile stops at once. With nothing in flight, `done` is
+        called before this returns."""
+        if not self.inflight or self.state in (RingState.BROKEN, RingState.UNCONFIGURED,
+                                               RingState.STOPPED):
+            done(self.stop())
+            return
+        self._stopping = done
+        self._stop_polling()
+        self._settle()
+        log.info("vring %d: stop waits for %d requests in flight", self.index,
+                 len(self.inflight))
+        self.inflight.when_idle(self._drained)
+        if self.host is not None and self._stopping is not None:
+            self._stop_token += 1
+            token = self._stop_token
+            self.host.call_later(self.device.stop_timeout, lambda: self._stop_timed_out(token))
+
+    def _drained(self) -> None:
+        done, self._stopping = self._stopping, None
+        if done is not None:
+            done(self.stop())
+
+    def _stop_timed_out(self, token: int) -> None:
+        if self._stopping is None or token != self._stop_token:
+            return
+        log.warning("vring %d: %d requests still in flight %.1f s after the stop; giving up "
+                    "on them", self.index, len(self.inflight), self.device.stop_timeout)
+        self._drained()
+
     def reset(self) -> None:
-        """Forget everything (device reset, front-end gone): every endpoint is closed."""
+        """Forget everything (device reset, front-end gone): every endpoint is closed and
+        chains in flight are dropped."""
+        self._stopping = None
+        self.inflight.cancel("reset")
         self._stop_polling()
         self._started = self._enabled = self._stopped = False
         self._move(RingState.UNCONFIGURED)
@@ -407,6 +499,7 @@ class Vring:
         self.vq.fail(reason)   # the ring rejects every further access
         self.error = self.vq.error
         self._stop_polling()
+        self.inflight.cancel("broken")
         self._move(RingState.BROKEN)
         err = self._err
         if err is not None:
@@ -414,6 +507,8 @@ class Vring:
                 err.notify()
             except NotifierError as exc:
                 log.warning("vring %d: err notifier cannot be written: %s", self.index, exc)
+        if self._stopping is not None:
+            self._drained()   # a stop was waiting: it completes now
 
     def _target(self) -> RingState:
         if self.state is RingState.BROKEN:
@@ -421,6 +516,8 @@ class Vring:
         vq = self.vq
         if vq.size == 0 or not vq.addresses_set:
             return RingState.STOPPED if self._stopped else RingState.UNCONFIGURED
+        if self._stopping is not None:
+            return RingState.STOPPING
         if not self._started:
             return RingState.CONFIGURED
         return RingState.ENABLED if self._enabled else RingState.STARTED
@@ -506,6 +603,10 @@ class Vring:
         if self.state is not RingState.ENABLED:
             return 0
         vq = self.vq
+        inflight = self.inflight
+        inflight.thread = threading.get_ident()
+        if inflight.queued:
+            inflight.flush()
         avail, used = vq.last_avail_idx, vq.used_idx
         self._device_hook("process_queue", self.device.process_queue)
         popped: int = (vq.last_avail_idx - avail) & 0xFFFF
@@ -604,6 +705,48 @@ class Vring:
             self._release()
             self._held = True
 
+    def _completions_published(self) -> None:
+        """Chains completed later were published: interrupt the driver now, or, while it
+        streams, hold the interrupt as a polled ring would (released once completions have
+        been quiet for `quiet`, `batch` wait or the oldest waited `wait`)."""
+        if self._held:
+            if not self._polling and self._async_timer:   # held here: count, maybe release
+                self._last_completion = time.monotonic()
+                c = self.device.coalesce
+                if c is not None and self.vq.unsignalled >= c.batch:
+                    self._release()
+            return    # else a poll turn decides
+        held, c = self.coalescing, self.device.coalesce
+        if held is None or c is None or self.host is None or not self._streaming(held):
+            self.signal_used(self.vq)
+            return
+        now = time.monotonic()
+        self._last_completion = now
+        held.since, held.streaming = now, True
+        self._held = True
+        if self.vq.unsignalled >= c.batch:
+            self._release()
+            return
+        if not self._async_timer:
+            self._async_timer = True
+            self.host.call_later(c.quiet, self._async_release)
+
+    def _async_release(self) -> None:
+        """The timer of `_completions_published`: release, or look again later."""
+        self._async_timer = False
+        held, c = self.coalescing, self.device.coalesce
+        if held is None or c is None or held.since is None or self._polling:
+            return    # released meanwhile, or a poll turn decides now
+        now = time.monotonic()
+        if (self.vq.unsignalled >= c.batch or now - self._last_completion >= c.quiet
+                or now - held.since >= c.wait or self.state is not RingState.ENABLED):
+            self._release()
+            return
+        assert self.host is not None
+        self._async_timer = True
+        self.host.call_later(min(c.quiet, max(0.0, held.since + c.wait - now)),
+                             self._async_release)
+
     def _streaming(self, held: CoalescingStats) -> bool:
         """Whether the driver keeps several requests in flight: its last interrupt covered
         two or more completions; or it was streaming and (EVENT_IDX) its queue depth as the
@@ -646,7 +789,8 @@ class Vring:
         vq = self.vq
         return {"index": self.index, "state": self.state.value, "size": vq.size,
                 "last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx,
-                "in_flight": len(self.in_flight), "kicks": self.kicks,
+                "in_flight": len(self.in_flight), "deferred": len(self.inflight),
+                "kicks": self.kicks,
                 "polling": self._polling,
                 "error": self.error}
 
