@@ -12,6 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 bash ci/qemu/install-deps.sh
 bash ci/dpdk/install-deps.sh
 bash ci/bench/install-deps.sh
+bash ci/nbd/install-deps.sh
 
 need_pkgs=()
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)        # network namespaces (tap test)

@@ -70,6 +70,8 @@ ALLOWED: dict[str, set[str] | None] = {
     "tap": PORT_DEPS,
     "pcap": PORT_DEPS,
     "switch": PORT_DEPS,
+    # block stores behind virtio-blk (the NBD client): the standard library and errors only
+    "nbd": {"errors"},
     # layer 4: control planes
     "session": LAYER3 | {ROOT},
     "frontend": LAYER1 | {ROOT},
