@@ -45,7 +45,10 @@ ALLOWED: dict[str, set[str] | None] = {
     "_accel": {"errors", "_native"},
     "_native": set(),  # the compiled extension itself (built from _fastpath.c)
     "_native_build": set(),  # the cffi builder: run at install, never imported
-    ROOT: set(LAYER0),
+    # The package imports only layer 0 at import time; `vhostpy.Server`, `serve` and
+    # `serve_async` are loaded from `api` on first use (a module __getattr__, plus a
+    # TYPE_CHECKING import for type checkers), which this test counts like any import.
+    ROOT: set(LAYER0) | {"api"},
     # layer 1: guest memory and rings
     "memory": LAYER0 | {ROOT},
     # the two ring variants are siblings: neither imports the other's module
@@ -92,6 +95,7 @@ ALLOWED: dict[str, set[str] | None] = {
                         "rng", "device", "errors", "frontend", "vhost_proxy", "loop", "memory",
                         "netapp", "packets", "pcap", "switch", "tap", ROOT},
     # layer 7: front doors
+    "api": None,     # vhostpy.Server, serve, serve_async: anything but the command line
     "netapp": None,  # checked below: anything but the command line
     "cli": None,
     "__main__": None,
