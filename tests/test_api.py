@@ -1,5 +1,5 @@
-"""The public front doors, without QEMU: `vhostpy.Server`, `vhostpy.serve` and
-`vhostpy.serve_async`.
+"""The public front doors, without QEMU: `vhostpy.Server`, `vhostpy.serve`,
+`vhostpy.serve_async` and `vhostpy serve MODULE:CALLABLE`.
 
 Front-ends are the in-tree scripted guest (`scripted.ScriptedGuest` over
 `vhostpy.frontend.Frontend`): real sockets, real eventfds, a real ring in a memfd.
@@ -8,6 +8,7 @@ Front-ends are the in-tree scripted guest (`scripted.ScriptedGuest` over
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from scripted import ScriptedGuest
 from tools import wait_until
 
 import vhostpy
+from vhostpy import cli
 from vhostpy.device import VIRTIO_ID_RNG, Device
 from vhostpy.errors import ConfigurationError
 from vhostpy.loop import AsyncioHost, EventLoop
@@ -516,3 +518,165 @@ def test_serve_in_a_script_until_a_signal(tmp_path: Path, signum: int) -> None:
     assert "Traceback" not in err
     assert "serve returned after 3 requests; handlers restored: True" in err
     assert not path.exists()
+
+
+# ------------------------------------------------------------------ vhostpy serve
+
+MODULE = '''
+import sys
+from vhostpy.device import Device
+from vhostpy.rng import RngDevice
+
+VALUE = 3
+LOADED_FROM = sys.path[0]
+
+
+class Factory:
+    @staticmethod
+    def make():
+        return RngDevice(max_bytes_per_request=16)
+
+
+class Plain(Device):
+    """No counters() method: the counters line says {}."""
+    device_id = 4
+    name = "plain"
+
+    def handle_chain(self, index, vq, chain):
+        return chain.write(b"p" * chain.writable_len)
+
+
+def fails():
+    raise ValueError("no device today")
+
+
+def not_a_device():
+    return "hello"
+
+
+def bad_counters():
+    device = Plain()
+    device.counters = lambda: 42
+    return device
+'''
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vhostpy", "serve", *args]
+
+
+@pytest.fixture
+def modules(tmp_path: Path) -> Path:
+    """A directory with user modules, the good and the broken (the tests' cwd)."""
+    (tmp_path / "mydevs.py").write_text(MODULE)
+    (tmp_path / "broken.py").write_text("def make(:\n    pass\n")
+    (tmp_path / "boom.py").write_text("raise RuntimeError('kaboom at import')\n")
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(3)\n")
+    return tmp_path
+
+
+SERVE_ERRORS = [
+    ("no-colon", "mydevs.Factory.make", ["MODULE:CALLABLE"]),
+    ("empty-callable", "mydevs:", ["MODULE:CALLABLE"]),
+    ("no-module", "nosuchmodule:make", ["nosuchmodule:make", "ModuleNotFoundError"]),
+    ("syntax-error", "broken:make", ["broken:make", "SyntaxError"]),
+    ("raises-on-import", "boom:make", ["boom:make", "RuntimeError", "kaboom at import"]),
+    ("exits-on-import", "quits:make", ["quits:make", "SystemExit"]),
+    ("no-attribute", "mydevs:nothing", ["mydevs:nothing", "no attribute 'nothing'"]),
+    ("no-nested-attribute", "mydevs:Factory.nope", ["mydevs:Factory.nope", "'Factory.nope'"]),
+    ("not-callable", "mydevs:VALUE", ["mydevs:VALUE", "not a callable"]),
+    ("call-raises", "mydevs:fails", ["mydevs:fails", "ValueError", "no device today"]),
+    ("not-a-device", "mydevs:not_a_device", ["mydevs:not_a_device", "'hello'",
+                                             "not a vhostpy.device.Device"]),
+]
+
+
+@pytest.mark.parametrize("spec,needles", [c[1:] for c in SERVE_ERRORS],
+                         ids=[c[0] for c in SERVE_ERRORS])
+def test_cli_serve_errors_are_one_line(modules: Path, spec: str, needles: list[str]) -> None:
+    sock = modules / "s.sock"
+    r = subprocess.run(serve_cmd(spec, "--socket-path", str(sock), "-v"), cwd=modules,
+                       env=ENV, capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 1, r.stderr
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("vhostpy serve: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not sock.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "MODULE:CALLABLE"),
+    (["mydevs:Plain"], "--socket-path or --fd"),
+    (["mydevs:Plain", "--socket-path", "x.sock", "--fd", "3"], "--fd"),
+    (["mydevs:Plain", "--socket-path", "missing/s.sock"], "cannot listen"),
+])
+def test_cli_serve_usage_errors(modules: Path, args: list[str], needle: str) -> None:
+    r = subprocess.run(serve_cmd(*args), cwd=modules, env=ENV, capture_output=True,
+                       text=True, timeout=30, check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("vhostpy serve: error: ") and needle in line, line
+    assert not (modules / "x.sock").exists()
+
+
+def start_serving(modules: Path, spec: str, sock: Path, *extra: str
+                  ) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(serve_cmd(spec, "--socket-path", str(sock), *extra), cwd=modules,
+                            env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    wait_until(lambda: sock.exists() or proc.poll() is not None, SOON, "the socket")
+    if proc.poll() is not None:
+        raise AssertionError(proc.communicate()[1].decode())
+    return proc
+
+
+def test_cli_serve_a_users_device(modules: Path) -> None:
+    sock = modules / "good.sock"
+    proc = start_serving(modules, "mydevs:Factory.make", sock, "-v")
+    try:
+        guest = ScriptedGuest(str(sock))
+        try:
+            guest.start()
+            ring = guest.setup_ring(0)
+            ring.builder.add_chain([], [64])
+            guest.kick(0)
+            assert [n for _, n in guest.wait_used(0)] == [16]   # our RngDevice's limit
+        finally:
+            guest.close()
+        proc.send_signal(signal.SIGUSR1)
+        rc, err = stop_process(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, err
+    assert not sock.exists() and "Traceback" not in err
+    assert "serving virtio-rng on" in err and "from mydevs:Factory.make" in err
+    usr1, final = cli.parse_counters_lines(err)
+    assert usr1["event"] == "SIGUSR1" and final["event"] == "exit"
+    assert final["device"] == "virtio-rng"
+    assert final["counters"]["requests"] == 1 and final["counters"]["bytes"] == 16
+    assert final["counters"]["truncated"] == 1
+
+
+@pytest.mark.parametrize("spec,warning", [("mydevs:Plain", False),
+                                          ("mydevs:bad_counters", True)])
+def test_cli_serve_without_counters_prints_empty_counters(modules: Path, spec: str,
+                                                          warning: bool) -> None:
+    sock = modules / "plain.sock"
+    proc = start_serving(modules, spec, sock)
+    try:
+        fill_request(str(sock), (5,)).close()
+        rc, err = stop_process(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, err
+    line = err.splitlines()[-1]
+    assert json.loads(line) == {"device": "plain", "event": "exit", "counters": {}}
+    assert ("counters() failed" in err) == warning, err
+    assert not sock.exists()

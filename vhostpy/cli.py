@@ -1,12 +1,14 @@
 """Command-line front doors, following QEMU's "Backend program conventions".
 
-`vhostpy blk|net|rng --socket-path PATH | --fd N [options]` serves a device until SIGTERM or
-SIGINT, then removes its socket, prints one JSON counters line on stderr
+`vhostpy blk|net|rng --socket-path PATH | --fd N [options]` (and `vhostpy serve MODULE:CALLABLE
+--socket-path PATH | --fd N`, which serves the `Device` that `CALLABLE()` returns) serves a
+device until SIGTERM or SIGINT, then removes its socket, prints one JSON counters line on stderr
 (`{"device": "blk", "event": "exit", "counters": {...}}`) and exits 0. SIGUSR1 prints the same
 line (`"event": "SIGUSR1"`) and serving goes on; SIGHUP is logged (INFO) and ignored.
-`--print-capabilities` prints the JSON capabilities and exits 0. A bad value is reported in
-one line on stderr (`vhostpy COMMAND: error: ...`) with exit status 1, before anything
-listens; a bare `vhostpy` lists the commands (exit 1). The process never daemonises.
+`--print-capabilities` prints the JSON capabilities and exits 0 (not for `serve`). A bad value
+(for `serve`: a spec that cannot give a Device) is reported in one line on stderr
+(`vhostpy COMMAND: error: ...`) with exit status 1, before anything listens; a bare `vhostpy`
+lists the commands (exit 1). The process never daemonises.
 
 `vhostpy lguest [options] KERNEL [KERNEL ARGS...]` is an lguest Launcher (see
 vhostpy.lguest_launcher): it runs a guest on /dev/lguest with the console on stdin/stdout.
@@ -27,12 +29,12 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from vhostpy import __version__
+from vhostpy.api import Endpoint, load_device, serve_until_signalled
 from vhostpy.blk import BlockDevice
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError
 from vhostpy.loop import EventLoop
 from vhostpy.rng import DEFAULT_MAX_BYTES_PER_REQUEST, RngDevice
-from vhostpy.server import Server
 
 if TYPE_CHECKING:
     from vhostpy.lguest_launcher import LaunchOptions
@@ -51,6 +53,7 @@ COMMANDS = {
     "blk": "a vhost-user virtio-blk back-end",
     "net": "a vhost-user virtio-net back-end",
     "rng": "a vhost-user virtio-rng back-end",
+    "serve": "serve your own Device: vhostpy serve MODULE:CALLABLE",
     "lguest": "an lguest Launcher: run a guest kernel on /dev/lguest",
 }
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -276,9 +279,29 @@ def build_parser() -> _Parser:
                      default=DEFAULT_MAX_BYTES_PER_REQUEST, metavar="SIZE",
                      help="fill at most SIZE bytes of one request; longer buffers are filled "
                      "partially (default 64K)")
+    _add_serve_parser(sub)
     _add_lguest_parser(sub)
     parser.commands = {name: p for name, p in sub.choices.items() if isinstance(p, _Parser)}
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    serve_ = sub.add_parser(
+        "serve", help=COMMANDS["serve"],
+        description="Import MODULE (the current directory first on sys.path, as with "
+        "python -m), call CALLABLE (a dotted attribute path is allowed, e.g. a Device "
+        "subclass) with no arguments, and serve the vhostpy.device.Device it returns. At exit "
+        "and on SIGUSR1 the counters line holds what the device's counters() method returns "
+        "({} without one); the device's close() method, if any, is called at exit.")
+    serve_.add_argument("spec", metavar="MODULE:CALLABLE",
+                        help="where the device comes from, e.g. mymodule:make_device")
+    where = serve_.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH",
+                       help="listen for the vhost-user front-end on this UNIX socket")
+    where.add_argument("--fd", type=_fd_number, metavar="N",
+                       help="serve an inherited vhost-user socket (listening or connected)")
+    serve_.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more: -v for connections, -vv for every message")
 
 
 def _ipv4(text: str) -> str:
@@ -354,44 +377,40 @@ def _print_counters(device: str, counters: Callable[[], dict[str, Any]], event: 
     print(counters_line(device, counters(), event), file=sys.stderr, flush=True)
 
 
+def _info_signals(device: str, counters: Callable[[], dict[str, Any]]
+                  ) -> dict[int, Callable[[], None]]:
+    """The signals every device command answers without stopping: SIGUSR1 prints the
+    counters line and goes on; SIGHUP is logged and ignored."""
+    return {signal.SIGUSR1: lambda: _print_counters(device, counters, "SIGUSR1"),
+            signal.SIGHUP: lambda: log.info("SIGHUP: nothing to reload; still serving")}
+
+
 def _handle_signals(loop: EventLoop, device: str,
                     counters: Callable[[], dict[str, Any]]) -> None:
-    """SIGTERM/SIGINT stop `loop`; SIGUSR1 prints the counters line and goes on; SIGHUP is
-    logged and ignored. Installed before anything listens, so no signal can leave a socket
-    file behind."""
+    """SIGTERM/SIGINT stop `loop`, plus `_info_signals`. Installed before anything listens,
+    so no signal can leave a socket file behind."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, loop.stop)
-    loop.add_signal_handler(signal.SIGUSR1,
-                            lambda: _print_counters(device, counters, "SIGUSR1"))
-    loop.add_signal_handler(signal.SIGHUP,
-                            lambda: log.info("SIGHUP: nothing to reload; still serving"))
+    for number, handler in _info_signals(device, counters).items():
+        loop.add_signal_handler(number, handler)
 
 
 def serve(device: Device, *, socket_path: str | None, fd: int | None,
           counters: Callable[[], dict[str, Any]] | None = None, command: str = "",
           details: str = "") -> int:
-    """Serve `device` until SIGTERM/SIGINT; returns the exit status.
+    """Serve `device` until SIGTERM/SIGINT (`vhostpy.serve`); returns the exit status.
 
     With `counters`, SIGUSR1 prints `counters_line(command, counters())` and serving goes
     on; the caller prints the exit line. `details` ends the `-v` "serving" line."""
-    loop = EventLoop()
-    # Handlers first: a signal arriving once the socket file exists must still remove it
-    # (the loop sees it on its first turn), not kill the process with the file left behind.
-    _handle_signals(loop, command or device.name, counters or dict)
-    try:
-        server = Server(device, loop, socket_path=socket_path, fd=fd)
-    except BaseException:
-        loop.close()
-        raise
-    log.info("serving %s on %s%s", device.name,
-             socket_path if socket_path is not None else f"fd {fd}",
-             f": {details}" if details else "")
-    try:
-        loop.run()
-    finally:
-        server.close()
-        loop.close()
-    log.info("stopped after %d front-end connection(s)", server.connections_served)
+    def serving(endpoint: Endpoint) -> None:
+        log.info("serving %s on %s%s", device.name,
+                 socket_path if socket_path is not None else f"fd {fd}",
+                 f": {details}" if details else "")
+    # The signal handlers are in place before the socket listens (vhostpy.serve's promise).
+    endpoint = serve_until_signalled(
+        device, socket_path=socket_path, fd=fd,
+        signals=_info_signals(command or device.name, counters or dict), serving=serving)
+    log.info("stopped after %d front-end connection(s)", endpoint.connections_served)
     return 0
 
 
@@ -446,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "lguest":
         return _run_lguest(args, raw)
-    if args.print_capabilities:
+    if args.command != "serve" and args.print_capabilities:
         print(json.dumps(_capabilities(args.command)))
         return 0
     if not args.socket_path and args.fd is None:
@@ -458,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_net(args)
         if args.command == "rng":
             return _run_rng(args)
+        if args.command == "serve":
+            return _run_serve(args)
         return _run_blk(args)
     except ConfigurationError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -488,6 +509,43 @@ def _run_rng(args: argparse.Namespace) -> int:
                    "request")
     _print_counters("rng", device.counters, "exit")
     return status
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    device = load_device(args.spec)
+    counters = _device_counters(device)
+    try:
+        status = serve(device, socket_path=args.socket_path, fd=args.fd, counters=counters,
+                       details=f"{device.num_queues} queue(s), from {args.spec}")
+        _print_counters(device.name, counters, "exit")   # only once it has served
+        return status
+    finally:
+        close = getattr(device, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                log.exception("%s: close() failed", device.name)
+
+
+def _device_counters(device: Device) -> Callable[[], dict[str, Any]]:
+    """What a user's device reports in the counters line: its `counters()` (made
+    JSON-safe), {} without one, {} and a warning when it fails."""
+    method = getattr(device, "counters", None)
+    if not callable(method):
+        return dict
+
+    def counters() -> dict[str, Any]:
+        try:
+            value = method()
+            if not isinstance(value, dict):
+                raise TypeError(f"it returned {type(value).__name__}, not a dict")
+            safe: dict[str, Any] = json.loads(json.dumps(value, default=str))
+        except Exception as exc:   # noqa: BLE001 (a user's method: whatever it raises)
+            log.warning("%s: counters() failed: %r", device.name, exc)
+            return {}
+        return safe
+    return counters
 
 
 def _run_net(args: argparse.Namespace) -> int:
