@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import tools
 
-from vhostpy.blk import LOCK_PERM_BASE, LOCK_SHARED_BASE, PROBE_BYTES, probe_format
+from vhostpy.images import LOCK_PERM_BASE, LOCK_SHARED_BASE, PROBE_BYTES, probe_format
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(

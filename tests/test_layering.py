@@ -61,7 +61,7 @@ ALLOWED: dict[str, set[str] | None] = {
     # the runner's book of chains completed later (asyncio only for its CancelledError)
     "completion": {"virtqueue", ROOT},
     # layer 3: device models, and the transport-free helpers beside them
-    "blk": MODEL_DEPS | {"blk_cffi"},
+    "blk": MODEL_DEPS | {"blk_cffi", "stores", "images"},
     # the compiled virtio-blk data path (blk's fast variant; never imports blk)
     "blk_cffi": MODEL_DEPS | {"virtqueue_cffi"},
     "net": MODEL_DEPS | {"net_cffi"},
@@ -74,7 +74,9 @@ ALLOWED: dict[str, set[str] | None] = {
     "pcap": PORT_DEPS,
     "switch": PORT_DEPS,
     # block stores behind virtio-blk (the NBD client): the standard library and errors only
+    "stores": {"errors", "images"},
     "nbd": {"errors"},
+    "images": {"errors"},
     # layer 4: control planes
     "session": LAYER3 | {ROOT},
     "frontend": LAYER1 | {ROOT},

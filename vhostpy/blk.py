@@ -1,44 +1,48 @@
-"""virtio-blk (virtio 1.2, section 5.2) on a raw image file descriptor.
+"""virtio-blk (virtio 1.2, section 5.2) over a block store.
 
-`BlockDevice` serves IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES with `preadv` /
-`pwritev` straight between the image and guest memory. Every request is checked against
-the capacity before any byte moves: an out-of-range or malformed request gets
-VIRTIO_BLK_S_IOERR (or UNSUPP for unknown types) and never touches bytes outside the
-image. A read-only device opens nothing for writing and fails every write with IOERR.
+`BlockDevice` serves IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES from a store (see
+`stores`: any object with `size`, `read`, `write`, `flush`, optionally `discard`,
+`write_zeroes`, `readinto`, `writefrom`, `block_size`; any method may be async). Every
+request is checked against the capacity before the store sees it: an out-of-range or
+malformed request gets VIRTIO_BLK_S_IOERR (or UNSUPP for unknown types), and a store that
+raises fails its request with IOERR and a WARNING line. A read-only device fails every
+write with IOERR. A store method that returns an awaitable completes its request later
+(`device` docstring): guest memory is written, and the status byte set, on the ring's
+thread once it resolved.
 
-An in-memory disk is a memfd, so one code path serves files and RAM alike. This module
-never imports the vhost-user layers: it is fed by whichever transport owns the rings.
+This module never imports the vhost-user layers: it is fed by whichever transport owns the
+rings.
 
-Variants: when the compiled fast path is in use (`_accel.lib` is set) and a ring is the
-compiled `Virtqueue`, `process_queue` hands the whole drain to `blk_cffi.BlkFastPath` (IN,
-OUT, FLUSH and GET_ID in C; everything else comes back here, to `handle_chain`, in ring
-order). The pure-Python path below is the reference: both give the same used rings, status
-bytes, data, `BlkStats` and WARNING lines.
+Variants: when the compiled fast path is in use (`_accel.lib` is set), the store is exactly
+a `stores.FileStore` and `handle_chain` is not overridden (`uses_compiled_path`), a ring
+that is the compiled `Virtqueue` is drained by `blk_cffi.BlkFastPath` (IN, OUT, FLUSH and
+GET_ID with preadv/pwritev in C; everything else comes back here, to `handle_chain`, in ring
+order). Anything else (a FileStore subclass, another store, an overriding subclass) is
+served here, so nothing a user overrides is bypassed. The pure-Python path is the
+reference: both give the same used rings, status bytes, data, `BlkStats` and WARNING lines.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
-import fcntl
+import inspect
 import logging
-import os
 import struct
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from vhostpy import _accel
 from vhostpy.device import VIRTIO_ID_BLOCK, Coalescing, Device
 from vhostpy.errors import ConfigurationError
+from vhostpy.images import SECTOR_SIZE
 from vhostpy.memory import GuestMemory
+from vhostpy.stores import ZERO_CHUNK, FileStore, StoreError, check_store
 from vhostpy.virtqueue import DescriptorChain, Virtqueue
 
 if _accel.lib is not None:
     from vhostpy.blk_cffi import BlkFastPath
 
 log = logging.getLogger(__name__)
-
-SECTOR_SIZE = 512
 
 # Feature bits (virtio 1.2, 5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -71,11 +75,6 @@ CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
 SIZE_MAX = 1 << 20             # largest single data segment we advertise
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per discard / write-zeroes segment
 MAX_DISCARD_SEG = 1            # segments per request
-ZERO_CHUNK = 1 << 20
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 
 
 class BlkRequestError(Exception):
@@ -99,8 +98,22 @@ class BlkStats:
     unsupported: int = 0
 
 
+#: What a request handler gives back: the bytes written into the guest (done), or a
+#: coroutine resolving to a function, run on the ring's thread, that finishes the request
+#: (moves data into guest memory, counts it) and returns those bytes.
+_Outcome = int | Coroutine[Any, Any, Callable[[], int]]
+
+
 class BlockDevice(Device):
-    """A virtio-blk device over `fd`, an open image (or memfd) of `size` bytes."""
+    """A virtio-blk device over `store` (see `stores`), or over `fd`, a raw image (or memfd)
+    served as a `stores.FileStore`.
+
+    `read_only` (or a store whose `read_only` is true) offers VIRTIO_BLK_F_RO and fails
+    writes. DISCARD is offered when the store has `discard` (and `can_discard` is not
+    false); WRITE_ZEROES always (the device writes zeros where the store cannot zero a
+    range). `close()` closes the store (if it has `close`). ConfigurationError for a bad
+    value or a store that lacks what the device needs.
+    """
 
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
@@ -115,9 +128,16 @@ class BlockDevice(Device):
     #: while it streams, they come once per several requests (`Coalescing`).
     coalesce: Coalescing | None = Coalescing()
 
-    def __init__(self, fd: int, *, read_only: bool = False, serial: str = "",
-                 num_queues: int = 1, queue_size: int = 256, owns_fd: bool = True) -> None:
+    def __init__(self, store: object = None, *, fd: int | None = None, read_only: bool = False,
+                 serial: str = "", num_queues: int = 1, queue_size: int = 256,
+                 owns_fd: bool = True) -> None:
         super().__init__()
+        if isinstance(store, int) and not isinstance(store, bool):
+            store, fd = None, store        # BlockDevice(fd): the raw image behind it
+        if (store is None) == (fd is None):
+            raise ConfigurationError("a block device needs exactly one of a store and an fd")
+        if fd is not None:
+            store = FileStore(fd, read_only=read_only, owns_fd=owns_fd)
         if not 1 <= num_queues <= 64:
             raise ConfigurationError(f"--num-queues must be 1..64, not {num_queues}")
         if queue_size < 4 or queue_size > 32768 or queue_size & (queue_size - 1):
@@ -127,89 +147,74 @@ class BlockDevice(Device):
         if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
             raise ConfigurationError(f"--serial is at most {VIRTIO_BLK_ID_BYTES} bytes, "
                                      f"{serial!r} has {len(serial_bytes)}")
-        self.fd = fd
-        self.owns_fd = owns_fd
-        self.read_only = read_only
+        self.read_only = read_only or bool(getattr(store, "read_only", False))
+        self.size_bytes = check_store(store, read_only=self.read_only)
+        self.store: Any = store
+        self.block_size: int = getattr(store, "block_size", SECTOR_SIZE)
         self.serial = serial_bytes
         self.num_queues = num_queues
         self.max_queue_size = queue_size
-        self.size_bytes = _image_size(fd)
         self.capacity = self.size_bytes // SECTOR_SIZE
         self.stats = BlkStats()
+        self._can_discard = callable(getattr(store, "discard", None)) and \
+            bool(getattr(store, "can_discard", True))
+        self._readinto = getattr(store, "readinto", None)
+        self._writefrom = getattr(store, "writefrom", None)
+        self._write_zeroes = getattr(store, "write_zeroes", None)
+        #: An async `write` gets its own copy of the data (guest memory may change).
+        self._copy_writes = inspect.iscoroutinefunction(getattr(store, "write", None))
         #: The compiled data path, or None (pure Python; tests set it to None to compare).
-        self._fast: BlkFastPath | None = BlkFastPath(self) if _accel.lib is not None else None
+        self._fast: BlkFastPath | None = BlkFastPath(self) if self.uses_compiled_path else None
+
+    @property
+    def uses_compiled_path(self) -> bool:
+        """Whether requests go through the compiled data path (see the module docstring):
+        the fast path is in use, the store is exactly a FileStore, `handle_chain` is ours."""
+        return (_accel.lib is not None and type(self.store) is FileStore
+                and type(self).handle_chain is BlockDevice.handle_chain)
+
+    @property
+    def fd(self) -> int:
+        """The image fd of a FileStore (-1 for other stores)."""
+        return self.store.fd if isinstance(self.store, FileStore) else -1
 
     # -- construction helpers --------------------------------------------------------------
     @classmethod
     def open_image(cls, path: str, *, read_only: bool = False, image_format: str | None = None,
                    share_rw: bool = False, lock: bool = True, whole_sectors: bool = True,
-                   **kwargs: object) -> BlockDevice:
-        """Open the raw image `path` (a regular file or a block device) and serve it.
-
-        Refused with a ConfigurationError naming `path` and the reason, with nothing left
-        open: a file that is missing, unreadable or not a file/block device; an image in a
-        recognisable non-raw format (qcow2, vmdk, ...; see `probe_format`) unless
-        `image_format="raw"` forces raw (any other `image_format` is refused); an empty image,
-        or (with `whole_sectors`) one whose size is not a multiple of 512 bytes; an image
-        another process locked against us. Locks (`lock`) are QEMU's: OFD locks on the
-        bytes file-posix uses (see `ImageLock`), so QEMU, qemu-storage-daemon and vhostpy
-        refuse each other's images; `share_rw` lets other writers in, like QEMU's share-rw=on.
-        The locks live as long as the image fd (`close()`).
-        """
-        if image_format not in (None, "raw"):
-            raise ConfigurationError(f"--format {image_format}: only raw images are served "
-                                     "(--format raw forces raw; convert others with qemu-img)")
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+                   **kwargs: Any) -> BlockDevice:
+        """Serve the raw image `path` (a FileStore opened by `stores.FileStore.open`: its
+        refusals are ConfigurationErrors naming the image, with nothing left open)."""
+        store = FileStore.open(path, read_only=read_only, image_format=image_format,
+                               share_rw=share_rw, lock=lock, whole_sectors=whole_sectors)
         try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise ConfigurationError(f"cannot open image {path!r}: {exc.strerror}") from exc
-        try:
-            if not os.path.isfile(path) and not _is_block_device(fd):
-                raise ConfigurationError(f"image {path!r} is not a regular file or block device")
-            if lock:
-                ImageLock.for_device(read_only=read_only, share_rw=share_rw).apply(fd, path)
-            if image_format is None:
-                found = probe_format(os.pread(fd, PROBE_BYTES, 0))
-                if found is not None:
-                    raise ConfigurationError(
-                        f"image {path!r} is a {found} image, not raw: serving it raw would let "
-                        f"the guest overwrite its {found} metadata (convert it with qemu-img "
-                        "convert -O raw, or force raw with --format raw)")
-            size = _image_size(fd)
-            if size == 0:
-                raise ConfigurationError(f"image {path!r} is empty (0 bytes): a disk needs at "
-                                         f"least one {SECTOR_SIZE}-byte sector")
-            if whole_sectors and size % SECTOR_SIZE:
-                raise ConfigurationError(
-                    f"image {path!r} is {size} bytes, not a multiple of the {SECTOR_SIZE}-byte "
-                    f"sector: its last {size % SECTOR_SIZE} bytes would be out of the guest's "
-                    "reach (pad or truncate it to whole sectors)")
-            return cls(fd, read_only=read_only, **kwargs)  # type: ignore[arg-type]
+            return cls(store, read_only=read_only, **kwargs)
         except BaseException:
-            os.close(fd)   # also drops every lock taken on it (OFD locks belong to the fd)
+            store.close()
             raise
 
     @classmethod
-    def in_memory(cls, size: int, **kwargs: object) -> BlockDevice:
-        """A zero-filled RAM disk of `size` bytes (a memfd), gone when the process ends."""
-        if size < SECTOR_SIZE or size % SECTOR_SIZE:
-            raise ConfigurationError(f"--size must be a positive multiple of {SECTOR_SIZE} "
-                                     f"bytes, not {size}")
-        fd = os.memfd_create("vhostpy-disk", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        return cls(fd, **kwargs)  # type: ignore[arg-type]
+    def in_memory(cls, size: int, **kwargs: Any) -> BlockDevice:
+        """A zero-filled RAM disk of `size` bytes (a memfd, served like an image file)."""
+        store = FileStore.in_memory(size)
+        try:
+            return cls(store, **kwargs)
+        except BaseException:
+            store.close()
+            raise
 
     def close(self) -> None:
-        """Release the image fd if this device opened it."""
-        if self.owns_fd and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the store (its `close()`, if it has one)."""
+        close = getattr(self.store, "close", None)
+        if callable(close):
+            close()
 
     # -- virtio interface ------------------------------------------------------------------
     def device_features(self) -> int:
         bits = [VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
-                VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
+                VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES]
+        if self._can_discard:
+            bits.append(VIRTIO_BLK_F_DISCARD)
         if self.num_queues > 1:
             bits.append(VIRTIO_BLK_F_MQ)
         if self.read_only:
@@ -217,14 +222,15 @@ class BlockDevice(Device):
         return sum(1 << b for b in bits)
 
     def config(self) -> bytes:
+        sectors_per_block = self.block_size // SECTOR_SIZE
         return CONFIG.pack(
             self.capacity, SIZE_MAX, self.max_queue_size - 2,
             0, 0, 0,                         # geometry: cylinders, heads, sectors (unused)
-            SECTOR_SIZE,                     # blk_size
+            self.block_size,                 # blk_size
             0, 0, 0, 0,                      # topology
             0, 0,                            # writeback, unused0
             self.num_queues,
-            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,   # discard: sectors, segs, alignment
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, sectors_per_block,  # discard: alignment
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,   # write zeroes: sectors, segs, may_unmap
         )
 
@@ -235,7 +241,7 @@ class BlockDevice(Device):
             return
         super().process_queue(index, vq)   # the reference: device.drain over handle_chain
 
-    def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> int:
+    def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> Any:
         writable_len = chain.writable_len
         if writable_len < 1:
             log.warning("virtio-blk queue %d: request %d has no status byte; dropped",
@@ -243,31 +249,71 @@ class BlockDevice(Device):
             self.stats.errors += 1
             return 0
         try:
-            written = self._serve(chain, writable_len - 1)
-            status = VIRTIO_BLK_S_OK
+            outcome = self._serve(chain, writable_len - 1)
         except BlkRequestError as exc:
-            self.request_failed(index, chain.head, str(exc))
-            if exc.status == VIRTIO_BLK_S_UNSUPP:
-                self.stats.unsupported += 1
-            else:
-                self.stats.errors += 1
-            written, status = 0, exc.status
-        # The status byte is the last writable byte: the last byte of the last buffer, unless
-        # that buffer is empty.
-        gpa, length = chain.writable[-1]
-        if length:
-            chain.memory.view(gpa + length - 1, 1)[0] = status
-        else:
-            chain.write(bytes((status,)), writable_len - 1)
-        return written + 1
+            return self._finish(index, chain, 0, exc)
+        if type(outcome) is int:
+            return self._finish(index, chain, outcome, None)
+        assert inspect.iscoroutine(outcome)
+        return self._later(index, chain, outcome)
 
     def request_failed(self, index: int, head: int, reason: str) -> None:
         """Log a request that completes with an error status (both data paths)."""
         log.warning("virtio-blk queue %d: request %d failed: %s", index, head, reason)
 
     # -- request handling ------------------------------------------------------------------
-    def _serve(self, chain: DescriptorChain, data_len_in: int) -> int:
-        """Serve one request; return the bytes written to the guest before the status byte."""
+    def _finish(self, index: int, chain: DescriptorChain, written: int,
+                error: BlkRequestError | None) -> int:
+        """Count the outcome, write the status byte; returns the bytes written (with it)."""
+        status = VIRTIO_BLK_S_OK
+        if error is not None:
+            self.request_failed(index, chain.head, str(error))
+            if error.status == VIRTIO_BLK_S_UNSUPP:
+                self.stats.unsupported += 1
+            else:
+                self.stats.errors += 1
+            written, status = 0, error.status
+        # The status byte is the last writable byte: the last byte of the last buffer, unless
+        # that buffer is empty.
+        gpa, length = chain.writable[-1]
+        if length:
+            chain.memory.view(gpa + length - 1, 1)[0] = status
+        else:
+            chain.write(bytes((status,)), chain.writable_len - 1)
+        return written + 1
+
+    async def _later(self, index: int, chain: DescriptorChain,
+                     outcome: Coroutine[Any, Any, Callable[[], int]]) -> Callable[[], int]:
+        """A request waiting on the store; resolves to its finisher (the ring's thread)."""
+        try:
+            then = await outcome
+        except BlkRequestError as exc:
+            error = exc
+            return lambda: self._finish(index, chain, 0, error)
+
+        def finish() -> int:
+            try:
+                written = then()
+            except BlkRequestError as exc:
+                return self._finish(index, chain, 0, exc)
+            return self._finish(index, chain, written, None)
+        return finish
+
+    def _store(self, what: str, offset: int, length: int, call: Callable[..., Any],
+               *args: Any, then: Callable[[Any], int]) -> _Outcome:
+        """Call the store; `then(result)` finishes the request now, or once an awaitable
+        result resolved. Anything the store raises fails the request (IOERR)."""
+        try:
+            result = call(*args)
+        except Exception as exc:
+            raise _store_error(what, offset, length, exc) from exc
+        if inspect.isawaitable(result):
+            return _awaiting(result, what, offset, length, then)
+        return then(result)
+
+    def _serve(self, chain: DescriptorChain, data_len_in: int) -> _Outcome:
+        """Serve one request: the bytes written to the guest before the status byte, or a
+        coroutine (see `_Outcome`)."""
         if chain.readable_len < REQUEST_HEADER.size:
             raise BlkRequestError(VIRTIO_BLK_S_IOERR,
                                   f"header of {chain.readable_len} bytes (need 16)")
@@ -281,17 +327,14 @@ class BlockDevice(Device):
         if rtype == VIRTIO_BLK_T_IN:
             return self._read(chain, sector, data_len_in)
         if rtype == VIRTIO_BLK_T_OUT:
-            self._write(chain, sector, data_out)
-            return 0
+            return self._write(chain, sector, data_out)
         if rtype == VIRTIO_BLK_T_FLUSH:
-            self._flush()
-            return 0
+            return self._flush()
         if rtype == VIRTIO_BLK_T_GET_ID:
             ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:data_len_in]
             return chain.write(ident)
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-            self._discard_or_zero(chain, rtype, data_out)
-            return 0
+            return self._discard_or_zero(chain, rtype, data_out)
         raise BlkRequestError(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
 
     def _check_range(self, what: str, sector: int, length: int) -> int:
@@ -304,42 +347,69 @@ class BlockDevice(Device):
                                   f"capacity {self.capacity}")
         return sector * SECTOR_SIZE
 
-    def _read(self, chain: DescriptorChain, sector: int, length: int) -> int:
+    def _read(self, chain: DescriptorChain, sector: int, length: int) -> _Outcome:
         offset = self._check_range("read", sector, length)
         views = _views(chain.memory, chain.writable, 0, length)
-        done = _vectored(os.preadv, self.fd, views, offset, length)
-        if done != length:
-            raise BlkRequestError(VIRTIO_BLK_S_IOERR,
-                                  f"short read: {done} of {length} bytes at sector {sector}")
-        self.stats.reads += 1
-        self.stats.bytes_read += length
-        return length
+        stats = self.stats
 
-    def _write(self, chain: DescriptorChain, sector: int, length: int) -> None:
+        def counted(_: object = None) -> int:
+            stats.reads += 1
+            stats.bytes_read += length
+            return length
+
+        def copied(data: Any) -> int:
+            got = memoryview(data).cast("B")
+            if len(got) != length:
+                raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"short read: the store returned "
+                                      f"{len(got)} of {length} bytes at sector {sector}")
+            at = 0
+            for view in views:
+                n = len(view)
+                view[:] = got[at:at + n]
+                at += n
+            return counted()
+        if self._readinto is not None:
+            return self._store("read", offset, length, self._readinto, offset, views,
+                               then=counted)
+        return self._store("read", offset, length, self.store.read, offset, length,
+                           then=copied)
+
+    def _write(self, chain: DescriptorChain, sector: int, length: int) -> _Outcome:
         if self.read_only:
             raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"write at sector {sector} to a "
                                   "read-only device")
         offset = self._check_range("write", sector, length)
         views = _views(chain.memory, chain.readable, REQUEST_HEADER.size, length)
-        done = _vectored(os.pwritev, self.fd, views, offset, length)
-        if done != length:
-            raise BlkRequestError(VIRTIO_BLK_S_IOERR,
-                                  f"short write: {done} of {length} bytes at sector {sector}")
-        self.stats.writes += 1
-        self.stats.bytes_written += length
+        stats = self.stats
 
-    def _flush(self) -> None:
-        if not self.read_only:
-            try:
-                os.fdatasync(self.fd)
-            except OSError as exc:
-                raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"fdatasync: {exc.strerror}") from exc
-        self.stats.flushes += 1
+        def counted(_: object = None) -> int:
+            stats.writes += 1
+            stats.bytes_written += length
+            return 0
+        if self._writefrom is not None and not self._copy_writes:
+            return self._store("write", offset, length, self._writefrom, offset, views,
+                               then=counted)
+        data: bytes | memoryview = views[0] if len(views) == 1 and not self._copy_writes \
+            else b"".join(views)
+        return self._store("write", offset, length, self.store.write, offset, data,
+                           then=counted)
 
-    def _discard_or_zero(self, chain: DescriptorChain, rtype: int, length: int) -> None:
+    def _flush(self) -> _Outcome:
+        stats = self.stats
+
+        def counted(_: object = None) -> int:
+            stats.flushes += 1
+            return 0
+        if self.read_only:
+            return counted()
+        return self._store("flush", 0, 0, self.store.flush, then=counted)
+
+    def _discard_or_zero(self, chain: DescriptorChain, rtype: int, length: int) -> _Outcome:
         what = "discard" if rtype == VIRTIO_BLK_T_DISCARD else "write-zeroes"
         if self.read_only:
             raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"{what} on a read-only device")
+        if rtype == VIRTIO_BLK_T_DISCARD and not self._can_discard:
+            raise BlkRequestError(VIRTIO_BLK_S_UNSUPP, "discard was not offered")
         if length == 0 or length % DISCARD_SEGMENT.size:
             raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"{what} payload of {length} bytes")
         count = length // DISCARD_SEGMENT.size
@@ -347,38 +417,68 @@ class BlockDevice(Device):
             raise BlkRequestError(VIRTIO_BLK_S_IOERR,
                                   f"{what} with {count} segments (max {MAX_DISCARD_SEG})")
         payload = chain.read(REQUEST_HEADER.size, length)
-        segments = [DISCARD_SEGMENT.unpack_from(payload, i * DISCARD_SEGMENT.size)
-                    for i in range(count)]
+        sector, num, flags = DISCARD_SEGMENT.unpack_from(payload, 0)
         # Spec 5.2.6.2: unknown flags, and UNMAP on a discard, are UNSUPP; too many sectors
         # is IOERR whatever the flags.
         allowed = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if rtype == VIRTIO_BLK_T_WRITE_ZEROES else 0
-        for sector, num, flags in segments:   # validate all before changing anything
-            if flags & ~allowed:
-                raise BlkRequestError(VIRTIO_BLK_S_UNSUPP, f"{what}: flags {flags:#x}")
-            if num > MAX_DISCARD_SECTORS:
-                raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"{what}: {num} sectors "
-                                      f"(max {MAX_DISCARD_SECTORS})")
-            self._check_range(what, sector, num * SECTOR_SIZE)
-        for sector, num, flags in segments:
-            offset, size = sector * SECTOR_SIZE, num * SECTOR_SIZE
-            if rtype == VIRTIO_BLK_T_DISCARD:
-                # Discard is a hint: where the file system cannot punch holes, keeping the
-                # data is a correct implementation.
-                _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)
-            else:
-                self._zero(offset, size)
-        self.stats.writes += 1
+        if flags & ~allowed:
+            raise BlkRequestError(VIRTIO_BLK_S_UNSUPP, f"{what}: flags {flags:#x}")
+        if num > MAX_DISCARD_SECTORS:
+            raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"{what}: {num} sectors "
+                                  f"(max {MAX_DISCARD_SECTORS})")
+        offset = self._check_range(what, sector, num * SECTOR_SIZE)
+        size = num * SECTOR_SIZE
+        stats = self.stats
 
-    def _zero(self, offset: int, size: int) -> None:
-        if _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, size):
-            return
-        zeros = bytes(min(size, ZERO_CHUNK))
-        end = offset + size
-        while offset < end:
-            n = os.pwrite(self.fd, zeros[: end - offset], offset)
-            if n <= 0:
-                raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"write-zeroes stalled at {offset}")
-            offset += n
+        def counted(_: object = None) -> int:
+            stats.writes += 1
+            return 0
+        if rtype == VIRTIO_BLK_T_DISCARD:
+            return self._store(what, offset, size, self.store.discard, offset, size,
+                               then=counted)
+        if self._write_zeroes is not None:
+            return self._store(what, offset, size, self._write_zeroes, offset, size,
+                               then=counted)
+        return self._store(what, offset, size, _zero_by_writing, self.store, offset, size,
+                           then=counted)
+
+
+def _store_error(what: str, offset: int, length: int, exc: BaseException) -> BlkRequestError:
+    """A store's exception as the request's IOERR, named for the log line (a StoreError's
+    message already names what failed and where)."""
+    if isinstance(exc, BlkRequestError):
+        return exc
+    if isinstance(exc, StoreError):
+        return BlkRequestError(VIRTIO_BLK_S_IOERR, str(exc.strerror))
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+    return BlkRequestError(VIRTIO_BLK_S_IOERR, f"store {what} of {length} bytes at byte "
+                           f"{offset}: {reason}")
+
+
+async def _awaiting(result: Awaitable[Any], what: str, offset: int, length: int,
+                    then: Callable[[Any], int]) -> Callable[[], int]:
+    """Await a store's result; resolve to the function that finishes the request."""
+    try:
+        value = await result
+    except Exception as exc:
+        raise _store_error(what, offset, length, exc) from exc
+    return lambda: then(value)
+
+
+def _zero_by_writing(store: Any, offset: int, length: int) -> Any:
+    """WRITE_ZEROES on a store without `write_zeroes`: writes of zeros (awaited in turn
+    when the store's `write` is async)."""
+    chunks = [(at, min(ZERO_CHUNK, offset + length - at))
+              for at in range(offset, offset + length, ZERO_CHUNK)]
+    if not inspect.iscoroutinefunction(store.write):
+        for at, n in chunks:
+            store.write(at, bytes(n))
+        return None
+
+    async def zero() -> None:
+        for at, n in chunks:
+            await store.write(at, bytes(n))
+    return zero()
 
 
 def _views(memory: GuestMemory, buffers: list[tuple[int, int]], skip: int, length: int
@@ -397,203 +497,3 @@ def _views(memory: GuestMemory, buffers: list[tuple[int, int]], skip: int, lengt
         length -= n
         skip = 0
     return out
-
-
-def _skip(views: list[memoryview], skip: int) -> list[memoryview]:
-    """A scatter list without its first `skip` bytes."""
-    out = []
-    for view in views:
-        if skip >= len(view):
-            skip -= len(view)
-            continue
-        out.append(view[skip:])
-        skip = 0
-    return out
-
-
-def _vectored(call: object, fd: int, views: list[memoryview], offset: int, length: int) -> int:
-    """preadv/pwritev until `length` bytes moved, IOV_MAX-sized pieces; returns bytes moved."""
-    done = 0
-    pending = views
-    while pending and done < length:
-        batch = pending[:1024]
-        try:
-            n = call(fd, batch, offset + done)  # type: ignore[operator]
-        except OSError as exc:
-            raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"I/O error at byte {offset + done}: "
-                                  f"{exc.strerror}") from exc
-        if n <= 0:
-            break
-        done += n
-        pending = _skip(pending, n)
-    return done
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
-    """fallocate(2); False when the file system does not support `mode`."""
-    if _libc.fallocate(fd, mode, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
-        return False
-    raise BlkRequestError(VIRTIO_BLK_S_IOERR, f"fallocate: {os.strerror(err)}")
-
-
-def _is_block_device(fd: int) -> bool:
-    import stat
-    return stat.S_ISBLK(os.fstat(fd).st_mode)
-
-
-def _image_size(fd: int) -> int:
-    """Bytes in the image behind `fd`: st_size for files and memfds, and the device size
-    for block devices (whose st_size is 0)."""
-    return os.lseek(fd, 0, os.SEEK_END)
-
-
-# -- image formats ------------------------------------------------------------------------------
-#: How much of an image the format probe reads (QEMU's BLOCK_PROBE_BUF_SIZE).
-PROBE_BYTES = 2048
-
-
-def probe_format(head: bytes) -> str | None:
-    """The non-raw image format whose signature starts `head` (an image's first bytes), or
-    None when it looks like raw data.
-
-    The signatures are those QEMU's block drivers probe for: qcow2 and qcow ("QFI\\xfb" and the
-    version), QED, VMDK (sparse extent magics and the text descriptor), VDI (its signature
-    at offset 64), VHDX, VPC/VHD (a dynamic disk's footer copy), LUKS (versions 1 and 2),
-    Parallels, Bochs and cloop. A raw image that happens to start with one of them is
-    indistinguishable: that is what `--format raw` is for.
-    """
-    if head[:4] == b"QFI\xfb" and len(head) >= 8:
-        version = struct.unpack_from(">I", head, 4)[0]
-        if version == 1:
-            return "qcow"
-        if version >= 2:
-            return "qcow2"
-    if head[:4] == b"QED\x00":
-        return "qed"
-    if head[:4] in (b"KDMV", b"COWD") or head.startswith(b"# Disk DescriptorFile"):
-        return "vmdk"
-    if len(head) >= 68 and struct.unpack_from("<I", head, 64)[0] == 0xBEDA107F:
-        return "vdi"
-    if head[:8] == b"vhdxfile":
-        return "vhdx"
-    if head[:8] == b"conectix":
-        return "vpc"
-    if head[:6] == b"LUKS\xba\xbe" and len(head) >= 8 and head[6:8] in (b"\x00\x01", b"\x00\x02"):
-        return "luks"
-    if head[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"):
-        return "parallels"
-    if head.startswith(b"Bochs Virtual HD Image"):
-        return "bochs"
-    if head.startswith(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0"):
-        return "cloop"
-    return None
-
-
-# -- image locks (QEMU's file-posix locking) ----------------------------------------------------
-#: QEMU's block permissions (include/block/block-common.h): bit numbers and QEMU's names.
-PERM_CONSISTENT_READ = 0
-PERM_WRITE = 1
-PERM_WRITE_UNCHANGED = 2
-PERM_RESIZE = 3
-PERM_NAMES = ("consistent read", "write", "write unchanged", "resize")
-#: block/file-posix.c: a holder of permission i read-locks byte 100 + i; a holder that does
-#: not share permission i read-locks byte 200 + i. (Byte 0 and up are libvirt's.)
-LOCK_PERM_BASE = 100
-LOCK_SHARED_BASE = 200
-#: struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
-_FLOCK = struct.Struct("@hhqqi4x")
-
-
-@dataclass(frozen=True)
-class ImageLock:
-    """The permissions one image user takes (`perm`) and lets others take (`shared`), as
-    sets of PERM_* bit numbers, applied with QEMU's protocol.
-
-    `apply` first read-locks its own bytes, then checks, with F_OFD_GETLK, that no other
-    open file holds a byte that conflicts: 200 + i for a permission i we take (someone does
-    not share it), 100 + i for a permission i we do not share (someone holds it). Taking
-    before checking means two users starting at once both see each other and both give up,
-    never both go on. OFD locks belong to the open file description, so they are dropped
-    when the fd is closed, by whatever process holds it last.
-    """
-
-    perm: frozenset[int]
-    shared: frozenset[int]
-
-    @classmethod
-    def for_device(cls, *, read_only: bool, share_rw: bool = False) -> ImageLock:
-        """The set QEMU's guest devices take: read (and write unless read-only); share read
-        and unchanged writes, plus writes with share-rw. Resizing is never shared: the
-        capacity is read once, at start."""
-        perm = {PERM_CONSISTENT_READ} | (set() if read_only else {PERM_WRITE})
-        shared = {PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED} | ({PERM_WRITE} if share_rw
-                                                                 else set())
-        return cls(frozenset(perm), frozenset(shared))
-
-    def apply(self, fd: int, path: str) -> None:
-        """Take and check the locks on `fd`; ConfigurationError (naming `path` and the
-        permission) if another process's locks conflict. A file system without OFD locks
-        gets a WARNING and no locks, like QEMU's locking=auto."""
-        try:
-            for bit in range(len(PERM_NAMES)):
-                if bit in self.perm:
-                    _set_lock(fd, LOCK_PERM_BASE + bit)
-                if bit not in self.shared:
-                    _set_lock(fd, LOCK_SHARED_BASE + bit)
-            for bit in range(len(PERM_NAMES)):
-                if bit in self.perm and _locked_by_others(fd, LOCK_SHARED_BASE + bit):
-                    raise ConfigurationError(f"image {path!r} {_IN_USE} that does not share "
-                                             f"'{PERM_NAMES[bit]}'{_share_hint(bit)}")
-                if bit not in self.shared and _locked_by_others(fd, LOCK_PERM_BASE + bit):
-                    raise ConfigurationError(f"image {path!r} {_IN_USE} that holds "
-                                             f"'{PERM_NAMES[bit]}'{_share_hint(bit)}")
-        except _LockBusy as busy:   # someone write-locked a byte: not QEMU's protocol
-            raise ConfigurationError(f"image {path!r} is in use: byte {busy.offset} is "
-                                     "locked by another process") from None
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                log.warning("image %s: file system without OFD locks (%s); serving it unlocked",
-                            path, exc.strerror)
-                return
-            raise ConfigurationError(f"cannot lock image {path!r}: {exc.strerror}") from exc
-
-
-_IN_USE = "is in use by another process (QEMU, qemu-storage-daemon or vhostpy)"
-
-
-class _LockBusy(Exception):
-    def __init__(self, offset: int) -> None:
-        super().__init__(offset)
-        self.offset = offset
-
-
-def _share_hint(bit: int) -> str:
-    if bit == PERM_WRITE:
-        return (" (writers can share an image only when every user of it agrees: vhostpy "
-                "--share-rw, QEMU share-rw=on)")
-    return ""
-
-
-def _set_lock(fd: int, offset: int) -> None:
-    """Read-lock one byte at `offset` with an OFD lock (never waits)."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0))
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise _LockBusy(offset) from None
-        raise
-
-
-def _locked_by_others(fd: int, offset: int) -> bool:
-    """Whether another open file holds any lock on the byte at `offset` (QEMU's
-    qemu_lock_fd_test: F_OFD_GETLK with a write lock, which any lock conflicts with)."""
-    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
-                         _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-    return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)

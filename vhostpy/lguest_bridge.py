@@ -40,9 +40,9 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .device import Device
 from .errors import ConfigurationError, MemoryAccessError, VhostError
@@ -611,6 +611,16 @@ class _LockedHost:
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         locked = self._locked(callback)
         self.loop.call_soon_threadsafe(lambda: self.loop.call_later(delay, locked))
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        self.loop.call_soon_threadsafe(self._locked(callback))
+
+    def run_coroutine(self, coro: Coroutine[Any, Any, Any],
+                      done: Callable[[Any, BaseException | None], None]) -> Callable[[], bool]:
+        def locked(result: Any, exc: BaseException | None) -> None:
+            with self.lock:
+                done(result, exc)
+        return self.loop.run_coroutine(coro, locked)
 
     def _locked(self, callback: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

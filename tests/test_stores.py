@@ -1,0 +1,294 @@
+"""Block stores behind `BlockDevice` (`vhostpy.stores`), served over a real vhost-user socket
+to the scripted front-end: synchronous and asynchronous stores, out-of-order completion,
+errors, the checks the device does before a store sees a request, and which store gets the
+compiled data path (nothing a user overrides is bypassed)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scripted import BLK_HDR, ScriptedGuest
+
+from vhostpy import _accel
+from vhostpy.blk import (
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    BlockDevice,
+)
+from vhostpy.errors import ConfigurationError
+from vhostpy.loop import EventLoop
+from vhostpy.server import Server
+from vhostpy.stores import FileStore, MemoryStore
+
+SECTOR = 512
+DISK = 1 << 20
+
+
+class DictStore:
+    """The smallest store a user writes: sectors in a dict, nothing optional."""
+
+    size = DISK
+
+    def __init__(self) -> None:
+        self.sectors: dict[int, bytes] = {}
+        self.seen: list[tuple[str, int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.seen.append(("read", offset, length))
+        return b"".join(self.sectors.get(s, bytes(SECTOR))
+                        for s in range(offset // SECTOR, (offset + length) // SECTOR))
+
+    def write(self, offset: int, data: Any) -> None:
+        self.seen.append(("write", offset, len(data)))
+        data = bytes(data)
+        for k in range(0, len(data), SECTOR):
+            self.sectors[offset // SECTOR + k // SECTOR] = data[k:k + SECTOR]
+
+    def flush(self) -> None:
+        self.seen.append(("flush", 0, 0))
+
+
+class SlowStore:
+    """An async store that delays each request at random, and records completion order."""
+
+    size = DISK
+
+    def __init__(self) -> None:
+        self.disk = bytearray(DISK)
+        self.finished: list[int] = []
+        self.fail_at: int | None = None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await asyncio.sleep(random.uniform(0, 0.01))
+        if offset == self.fail_at:
+            raise OSError(5, "the disk fell off")
+        self.finished.append(offset)
+        return bytes(self.disk[offset:offset + length])
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await asyncio.sleep(random.uniform(0, 0.01))
+        self.disk[offset:offset + len(data)] = data
+        self.finished.append(offset)
+
+    async def flush(self) -> None:
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def loop() -> Iterator[EventLoop]:
+    lp = EventLoop()
+    thread = threading.Thread(target=lp.run, daemon=True)
+    thread.start()
+    yield lp
+    lp.stop()
+    thread.join(5)
+    lp.close()
+
+
+def on_loop(loop: EventLoop, fn: Callable[[], Any]) -> Any:
+    box: list[Any] = []
+    done = threading.Event()
+    loop.call_soon_threadsafe(lambda: (box.append(fn()), done.set()))
+    assert done.wait(5)
+    return box[0]
+
+
+class Disk:
+    """A `BlockDevice` served on `loop`, and the scripted guest driving it."""
+
+    def __init__(self, loop: EventLoop, device: BlockDevice, path: str) -> None:
+        self.loop = loop
+        self.device = device
+        self.server = on_loop(loop, lambda: Server(device, loop, socket_path=path))
+        self.guest = ScriptedGuest(path)
+        self.guest.start()
+        self.ring = self.guest.setup_ring(0, 256)
+
+    def submit(self, rtype: int, sector: int, *, data: bytes = b"", read_len: int = 0
+               ) -> tuple[int, int, int | None]:
+        """Queue one request (no kick); returns (head, status address, data address)."""
+        head, addrs = self.ring.builder.add_chain(
+            [BLK_HDR.pack(rtype, 0, sector) + data], [read_len, 1] if read_len else [1])
+        return head, addrs[-1], addrs[1] if read_len else None
+
+    def run(self, requests: list[tuple[int, int, int | None]]) -> list[int]:
+        """Kick, wait for every request; returns their heads in completion order."""
+        self.guest.kick(0)
+        used = self.guest.wait_used(0, len(requests), timeout=10)
+        return [head for head, _ in used]
+
+    def status(self, request: tuple[int, int, int | None]) -> int:
+        return self.guest.memory.read(request[1], 1)[0]
+
+    def data(self, request: tuple[int, int, int | None], length: int) -> bytes:
+        assert request[2] is not None
+        return self.guest.memory.read(request[2], length)
+
+    def one(self, rtype: int, sector: int, *, data: bytes = b"", read_len: int = 0
+            ) -> tuple[int, bytes]:
+        req = self.submit(rtype, sector, data=data, read_len=read_len)
+        self.run([req])
+        return self.status(req), self.data(req, read_len) if read_len else b""
+
+    def close(self) -> None:
+        self.guest.close()
+        on_loop(self.loop, self.server.close)
+        self.device.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path, loop: EventLoop) -> Iterator[Callable[[BlockDevice], Disk]]:
+    disks: list[Disk] = []
+
+    def make(device: BlockDevice) -> Disk:
+        disk = Disk(loop, device, str(tmp_path / f"blk{len(disks)}.sock"))
+        disks.append(disk)
+        return disk
+    yield make
+    for disk in disks:
+        disk.close()
+
+
+def pattern(sector: int, n: int = 1) -> bytes:
+    return b"".join(bytes([(sector + k) & 0xFF, 0x5A]) * (SECTOR // 2) for k in range(n))
+
+
+def test_a_dict_store_written_and_read_back(serve: Callable[[BlockDevice], Disk]) -> None:
+    store = DictStore()
+    device = BlockDevice(store, serial="DICT")
+    assert not device.uses_compiled_path
+    assert not device.features() >> VIRTIO_BLK_F_DISCARD & 1     # the store has no discard
+    disk = serve(device)
+    assert disk.one(VIRTIO_BLK_T_OUT, 8, data=pattern(8, 4))[0] == VIRTIO_BLK_S_OK
+    assert disk.one(VIRTIO_BLK_T_IN, 8, read_len=4 * SECTOR) == (VIRTIO_BLK_S_OK, pattern(8, 4))
+    assert disk.one(VIRTIO_BLK_T_FLUSH, 0)[0] == VIRTIO_BLK_S_OK
+    # WRITE_ZEROES on a store without write_zeroes: written as zeros.
+    seg = (9).to_bytes(8, "little") + (2).to_bytes(4, "little") + bytes(4)
+    assert disk.one(VIRTIO_BLK_T_WRITE_ZEROES, 0, data=seg)[0] == VIRTIO_BLK_S_OK
+    assert disk.one(VIRTIO_BLK_T_IN, 8, read_len=4 * SECTOR)[1] == \
+        pattern(8) + bytes(2 * SECTOR) + pattern(11)
+    assert disk.one(VIRTIO_BLK_T_DISCARD, 0, data=seg)[0] != VIRTIO_BLK_S_OK
+    # Out of range: refused before the store sees it.
+    before = len(store.seen)
+    assert disk.one(VIRTIO_BLK_T_IN, DISK // SECTOR - 1, read_len=2 * SECTOR)[0] == \
+        VIRTIO_BLK_S_IOERR
+    assert disk.one(VIRTIO_BLK_T_OUT, DISK // SECTOR, data=pattern(0))[0] == VIRTIO_BLK_S_IOERR
+    assert len(store.seen) == before
+    assert all(0 <= off and off + n <= DISK for _, off, n in store.seen)
+
+
+def test_a_store_that_raises_fails_only_that_request(serve: Callable[[BlockDevice], Disk],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    class Flaky(DictStore):
+        def read(self, offset: int, length: int) -> bytes:
+            if offset == 4 * SECTOR:
+                raise RuntimeError("bad block")
+            return super().read(offset, length)
+    device = BlockDevice(Flaky())
+    disk = serve(device)
+    caplog.set_level(logging.WARNING)
+    assert disk.one(VIRTIO_BLK_T_IN, 4, read_len=SECTOR)[0] == VIRTIO_BLK_S_IOERR
+    assert "store read of 512 bytes at byte 2048: RuntimeError('bad block')" in caplog.text
+    assert disk.one(VIRTIO_BLK_T_IN, 5, read_len=SECTOR)[0] == VIRTIO_BLK_S_OK
+    assert device.stats.errors == 1 and device.stats.reads == 1
+
+
+def test_an_async_store_completes_out_of_order(serve: Callable[[BlockDevice], Disk]) -> None:
+    store = SlowStore()
+    device = BlockDevice(store)
+    disk = serve(device)
+    writes = [disk.submit(VIRTIO_BLK_T_OUT, 2 * k, data=pattern(2 * k, 2)) for k in range(48)]
+    done = disk.run(writes)
+    assert sorted(done) == sorted(w[0] for w in writes)
+    assert all(disk.status(w) == VIRTIO_BLK_S_OK for w in writes)
+    assert done != [w[0] for w in writes], "48 randomly delayed writes completed in order"
+    assert store.disk[:96 * SECTOR] == b"".join(pattern(2 * k, 2) for k in range(48))
+    reads = [disk.submit(VIRTIO_BLK_T_IN, 2 * k, read_len=2 * SECTOR) for k in range(48)]
+    disk.run(reads)
+    assert all(disk.data(r, 2 * SECTOR) == pattern(2 * k, 2) for k, r in enumerate(reads))
+    assert device.stats.reads == 48 and device.stats.writes == 48
+    store.fail_at = 6 * SECTOR
+    failed = disk.submit(VIRTIO_BLK_T_IN, 6, read_len=SECTOR)
+    fine = disk.submit(VIRTIO_BLK_T_IN, 7, read_len=SECTOR)
+    disk.run([failed, fine])
+    assert (disk.status(failed), disk.status(fine)) == (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK)
+
+
+def test_memory_store(serve: Callable[[BlockDevice], Disk]) -> None:
+    store = MemoryStore(DISK, block_size=4096)
+    device = BlockDevice(store)
+    assert device.features() >> VIRTIO_BLK_F_DISCARD & 1
+    assert int.from_bytes(device.config()[20:24], "little") == 4096     # blk_size
+    disk = serve(device)
+    assert disk.one(VIRTIO_BLK_T_OUT, 1, data=pattern(1, 3))[0] == VIRTIO_BLK_S_OK
+    assert bytes(store.data[SECTOR:4 * SECTOR]) == pattern(1, 3)
+    seg = (2).to_bytes(8, "little") + (1).to_bytes(4, "little") + bytes(4)
+    assert disk.one(VIRTIO_BLK_T_DISCARD, 0, data=seg)[0] == VIRTIO_BLK_S_OK
+    assert disk.one(VIRTIO_BLK_T_IN, 1, read_len=3 * SECTOR)[1] == \
+        pattern(1) + bytes(SECTOR) + pattern(3)
+
+
+def test_what_a_subclass_overrides_is_never_bypassed(tmp_path: Path,
+                                                     serve: Callable[[BlockDevice], Disk]
+                                                     ) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(pattern(0, 8))
+    plain = BlockDevice(FileStore.open(str(image)))
+    assert plain.uses_compiled_path == (_accel.lib is not None)
+    plain.close()
+
+    class Counting(FileStore):
+        reads = 0
+
+        def readinto(self, offset: int, buffers: Any) -> None:
+            Counting.reads += 1
+            super().readinto(offset, buffers)
+    device = BlockDevice(Counting.open(str(image)))
+    assert not device.uses_compiled_path
+    disk = serve(device)
+    assert disk.one(VIRTIO_BLK_T_IN, 2, read_len=SECTOR) == (VIRTIO_BLK_S_OK, pattern(2))
+    assert Counting.reads == 1
+
+    class Audited(BlockDevice):
+        def handle_chain(self, index: int, vq: Any, chain: Any) -> Any:
+            self.audited = getattr(self, "audited", 0) + 1
+            return super().handle_chain(index, vq, chain)
+    image2 = tmp_path / "disk2.img"
+    image2.write_bytes(pattern(0, 8))
+    audited = Audited.open_image(str(image2))
+    assert isinstance(audited, Audited) and not audited.uses_compiled_path
+    disk2 = serve(audited)
+    assert disk2.one(VIRTIO_BLK_T_IN, 3, read_len=SECTOR) == (VIRTIO_BLK_S_OK, pattern(3))
+    assert audited.audited == 1
+
+
+@pytest.mark.parametrize("store, message", [
+    (object(), "size must be a positive number of bytes"),
+    (type("S", (), {"size": 0})(), "size must be a positive number of bytes"),
+    (type("S", (), {"size": 4096, "read": print, "flush": print})(), r"no write\(\) method"),
+    (type("S", (), {"size": 4096, "read": print, "write": print})(), r"no flush\(\) method"),
+    (type("S", (), {"size": 4096, "read": print, "write": print, "flush": print,
+                    "block_size": 1000})(), "block_size must be a power of two"),
+])
+def test_a_store_missing_what_the_device_needs_is_refused(store: object, message: str
+                                                          ) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        BlockDevice(store)
+
+
+def test_a_read_only_store_needs_no_write() -> None:
+    store = type("RO", (), {"size": 4096, "read": print, "flush": print, "read_only": True})()
+    assert BlockDevice(store).read_only
