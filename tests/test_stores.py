@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 from scripted import BLK_HDR, ScriptedGuest
+from test_nbd import start  # noqa: F401 (the NBD server fixture)
 
 from vhostpy import _accel
 from vhostpy.blk import (
@@ -292,3 +295,110 @@ def test_a_store_missing_what_the_device_needs_is_refused(store: object, message
 def test_a_read_only_store_needs_no_write() -> None:
     store = type("RO", (), {"size": 4096, "read": print, "flush": print, "read_only": True})()
     assert BlockDevice(store).read_only
+
+
+# ------------------------------------------------------------------ the command line
+
+STORE_MODULE = '''
+import asyncio, random
+
+class DictStore:
+    size = 1 << 20
+    def __init__(self):
+        self.blocks = {}
+    async def read(self, offset, length):
+        await asyncio.sleep(random.uniform(0, 0.005))
+        return b"".join(self.blocks.get(s, bytes(512))
+                        for s in range(offset // 512, (offset + length) // 512))
+    async def write(self, offset, data):
+        await asyncio.sleep(random.uniform(0, 0.005))
+        for k in range(0, len(data), 512):
+            self.blocks[offset // 512 + k // 512] = bytes(data[k:k + 512])
+    def flush(self):
+        pass
+
+def make():
+    return DictStore()
+
+def broken():
+    raise ValueError("no disk today")
+'''
+
+
+def _guest(path: str) -> tuple[ScriptedGuest, Any]:
+    guest = ScriptedGuest(path)
+    guest.start()
+    return guest, guest.setup_ring(0, 256)
+
+
+def _write_read(guest: ScriptedGuest, ring: Any, sectors: range) -> None:
+    """Write a pattern to `sectors` (all in flight at once), read it back, check it."""
+    reqs = []
+    for s in sectors:
+        _, addrs = ring.builder.add_chain([BLK_HDR.pack(VIRTIO_BLK_T_OUT, 0, s) + pattern(s)],
+                                          [1])
+        reqs.append(addrs[-1])
+    guest.kick(0)
+    guest.wait_used(0, len(reqs), timeout=10)
+    assert all(guest.memory.read(a, 1)[0] == VIRTIO_BLK_S_OK for a in reqs)
+    reads = []
+    for s in sectors:
+        _, addrs = ring.builder.add_chain([BLK_HDR.pack(VIRTIO_BLK_T_IN, 0, s)], [SECTOR, 1])
+        reads.append((s, addrs))
+    guest.kick(0)
+    guest.wait_used(0, len(reads), timeout=10)
+    for s, addrs in reads:
+        assert guest.memory.read(addrs[-1], 1)[0] == VIRTIO_BLK_S_OK
+        assert guest.memory.read(addrs[1], SECTOR) == pattern(s)
+
+
+def test_cli_store_from_a_module(tmp_path: Path, backend: Any,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mystores.py").write_text(STORE_MODULE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    b = backend("blk", "--store", "mystores:make")
+    guest, ring = _guest(b.path)
+    try:
+        _write_read(guest, ring, range(0, 64, 2))
+    finally:
+        guest.close()
+
+
+def test_cli_nbd_against_qemu_nbd(tmp_path: Path, backend: Any, start: Any  # noqa: F811
+                                  ) -> None:
+    image = tmp_path / "remote.img"
+    image.write_bytes(bytes(DISK))
+    server = start("qemu-nbd", str(image), export="disk")
+    b = backend("blk", "--nbd", server.uri, "--serial", "REMOTE")
+    guest, ring = _guest(b.path)
+    try:
+        _write_read(guest, ring, range(1, 97, 3))
+    finally:
+        guest.close()
+    data = image.read_bytes()   # the host image holds the guest's bytes
+    assert all(data[s * SECTOR:(s + 1) * SECTOR] == pattern(s) for s in range(1, 97, 3))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--store", "no_such_module_here:make"], "cannot import no_such_module_here"),
+    (["--store", "mystores:broken"], "calling broken() raised ValueError: no disk today"),
+    (["--store", "mystores:DictStore.size"], "not a callable"),
+    (["--store", "mystores"], "is not MODULE:CALLABLE"),
+    (["--store", "mystores:make", "--image", "x.img"], "--image and --store both say"),
+    (["--nbd", "nbd://127.0.0.1:1/disk"], "nbd://127.0.0.1:1/disk"),
+    (["--nbd", "nbds://example.com/disk"], "nbds://example.com/disk"),
+    (["--store", "mystores:make", "--size", "1M"], "--size is for images"),
+])
+def test_cli_store_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       args: list[str], message: str) -> None:
+    (tmp_path / "mystores.py").write_text(STORE_MODULE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    sock = tmp_path / "blk.sock"
+    proc = subprocess.run([sys.executable, "-m", "vhostpy", "blk", "--socket-path", str(sock),
+                           *args], check=False, capture_output=True, text=True, timeout=30,
+                          cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vhostpy blk: error: "), proc.stderr
+    assert message in lines[0]
+    assert not sock.exists()

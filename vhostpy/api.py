@@ -425,15 +425,23 @@ async def serve_async(device: Device, *, socket_path: str | os.PathLike[str] | N
 
 
 def load_device(spec: str) -> Device:
-    """The device `vhostpy serve MODULE:CALLABLE` serves: import MODULE (the current
-    directory first on sys.path, as `python -m` has it), follow CALLABLE (a dotted attribute
-    path, e.g. `factories.rng` or a Device subclass), call it with no arguments and return
-    what it returns.
+    """The device `vhostpy serve MODULE:CALLABLE` serves: `load_callable(spec)`, which must
+    return a `Device` (else a ConfigurationError naming `spec` and what came back)."""
+    device = load_callable(spec)
+    if not isinstance(device, Device):
+        raise ConfigurationError(f"{spec}: it returned {_one_line(device)}, not a "
+                                 "vhostpy.device.Device")
+    return device
+
+
+def load_callable(spec: str) -> object:
+    """Import MODULE (the current directory first on sys.path, as `python -m` has it),
+    follow CALLABLE (a dotted attribute path, e.g. `factories.rng` or a class), call it with
+    no arguments and return what it returns (`vhostpy serve`, `vhostpy blk --store`).
 
     Every way this can fail (no ':' in `spec`, a module that raises anything while it is
     imported, SyntaxError included, a missing attribute, something not callable, a call that
-    raises, a result that is not a `Device`) is a ConfigurationError naming `spec` and the
-    exception, in one line.
+    raises) is a ConfigurationError naming `spec` and the exception, in one line.
     """
     module_name, colon, path = spec.partition(":")
     if not colon or not module_name or not path:
@@ -455,15 +463,11 @@ def load_device(spec: str) -> Device:
                                      f"({_one_line(exc)})") from exc
     if not callable(target):
         raise ConfigurationError(f"{spec}: {path} is a {type(target).__name__}, not a "
-                                 "callable returning a vhostpy.device.Device")
+                                 "callable")
     try:
-        device = target()
+        return target()
     except (Exception, SystemExit) as exc:
         raise ConfigurationError(f"{spec}: calling {path}() raised {_one_line(exc)}") from exc
-    if not isinstance(device, Device):
-        raise ConfigurationError(f"{spec}: {path}() returned {_one_line(device)}, not a "
-                                 "vhostpy.device.Device")
-    return device
 
 
 def _one_line(thing: object, limit: int = 300) -> str:

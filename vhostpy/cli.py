@@ -250,6 +250,12 @@ def build_parser() -> _Parser:
     blk.add_argument("--no-coalesce", action="store_true",
                      help="interrupt the guest after every batch of requests, even while it "
                      "streams them (default: hold interrupts then, up to 0.5 ms)")
+    blk.add_argument("--store", metavar="MODULE:CALLABLE",
+                     help="serve the block store CALLABLE() returns (an object with size, "
+                     "read, write, flush; methods may be async) instead of an image")
+    blk.add_argument("--nbd", metavar="URI",
+                     help="serve a disk that lives on an NBD server: nbd://HOST[:PORT]/EXPORT "
+                     "or nbd+unix:///EXPORT?socket=PATH")
 
     net = sub.add_parser("net", help=COMMANDS["net"],
                          description="Serve virtio-net ports; frames reach the built-in "
@@ -324,7 +330,26 @@ def _capabilities(command: str) -> dict[str, object]:
 def _make_blk(args: argparse.Namespace) -> BlockDevice:
     options = {"read_only": args.read_only, "serial": args.serial,
                "num_queues": args.num_queues, "queue_size": args.queue_size}
-    if args.image is not None:
+    sources = [name for name, given in (("--image", args.image), ("--store", args.store),
+                                        ("--nbd", args.nbd)) if given is not None]
+    if len(sources) > 1:
+        raise ConfigurationError(f"{sources[0]} and {sources[1]} both say what to serve; "
+                                 "give one")
+    if args.store is not None or args.nbd is not None:
+        for given, name in ((args.size, "--size"), (args.image_format, "--format"),
+                            (args.share_rw or None, "--share-rw")):
+            if given is not None:
+                raise ConfigurationError(f"{name} is for images and the in-memory disk, "
+                                         f"not for {sources[0]}")
+        store = _make_store(args)
+        try:
+            device = BlockDevice(store, **options)
+        except BaseException:
+            close = getattr(store, "close", None)
+            if callable(close):
+                close()
+            raise
+    elif args.image is not None:
         if args.size is not None:
             raise ConfigurationError("--size is for the in-memory disk; it cannot be "
                                      "combined with --image")
@@ -340,6 +365,15 @@ def _make_blk(args: argparse.Namespace) -> BlockDevice:
     if args.no_coalesce:
         device.coalesce = None
     return device
+
+
+def _make_store(args: argparse.Namespace) -> object:
+    """The store of `--store MODULE:CALLABLE` or `--nbd URI` (ConfigurationError if bad)."""
+    if args.nbd is not None:
+        from vhostpy.nbd import NbdStore
+        return NbdStore.connect(args.nbd)
+    from vhostpy.api import load_callable
+    return load_callable(args.store)
 
 
 def _setup_logging(verbosity: int) -> None:
