@@ -73,7 +73,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "tap": PORT_DEPS,
     "pcap": PORT_DEPS,
     "switch": PORT_DEPS,
-    # block stores behind virtio-blk (the NBD client): the standard library and errors only
+    # block stores behind virtio-blk: files and memory, the NBD client; raw images on the host
     "stores": {"errors", "images"},
     "nbd": {"errors"},
     "images": {"errors"},
