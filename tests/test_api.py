@@ -680,3 +680,48 @@ def test_cli_serve_without_counters_prints_empty_counters(modules: Path, spec: s
     assert json.loads(line) == {"device": "plain", "event": "exit", "counters": {}}
     assert ("counters() failed" in err) == warning, err
     assert not sock.exists()
+
+
+# ------------------------------------------------------------------ the README's example
+
+
+def test_example_devices_on_one_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """examples/rng_device.py, loaded as `vhostpy serve` loads it: the synchronous device and
+    the async one (its coroutines on the EventLoop's companion thread, its writes on the
+    ring's) side by side."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    from vhostpy.api import load_device
+
+    sync = load_device("examples.rng_device:make_device")
+    async_ = load_device("examples.rng_device:make_async_device")
+    with vhostpy.Server() as server:
+        for name, device in (("sync.sock", sync), ("async.sock", async_)):
+            server.add(device, socket_path=tmp_path / name)
+        server.start_thread()
+        for name in ("sync.sock", "async.sock"):
+            guest = fill_request(str(tmp_path / name), (16, 1000), uniform=False)
+            try:
+                ring = guest.rings[0]
+                ring.builder.add_chain([], [8192])
+                guest.kick(0)
+                assert [n for _, n in guest.wait_used(0)] == [4096]   # the example's cap
+            finally:
+                guest.close()
+    for device in (sync, async_):
+        assert device.counters() == {"requests": 3, "bytes": 16 + 1000 + 4096}  # type: ignore[attr-defined]
+
+
+def test_readme_shows_the_example_as_it_is() -> None:
+    """Every README code block headed `# examples/rng_device.py` is a verbatim piece of that
+    file, so the README's example is the tested one."""
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "rng_device.py").read_text()
+    blocks = [block.split("\n", 1)[1] for block in readme.split("```python\n")[1:]
+              if block.startswith("# examples/rng_device.py\n")]
+    blocks = [block.split("```", 1)[0] for block in blocks]
+    assert len(blocks) == 3
+    for block in blocks:
+        assert block in example, block
+    for factory in ("make_device", "make_async_device"):
+        assert f"examples.rng_device:{factory}" in readme
