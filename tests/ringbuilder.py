@@ -269,3 +269,9 @@ class CallRunner:
 
     def later(self, chain: Any, result: object) -> None:
         raise AssertionError("this stand-in runner completes nothing later")
+
+    def spawn(self, awaitable: object, done: Any) -> Any:
+        raise AssertionError("this stand-in runner runs no coroutines")
+
+    def call_soon_threadsafe(self, callback: Any) -> None:
+        raise AssertionError("this stand-in runner has no loop")

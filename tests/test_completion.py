@@ -389,3 +389,39 @@ def test_a_vanished_front_end_cancels_the_chains_in_flight(
     for c in device.held:
         c.complete(1)
     assert builder.used_idx == 0
+
+
+def test_spawn_runs_other_work_and_answers_on_the_rings_thread(loop: EventLoop) -> None:
+    r = Rig(Deferring(), loop)
+    try:
+        on_loop(loop, r.go)
+        got: list[tuple[Any, Any, bool]] = []
+        loop_thread: list[int] = [on_loop(loop, threading.get_ident)]
+
+        async def answer() -> str:
+            await asyncio.sleep(0.01)
+            return "late"
+
+        def done(value: Any, exc: Any) -> None:
+            got.append((value, exc, threading.get_ident() == loop_thread[0]))
+        on_loop(loop, lambda: r.ring.vq.spawn(answer(), done))
+        wait_until(lambda: got, 5, "the spawned coroutine")
+        assert got == [("late", None, True)]
+        ran = threading.Event()
+        threading.Thread(target=r.ring.vq.call_soon_threadsafe, args=(ran.set,)).start()
+        assert ran.wait(5)
+    finally:
+        on_loop(loop, r.close)
+
+
+def test_spawn_without_an_asyncio_host_is_refused() -> None:
+    r = Rig(Deferring(), None)
+    try:
+        async def nothing() -> None:
+            pass
+        with pytest.raises(TypeError, match="no asyncio loop"):
+            r.ring.vq.spawn(nothing(), lambda value, exc: None)
+        with pytest.raises(TypeError, match="cannot run callbacks"):
+            r.ring.vq.call_soon_threadsafe(lambda: None)
+    finally:
+        r.close()

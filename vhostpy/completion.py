@@ -149,15 +149,28 @@ class InFlight:
             raise TypeError(f"vring {self.index}: handle_chain returned {result!r} for chain "
                             f"{chain.head}; expected the bytes written (int), vq.defer(chain) "
                             "or an awaitable")
-        run = getattr(self.host, "run_coroutine", None)
-        if run is None:
+        if getattr(self.host, "run_coroutine", None) is None:
             _close(result)
             raise TypeError(f"vring {self.index}: handle_chain returned an awaitable, but this "
                             "transport runs no asyncio loop for it")
         completion = Completion(chain, self, self.generation)
         self._register(completion)
-        coro = result if inspect.iscoroutine(result) else _wrap(result)
-        completion.canceller = run(coro, lambda value, exc: self._ended(completion, value, exc))
+        completion.canceller = self.run(
+            result, lambda value, exc: self._ended(completion, value, exc))
+
+    def run(self, awaitable: object, done: Callable[[Any, BaseException | None], None]
+            ) -> Callable[[], bool]:
+        """Run `awaitable` on the host's asyncio loop; `done(result, exc)` on the ring's
+        thread. TypeError when the host runs no asyncio loop."""
+        run = getattr(self.host, "run_coroutine", None)
+        if run is None:
+            _close(awaitable)
+            raise TypeError(f"vring {self.index}: this transport runs no asyncio loop")
+        if not inspect.isawaitable(awaitable):
+            raise TypeError(f"vring {self.index}: {awaitable!r} is not awaitable")
+        coro = awaitable if inspect.iscoroutine(awaitable) else _wrap(awaitable)
+        canceller: Callable[[], bool] = run(coro, done)
+        return canceller
 
     def completed_now(self, items: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Chains a device completed synchronously: returned to be published at once, unless

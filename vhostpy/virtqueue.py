@@ -35,7 +35,7 @@ import logging
 import platform
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .errors import MemoryAccessError, RingError
@@ -229,6 +229,13 @@ class RingRunner(Protocol):
 
     def publish(self, items: list[tuple[int, int]]) -> None:
         """Used entries for chains completed now, in the order the runner requires."""
+
+    def spawn(self, awaitable: object, done: Callable[[Any, BaseException | None], None]
+              ) -> Callable[[], bool]:
+        """Run `awaitable` on the host's asyncio loop; `done` on the ring's thread."""
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run `callback()` on the ring's thread soon (from any thread)."""
 
 
 _FENCE = threading.Lock()
@@ -564,6 +571,23 @@ class Virtqueue(abc.ABC):
             raise RuntimeError(f"virtqueue {self.index}: no runner serves it; chains cannot "
                                "be completed later")
         self.runner.later(chain, result)
+
+    def spawn(self, awaitable: object, done: Callable[[Any, BaseException | None], None]
+              ) -> Callable[[], bool]:
+        """Run `awaitable` (work that is not a chain: a net handler's late answer) on the
+        transport's asyncio loop; `done(result, exc)` is called on the ring's thread.
+        Returns a function that cancels it. RuntimeError without a runner, TypeError when
+        the transport runs no asyncio loop."""
+        if self.runner is None:
+            raise RuntimeError(f"virtqueue {self.index}: no runner serves it")
+        return self.runner.spawn(awaitable, done)
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run `callback()` on the ring's thread soon; callable from any thread (RuntimeError
+        without a runner, TypeError when the transport cannot)."""
+        if self.runner is None:
+            raise RuntimeError(f"virtqueue {self.index}: no runner serves it")
+        self.runner.call_soon_threadsafe(callback)
 
     def publish(self, items: list[tuple[int, int]]) -> None:
         """`add_used_many` for chains completed now, through the runner, which keeps them

@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import _accel
 from .completion import Completion, InFlight
@@ -283,6 +283,22 @@ class Vring:
     def later(self, chain: DescriptorChain, result: object) -> None:
         """`handle_chain` returned `result` (a `Completion` or an awaitable) for `chain`."""
         self.inflight.later(chain, result)
+
+    def spawn(self, awaitable: object, done: Callable[[Any, BaseException | None], None]
+              ) -> Callable[[], bool]:
+        """`vq.spawn`: run `awaitable` on the host's asyncio loop; `done(result, exc)` comes
+        on the ring's thread. Returns a function that cancels it. TypeError when the
+        transport runs no asyncio loop."""
+        return self.inflight.run(awaitable, done)
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """`vq.call_soon_threadsafe`: run `callback()` on the ring's thread soon, from any
+        thread. TypeError when the transport's host cannot."""
+        wake = getattr(self.host, "call_soon_threadsafe", None)
+        if wake is None:
+            raise TypeError(f"vring {self.index}: this transport cannot run callbacks from "
+                            "other threads")
+        wake(callback)
 
     def publish(self, items: list[tuple[int, int]]) -> None:
         """Used entries for chains the device completed now (`device.drain`): published at
