@@ -2,7 +2,9 @@
 
 `NetDevice` serves queue pairs (receiveq 2i, transmitq 2i+1). Frames the driver transmits
 are validated, their partial checksums completed (VIRTIO_NET_F_CSUM), and handed to the
-device's `NetPort` in batches as plain Ethernet frames. Frames sent into the port are queued
+device's `NetPort` in batches as plain Ethernet frames; a handler answers by returning
+frames, at once or, as a coroutine run on the transport's asyncio loop (`vq.spawn` of the
+transmit ring), later on the ring's thread. Frames sent into the port are queued
 in a bounded backlog and written to the driver's receive buffers with a `virtio_net_hdr`
 (12 bytes with VERSION_1 or MRG_RXBUF, 10 bytes for legacy drivers); with
 VIRTIO_NET_F_MRG_RXBUF a frame spreads across several buffers and `num_buffers` says how
@@ -17,6 +19,8 @@ imports the vhost-user layers.
 from __future__ import annotations
 
 import collections
+import contextlib
+import inspect
 import itertools
 import logging
 import struct
@@ -62,7 +66,9 @@ DEFAULT_MTU = 1500
 DEFAULT_MAC = "52:54:00:12:34:56"
 RX_BACKLOG = 1024            # frames waiting for receive buffers before new ones drop
 
-FrameHandler = Callable[["NetPort", list[Any]], None]
+#: handler(port, frames) -> None, frames to send back (an iterable, or one frame), or an
+#: awaitable (an `async def` handler) whose result is such frames.
+FrameHandler = Callable[["NetPort", list[Any]], Any]
 #: monitor(port, direction, frames) with direction "from_guest" or "to_guest".
 FrameMonitor = Callable[["NetPort", str, Sequence[bytes]], None]
 #: Built-in consumers of the frames a guest sends (`NetPort.set_consumer`).
@@ -139,10 +145,15 @@ class NetPort:
     """The host side of one virtio-net device: frames out of the guest, frames into it.
 
     `add_handler(cb)` registers `cb(port, frames)` for every batch the guest transmits
-    (frames as bytes, or scapy packets with `scapy=True`). `send(frames)` queues frames for
-    the guest (bytes or scapy packets) and returns how many were accepted. Both run on the
-    thread that runs the device's event loop; `send_threadsafe` may be called from any
-    thread once the application set `call_soon_threadsafe`.
+    (frames as bytes, or scapy packets with `scapy=True`). What `cb` returns is its answer:
+    None, frames for the guest (bytes or scapy packets; an iterable, or one frame), sent as
+    `send` sends them, or an awaitable (`cb` is an `async def`) run on the transport's
+    asyncio loop, whose result, such frames, is sent on the loop's thread when it ends.
+    `send(frames)` queues frames for the guest and returns how many were accepted. Handlers
+    and `send` run on the thread that runs the device's event loop (not a coroutine's:
+    under an `EventLoop` coroutines run on its companion thread, so they return frames
+    instead); `send_threadsafe` may be called from any thread once the application set
+    `call_soon_threadsafe`, or once the device's rings started (they know their loop).
 
     Built-in endpoints (`set_capture`, `set_consumer`) behave like a monitor and a handler
     registered first, but the compiled fast path runs them without Python per frame as long
@@ -155,10 +166,24 @@ class NetPort:
         self._handlers: list[tuple[FrameHandler, bool]] = []
         self._monitors: list[FrameMonitor] = []
         self.handler_errors = 0
+        #: Async handler calls refused because `max_pending_handlers` were running.
+        self.handler_drops = 0
+        #: Set by the application (`NetApp` does); else `send_threadsafe` goes through the
+        #: ring the device started last (`learn_loop`).
         self.call_soon_threadsafe: Callable[[Callable[[], None]], None] | None = None
+        self._ring: Virtqueue | None = None
+        #: Async handler calls running: token -> their cancel function (None until known).
+        self._pending: dict[int, Callable[[], bool] | None] = {}
+        self._tokens = itertools.count()
+        self._generation = 0   # bumped by `abandon_pending` (a device reset)
         self.builtin: str | None = None
         self.switch: FrameSwitch | None = None
         self.capture: FrameCapture | None = None
+
+    #: Async handler calls one port lets run at once: a guest cannot pile up coroutines
+    #: without bound behind a slow handler. Beyond it a batch's coroutine is closed unrun
+    #: and counted in `handler_drops` (the guest sees a lost datagram, nothing blocks).
+    max_pending_handlers = 1024
 
     @property
     def python_consumers(self) -> bool:
@@ -193,11 +218,15 @@ class NetPort:
         """See every frame in both directions before handlers or the guest get it (capture)."""
         self._monitors.append(monitor)
 
-    def deliver(self, frames: list[bytes]) -> None:
-        """Hand a batch from the guest to every monitor and handler (called by the device).
+    def deliver(self, frames: list[bytes], vq: Virtqueue | None = None) -> None:
+        """Hand a batch from the guest to every monitor and handler (called by the device,
+        on the loop's thread; `vq` is the transmit ring the batch came from, by default
+        the one the device is draining now).
 
-        A handler that raises is logged and counted (`handler_errors`); the batch still goes
-        to the other handlers and the device keeps serving: user code cannot break a ring.
+        A handler's answer is sent as the class docstring says. A handler that raises, an
+        answer that is not frames and an async handler that raises are logged and counted
+        (`handler_errors`); the batch still goes to the other handlers and the device keeps
+        serving: user code cannot break a ring.
         """
         self.observe("from_guest", frames)
         if self.builtin == "reflect":
@@ -206,10 +235,105 @@ class NetPort:
             self.switch.forward(self, frames)
         for handler, scapy in self._handlers:
             try:
-                handler(self, [to_scapy(f) for f in frames] if scapy else frames)
+                answer = handler(self, [to_scapy(f) for f in frames] if scapy else frames)
+                if answer is None:
+                    continue
+                if inspect.isawaitable(answer):
+                    self._spawn(handler, answer, self._ring_for(vq))
+                else:
+                    self.send(_answer_frames(answer))
             except Exception:
                 self.handler_errors += 1
                 log.exception("%s: frame handler %r failed", self.name, handler)
+
+    def _spawn(self, handler: FrameHandler, answer: Any, vq: Virtqueue | None) -> None:
+        """Run an async handler's awaitable on the transport's asyncio loop (`vq.spawn`)."""
+        if len(self._pending) >= self.max_pending_handlers:
+            _close(answer)
+            self.handler_drops += 1
+            if self.handler_drops & (self.handler_drops - 1) == 0:   # 1, 2, 4, ...: no flood
+                log.warning("%s: %d async frame handler calls still running: a batch for %r "
+                            "is dropped (%d so far)", self.name, len(self._pending), handler,
+                            self.handler_drops)
+            return
+        if vq is None:
+            _close(answer)
+            raise RuntimeError("an async frame handler needs a started ring to run on")
+        token = next(self._tokens)
+        generation = self._generation
+        self._pending[token] = None
+
+        def done(result: Any, exc: BaseException | None) -> None:   # the loop's thread
+            self._pending.pop(token, None)
+            self._answered(handler, generation, result, exc)
+        try:
+            cancel = vq.spawn(answer, done)
+        except BaseException:
+            self._pending.pop(token, None)
+            _close(answer)
+            raise
+        if token in self._pending:
+            self._pending[token] = cancel
+
+    def _answered(self, handler: FrameHandler, generation: int, result: Any,
+                  exc: BaseException | None) -> None:
+        """An async handler ended: send its frames, unless the device was reset since."""
+        if generation != self._generation:
+            # Its guest is gone (the device was reset): answers meant for that driver are
+            # dropped, as `NetDevice.reset` drops the backlog.
+            late = 0
+            if exc is None and result is not None:
+                with contextlib.suppress(Exception):   # not frames: nothing to drop
+                    late = len(_answer_frames(result))
+            if late:
+                self.device.backlog_counters.drops["device reset"] += late
+            log.debug("%s: answer of %r after a device reset dropped (%d frames)",
+                      self.name, handler, late)
+            return
+        if exc is not None:   # CancelledError too: that batch goes unanswered
+            self.handler_errors += 1
+            log.error("%s: frame handler %r failed: %r", self.name, handler, exc, exc_info=exc)
+            return
+        try:
+            if result is not None:
+                self.send(_answer_frames(result))
+        except Exception:
+            self.handler_errors += 1
+            log.exception("%s: frame handler %r answered what cannot be sent", self.name,
+                          handler)
+
+    def _ring_for(self, vq: Virtqueue | None) -> Virtqueue | None:
+        """The ring an async handler of a batch from `vq` runs on (see `deliver`)."""
+        for ring in (vq, self.device.draining, self._ring):
+            if ring is not None:
+                return ring
+        return None
+
+    @property
+    def handlers_pending(self) -> int:
+        """Async handler calls running now."""
+        return len(self._pending)
+
+    def abandon_pending(self) -> int:
+        """Cancel every async handler call running (the device reset: the driver that sent
+        their frames is gone); their answers, should they still come, are dropped.
+        Returns how many there were. Loop thread only."""
+        self._generation += 1
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for cancel in pending:
+            if cancel is not None:
+                cancel()
+        if pending:
+            log.info("%s: device reset with %d async frame handler calls running: cancelled",
+                     self.name, len(pending))
+        return len(pending)
+
+    def learn_loop(self, vq: Virtqueue) -> None:
+        """Remember a started ring of this device: `send_threadsafe` goes through it (its
+        `call_soon_threadsafe`) when the application set no `call_soon_threadsafe`, and an
+        async handler runs on it when its batch came from no known ring."""
+        self._ring = vq
 
     def observe(self, direction: str, frames: Sequence[bytes]) -> None:
         """Show frames to the capture and monitors ("from_guest", or "to_guest" once accepted)."""
@@ -237,13 +361,27 @@ class NetPort:
         return self.device.offer_to_guest(batch, len(batch) if count is None else count)
 
     def send_threadsafe(self, frames: Iterable[Any]) -> None:
-        """`send` from any thread: the frames are queued on the loop's thread."""
+        """`send` from any thread: the frames are queued on the loop's thread. The way onto
+        it is `call_soon_threadsafe` if the application set one, else the device's rings'
+        (`learn_loop`: once a front-end started them; it stays valid between front-ends).
+        RuntimeError when there is neither."""
         batch = [frame_bytes(f) for f in frames]
-        if self.call_soon_threadsafe is None:
-            raise RuntimeError(f"port {self.name}: no event loop attached for send_threadsafe")
+
         def send() -> None:
             self.send(batch)
-        self.call_soon_threadsafe(send)
+        if self.call_soon_threadsafe is not None:
+            self.call_soon_threadsafe(send)
+            return
+        ring = self._ring
+        if ring is None:
+            raise RuntimeError(f"port {self.name}: no event loop attached for send_threadsafe "
+                               "(set call_soon_threadsafe, or wait for a front-end)")
+        try:
+            ring.call_soon_threadsafe(send)
+        except Exception as exc:
+            raise RuntimeError(f"port {self.name}: no event loop attached for send_threadsafe: "
+                               f"its ring cannot run callbacks from other threads ({exc})"
+                               ) from exc
 
     # -- counters --------------------------------------------------------------------------
     @property
@@ -269,6 +407,8 @@ class NetPort:
             },
             "backlog": len(dev.backlog),
             "handler_errors": self.handler_errors,
+            "handlers_pending": self.handlers_pending,
+            "handler_drops": self.handler_drops,
         }
 
 
@@ -282,6 +422,23 @@ class FrameBatch:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+
+def _answer_frames(answer: Any) -> list[bytes]:
+    """A handler's answer as frames: one frame (bytes-like or a scapy packet) or an iterable
+    of them. TypeError for anything else (the handler is counted as failed)."""
+    if isinstance(answer, (bytes, bytearray, memoryview)) or hasattr(answer, "build"):
+        return [frame_bytes(answer)]
+    if isinstance(answer, str) or not isinstance(answer, Iterable):
+        raise TypeError(f"a frame handler returned {type(answer).__name__}: expected None, "
+                        "frames (bytes or scapy packets) or an awaitable of them")
+    return [frame_bytes(f) for f in answer]
+
+
+def _close(awaitable: Any) -> None:
+    """Close a coroutine that will never run (no "never awaited" warning)."""
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
 
 
 def _heads(queue: collections.deque[bytes]) -> Iterator[bytes]:
@@ -330,6 +487,8 @@ class NetDevice(Device):
         self.rx_counters = [QueueCounters() for _ in range(queue_pairs)]
         self.tx_counters = [QueueCounters() for _ in range(queue_pairs)]
         self._rx_queues: dict[int, Virtqueue] = {}
+        #: The transmit ring being drained now (its batches' async handlers run on it).
+        self.draining: Virtqueue | None = None
         self._path_config = NetPathConfig(mtu=mtu or DEFAULT_MTU)
         self._fast: NetFastPath | None = None
         if _accel.lib is not None:
@@ -394,9 +553,11 @@ class NetDevice(Device):
             self.backlog.clear()
         self._rx_queues.clear()
         self._publish(mrg=False, csum=False, hdr_len=NET_HDR.size, rx_ring=None)
+        self.port.abandon_pending()
 
     # -- queues ----------------------------------------------------------------------------
     def queue_started(self, index: int, vq: Virtqueue) -> None:
+        self.port.learn_loop(vq)
         if index % 2 == 0:
             self._rx_queues[index] = vq
             self._rings_changed()
@@ -414,9 +575,16 @@ class NetDevice(Device):
 
     # -- guest -> host ---------------------------------------------------------------------
     def _drain_tx(self, pair: int, vq: Virtqueue) -> None:
-        if self._fast is not None and self._fast.serves(vq):
-            self._fast.drain_tx(pair, vq)
-            return
+        self.draining = vq
+        try:
+            if self._fast is not None and self._fast.serves(vq):
+                self._fast.drain_tx(pair, vq)
+            else:
+                self._drain_tx_python(pair, vq)
+        finally:
+            self.draining = None
+
+    def _drain_tx_python(self, pair: int, vq: Virtqueue) -> None:
         counters = self.tx_counters[pair]
         for chains in batches(vq):
             frames = []
@@ -429,7 +597,7 @@ class NetDevice(Device):
             vq.add_used_many([(chain.head, 0) for chain in chains])
             vq.signal_used()
             if frames:
-                self.port.deliver(frames)
+                self.port.deliver(frames, vq)
 
     def _frame_from(self, chain: DescriptorChain, counters: QueueCounters) -> bytes | None:
         """The Ethernet frame in a transmit chain, or None (counted) when it cannot be valid."""
