@@ -12,14 +12,17 @@ not frames (counted), an async handler answering later on the transport's asynci
 async handler that raises (counted, the ring keeps serving), `max_pending_handlers`,
 `send_threadsafe` learnt from the rings, and resets and stopped rings with answers pending
 (cancelled, dropped and counted; a stopped receive ring gets nothing, the backlog stays
-bounded).
+bounded). Last, the README's example service (examples/net_service.py) in-process, and the
+README's blocks of it are the file's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,8 +35,10 @@ from tools import wait_until
 import vhostpy
 from vhostpy.loop import AsyncioHost, EventLoop
 from vhostpy.net import NetDevice, NetPort
+from vhostpy.packets import Responder
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
 RX, TX = 0, 1
 HDR = struct.Struct("<BBHHHHH")          # virtio_net_hdr with num_buffers (VERSION_1: 12 bytes)
 RX_BUF_SIZE = 2048
@@ -482,3 +487,76 @@ def test_an_answer_for_a_stopped_receive_ring_waits_in_the_bounded_backlog(
     guest.close()                                 # the reset drops the backlog
     wait_until(lambda: s.counters()["backlog"] == 0, SOON, "the reset")
     assert s.counters()["to_guest"]["drops"] == {"no rx buffers": 6, "device reset": 4}
+
+
+# ------------------------------------------------------------------ the README's example
+
+
+@pytest.fixture
+def example(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """examples/net_service.py, imported as `vhostpy serve` imports it (from the root)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
+    monkeypatch.delitem(sys.modules, "examples.net_service", raising=False)
+    return importlib.import_module("examples.net_service")
+
+
+@pytest.mark.usefixtures("scapy_installed")
+def test_the_example_service_answers_arp_now_and_tftp_later(
+        serve: Callable[..., Served], example: Any) -> None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import ARP, Ether
+    from scapy.packet import Raw
+
+    from vhostpy.api import load_device
+
+    device = load_device("examples.net_service:make_device")
+    assert isinstance(device, example.NetService)
+    s = serve(device)
+    guest = s.guest()
+    me = Responder("10.0.2.15", mac="52:54:00:aa:bb:cc")
+    guest.send(me.arp_request(example.SERVICE_IP))
+    (arp,) = guest.receive()
+    assert me.handle(arp) == [] and me.neighbours[example.SERVICE_IP] == HOST_MAC
+    assert Ether(arp)[ARP].op == 2
+
+    def tftp(payload: bytes, sport: int = 40000) -> bytes:
+        return bytes(Ether(src="52:54:00:aa:bb:cc", dst="52:54:00:12:35:02") /
+                     IP(src="10.0.2.15", dst=example.SERVICE_IP) /
+                     UDP(sport=sport, dport=69) / Raw(payload))
+    guest.send(tftp(b"\x00\x01motd\x00octet\x00"),
+               tftp(b"\x00\x01nothing-here\x00octet\x00", 40001))
+    got = [Ether(f) for f in guest.receive(2)]
+    for pkt in got:
+        assert (pkt.dst, pkt[IP].src, pkt[IP].dst) == \
+            ("52:54:00:aa:bb:cc", example.SERVICE_IP, "10.0.2.15")
+        assert pkt[UDP].sport == 69
+        again = pkt.copy()                        # scapy recomputes deleted checksums
+        del again[IP].chksum, again[UDP].chksum
+        rebuilt = Ether(bytes(again))
+        assert (rebuilt[IP].chksum, rebuilt[UDP].chksum) == (pkt[IP].chksum, pkt[UDP].chksum)
+    data, error = sorted(got, key=lambda p: p[UDP].dport)
+    assert data[UDP].dport == 40000
+    assert bytes(data[UDP].payload) == b"\x00\x03\x00\x01" + example.FILES["motd"]
+    assert bytes(error[UDP].payload) == b"\x00\x05\x00\x01File not found\x00"
+    guest.send(tftp(b"\x00\x04\x00\x01"))            # the client's ACK: not answered
+    guest.send(tftp(b"\x00\x01motd\x00octet\x00", 40002))
+    (again,) = guest.receive()
+    assert Ether(again)[UDP].dport == 40002 and guest.rx.used_idx == 4
+    counters = s.call(device.counters)
+    assert (counters["files_sent"], counters["not_found"]) == (2, 1)
+    assert counters["port"]["handler_errors"] == 0
+
+
+def test_readme_shows_the_example_as_it_is() -> None:
+    """Every README code block headed `# examples/net_service.py` is a verbatim piece of
+    that file, so the README's example is the tested one."""
+    readme = (ROOT / "README.md").read_text()
+    source = (ROOT / "examples" / "net_service.py").read_text()
+    blocks = [block.split("\n", 1)[1].split("```", 1)[0]
+              for block in readme.split("```python\n")[1:]
+              if block.startswith("# examples/net_service.py\n")]
+    assert blocks
+    for block in blocks:
+        assert block in source, block
+    assert "examples.net_service:make_device" in readme
