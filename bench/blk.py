@@ -97,7 +97,13 @@ NULL_JOB = Job("null-4k-qd32", "4k randread QD32, fio null engine (guest ceiling
                "randread", "4k", 32, "iops", engine="null", guest_only=True)
 JOB_KEYS = tuple(j.key for j in JOBS)
 
-BACKENDS = ("vhostpy", "qemu-storage-daemon", "qemu-builtin")
+#: Back-ends: vhostpy's compiled image path, qemu-storage-daemon, QEMU's own virtio-blk; the
+#: Python store path (a MemoryStore, and an async store over the same bytes); and an NBD
+#: export of the image by qemu-nbd, reached by vhostpy --nbd and by qemu-storage-daemon's NBD
+#: client. The default runs the first three.
+BACKENDS = ("vhostpy", "qemu-storage-daemon", "qemu-builtin", "vhostpy-memory",
+            "vhostpy-async", "vhostpy-nbd", "qsd-nbd")
+DEFAULT_BACKENDS = BACKENDS[:3]
 QEMU_AFFINITIES = ("guest", "split", "vcpu", "none")
 #: The ``backend`` field of the null-engine reference records.
 NULL_BACKEND = "none (guest fio null engine)"
@@ -139,7 +145,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--blk-jobs", default=None, metavar="K1,K2",
                    help=f"fio jobs to run (default all: {','.join(JOB_KEYS)})")
     g.add_argument("--blk-backends", default=None, metavar="B1,B2",
-                   help=f"back-ends (default all: {','.join(BACKENDS)})")
+                   help=f"back-ends (default {','.join(DEFAULT_BACKENDS)}; also "
+                        f"{','.join(BACKENDS[3:])})")
     g.add_argument("--blk-runtime", type=float, default=None, metavar="S",
                    help=f"seconds per fio job (default {DEFAULT_RUNTIME:g}, "
                         f"--quick {QUICK_RUNTIME:g})")
@@ -171,7 +178,7 @@ class Options:
     repetitions: int = DEFAULT_REPETITIONS
     runtime: float = DEFAULT_RUNTIME
     jobs: tuple[Job, ...] = JOBS
-    backends: tuple[str, ...] = BACKENDS
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
     null_job: bool = True
     image_mb: int = DEFAULT_IMAGE_MB
     workdir: str | None = None
@@ -199,7 +206,7 @@ class Options:
             runtime=float(get("blk_runtime", get("seconds",
                                                  QUICK_RUNTIME if quick else DEFAULT_RUNTIME))),
             jobs=tuple(jobs) if jobs else JOBS,
-            backends=tuple(backends) if backends else BACKENDS,
+            backends=tuple(backends) if backends else DEFAULT_BACKENDS,
             null_job=not get("blk_no_null", False),
             image_mb=int(get("blk_image_mb", QUICK_IMAGE_MB if quick else DEFAULT_IMAGE_MB)),
             workdir=get("blk_workdir"),
@@ -505,26 +512,47 @@ class Backend:
     argv: list[str]
     socket: str | None
     qemu_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    #: A server the back-end needs first (qemu-nbd), and the socket it listens on.
+    server_argv: list[str] = field(default_factory=list)
+    server_socket: str | None = None
 
     @property
     def command(self) -> str:
         if self.argv:
-            return shlex.join(self.argv)
+            pre = f"{shlex.join(self.server_argv)} & " if self.server_argv else ""
+            return pre + shlex.join(self.argv)
         return "qemu-system-x86_64 ... " + shlex.join(self.qemu_args)
 
 
-def backend_spec(name: str, image: Path, workdir: Path, cpu: int | None) -> Backend:
+def backend_spec(name: str, image: Path, workdir: Path, cpu: int | None,
+                 image_mb: int = DEFAULT_IMAGE_MB) -> Backend:
     sock = str(workdir / f"{name}.sock")
+    vhostpy_blk = [*_taskset(cpu), sys.executable, "-m", "vhostpy", "blk", "--socket-path", sock]
     if name == "vhostpy":
-        argv = [*_taskset(cpu), sys.executable, "-m", "vhostpy", "blk",
-                "--socket-path", sock, "--image", str(image)]
-        return Backend(name, argv, sock)
+        return Backend(name, [*vhostpy_blk, "--image", str(image)], sock)
+    if name in ("vhostpy-memory", "vhostpy-async"):
+        store = "memory_store" if name == "vhostpy-memory" else "async_store"
+        return Backend(name, [*vhostpy_blk, "--store", f"bench.stores:{store}"], sock,
+                       env={"VHOSTPY_BENCH_STORE_MB": str(image_mb)})
+    if name in ("vhostpy-nbd", "qsd-nbd"):
+        nbd_sock = str(workdir / f"{name}-nbd.sock")
+        qemu_nbd = shutil.which("qemu-nbd")
+        if qemu_nbd is None:
+            raise BenchSetupError("qemu-nbd not found: run ci/nbd/install-deps.sh")
+        server = [*_taskset(cpu), qemu_nbd, "-f", "raw", "--persistent", "--shared=8",
+                  "--cache=writeback", "-k", nbd_sock, str(image)]
+        if name == "vhostpy-nbd":
+            argv = [*vhostpy_blk, "--nbd", f"nbd+unix:///?socket={nbd_sock}"]
+        else:
+            argv = [*_taskset(cpu), _qsd(),
+                    "--blockdev", ("driver=nbd,node-name=nbd0,server.type=unix,"
+                                   f"server.path={nbd_sock}"),
+                    "--export", ("type=vhost-user-blk,id=exp0,node-name=nbd0,addr.type=unix,"
+                                 f"addr.path={sock},writable=on")]
+        return Backend(name, argv, sock, server_argv=server, server_socket=nbd_sock)
     if name == "qemu-storage-daemon":
-        qsd = shutil.which("qemu-storage-daemon")
-        if qsd is None:
-            raise BenchSetupError("qemu-storage-daemon not found: run ci/qemu/install-deps.sh "
-                                  "(apt qemu-utils)")
-        argv = [*_taskset(cpu), qsd,
+        argv = [*_taskset(cpu), _qsd(),
                 "--blockdev", f"driver=file,node-name=file0,filename={image}",
                 "--blockdev", "driver=raw,node-name=raw0,file=file0",
                 "--export", ("type=vhost-user-blk,id=exp0,node-name=raw0,addr.type=unix,"
@@ -538,33 +566,51 @@ def backend_spec(name: str, image: Path, workdir: Path, cpu: int | None) -> Back
     raise ValueError(f"unknown back-end {name!r}")
 
 
+def _qsd() -> str:
+    qsd = shutil.which("qemu-storage-daemon")
+    if qsd is None:
+        raise BenchSetupError("qemu-storage-daemon not found: run ci/qemu/install-deps.sh "
+                              "(apt qemu-utils)")
+    return qsd
+
+
 @contextmanager
 def running_backend(spec: Backend, workdir: Path) -> Iterator[subprocess.Popen[bytes] | None]:
-    """Start the back-end process (if any), wait for its socket, stop it afterwards."""
+    """Start the back-end process (if any; after the server it needs), wait for its socket,
+    stop both afterwards."""
     if not spec.argv:
         yield None
         return
     assert spec.socket is not None
-    if os.path.exists(spec.socket):
-        os.unlink(spec.socket)
     log_path = workdir / f"{spec.name}.log"
-    with open(log_path, "ab") as logf:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        proc = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=subprocess.STDOUT, env=env, cwd=str(workdir))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(spec.env)
+    started: list[subprocess.Popen[bytes]] = []
     try:
-        try:
-            qemu_guest.wait_for_socket(spec.socket, timeout=20, proc=proc)
-        except (RuntimeError, TimeoutError) as e:
-            raise RuntimeError(f"{spec.name}: {e}\n{log_path.read_text(errors='replace')}") \
-                from None
-        yield proc
+        for argv, sock in ((spec.server_argv, spec.server_socket), (spec.argv, spec.socket)):
+            if not argv:
+                continue
+            assert sock is not None
+            if os.path.exists(sock):
+                os.unlink(sock)
+            with open(log_path, "ab") as logf:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                        stderr=subprocess.STDOUT, env=env, cwd=str(workdir))
+            started.append(proc)
+            try:
+                qemu_guest.wait_for_socket(sock, timeout=20, proc=proc)
+            except (RuntimeError, TimeoutError) as e:
+                raise RuntimeError(f"{spec.name}: {e}\n{log_path.read_text(errors='replace')}") \
+                    from None
+        yield started[-1]
     finally:
-        terminate(proc)
-        if os.path.exists(spec.socket):
-            os.unlink(spec.socket)
+        for proc in reversed(started):
+            terminate(proc)
+        for sock in (spec.socket, spec.server_socket):
+            if sock is not None and os.path.exists(sock):
+                os.unlink(sock)
 
 
 _VCPU_THREAD = re.compile(r"^CPU \d+/")
@@ -779,7 +825,8 @@ def run_blk(args: Any = None) -> list[dict[str, Any]]:
     try:
         say(f"writing {opts.image_mb} MiB image {image} ({_fstype(workdir)})")
         make_image(image, opts.image_mb)
-        specs.update({b: backend_spec(b, image, workdir, backend_cpu) for b in opts.backends})
+        specs.update({b: backend_spec(b, image, workdir, backend_cpu, opts.image_mb)
+                      for b in opts.backends})
         order = list(opts.backends)
         for rep in range(opts.repetitions):
             for name in order:

@@ -2,7 +2,8 @@
 
 ``test_run_blk_quick_every_backend`` boots one TCG guest per back-end (vhostpy,
 qemu-storage-daemon, QEMU's built-in virtio-blk) running one short fio job (~45 s in all);
-the rest is fast and needs no QEMU.
+``test_run_blk_quick_store_and_nbd_backends`` the async store and --nbd ones; the rest is
+fast and needs no QEMU.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def test_run_blk_quick_every_backend() -> None:
         assert len(r["values"]) == 1 and 0 <= r["values"][0] <= 100, r
         assert r["command"].endswith("guest: sleep 1"), r["command"]
     records = [r for r in records if r["job"] != "idle"]
-    assert {r["backend"] for r in records} == set(blk.BACKENDS)
+    assert {r["backend"] for r in records} == set(blk.DEFAULT_BACKENDS)
     for r in records:
         assert r["case"] == "4k randread QD32"
         assert r["metric"] == "iops"
@@ -57,6 +58,23 @@ def test_run_blk_quick_every_backend() -> None:
         (irqs,) = r["irqs_per_io_values"]
         assert 0 < irqs <= 1.5, r
     json.dumps(records)  # plain data all the way down
+
+
+@pytest.mark.qemu
+def test_run_blk_quick_store_and_nbd_backends() -> None:
+    """The async store path and an NBD export reached by vhostpy --nbd each give a figure
+    (the MemoryStore and qemu-storage-daemon's NBD client share their code paths)."""
+    require_qemu()
+    require_tool("fio", "ci/bench/install-deps.sh")
+    require_tool("qemu-nbd", "ci/nbd/install-deps.sh")
+    extra = ("vhostpy-async", "vhostpy-nbd")
+    args = argparse.Namespace(quick=True, repetitions=1, blk_jobs="randread-4k-qd32",
+                              blk_runtime=1.0, blk_image_mb=64, blk_no_null=True,
+                              blk_backends=",".join(extra))
+    records = blk.run_blk(args)
+    assert {r["backend"] for r in records} == set(extra)
+    for r in records:
+        assert r["values"][0] > 0 and r["cpu_per_io_us"] is not None, r
 
 
 def test_run_python_quick() -> None:

@@ -390,6 +390,8 @@ def serve_until_signalled(device: Device, *, socket_path: str | os.PathLike[str]
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("vhostpy.serve handles SIGINT and SIGTERM, so it must run in the "
                            "main thread; use vhostpy.Server elsewhere")
+    if device.prefers_asyncio:
+        return _serve_on_asyncio(device, socket_path, fd, signals or {}, serving)
     server = Server()
     loop = cast(EventLoop, server.host)
     try:
@@ -404,6 +406,45 @@ def serve_until_signalled(device: Device, *, socket_path: str | os.PathLike[str]
         server.stop()
         raise
     server.run()
+    return endpoint
+
+
+def _serve_on_asyncio(device: Device, socket_path: str | os.PathLike[str] | None,
+                      fd: int | None, signals: Mapping[int, Callable[[], None]],
+                      serving: Callable[[Endpoint], None] | None) -> Endpoint:
+    """`serve_until_signalled` for a device whose requests are coroutines: everything on a
+    fresh asyncio loop in this thread (no companion thread, no hand-over per request)."""
+    loop = asyncio.new_event_loop()
+    server = Server(host=AsyncioHost(loop))
+    numbers: list[int] = [*STOP_SIGNALS, *signals]
+    previous = {number: signal.getsignal(number) for number in numbers}
+
+    def stop() -> None:
+        server.stop()
+        loop.stop()
+    try:
+        for stop_signal in STOP_SIGNALS:
+            loop.add_signal_handler(stop_signal, stop)
+        for number, handler in signals.items():
+            loop.add_signal_handler(number, handler)
+        endpoint = server.add(device, socket_path=socket_path, fd=fd)
+        if serving is not None:
+            serving(endpoint)
+        loop.run_forever()
+    finally:
+        try:
+            server.stop()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        finally:
+            for number in numbers:
+                loop.remove_signal_handler(number)
+                if previous[number] is not None:
+                    signal.signal(number, previous[number])
+            loop.close()
     return endpoint
 
 

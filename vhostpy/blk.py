@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import logging
 import struct
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,10 +98,25 @@ class BlkStats:
     unsupported: int = 0
 
 
-#: What a request handler gives back: the bytes written into the guest (done), or a
-#: coroutine resolving to a function, run on the ring's thread, that finishes the request
-#: (moves data into guest memory, counts it) and returns those bytes.
-_Outcome = int | Coroutine[Any, Any, Callable[[], int]]
+class _Pending:
+    """A request waiting on its store: the awaitable, and `then(result)`, which finishes the
+    request on the ring's thread (moves data into guest memory, counts it) and returns the
+    bytes written into the guest."""
+
+    __slots__ = ("awaitable", "length", "offset", "then", "what")
+
+    def __init__(self, awaitable: Awaitable[Any], what: str, offset: int, length: int,
+                 then: Callable[[Any], int]) -> None:
+        self.awaitable = awaitable
+        self.what = what
+        self.offset = offset
+        self.length = length
+        self.then = then
+
+
+#: What a request handler gives back: the bytes written into the guest (done), or the
+#: request waiting on its store.
+_Outcome = int | _Pending
 
 
 class BlockDevice(Device):
@@ -254,8 +269,15 @@ class BlockDevice(Device):
             return self._finish(index, chain, 0, exc)
         if type(outcome) is int:
             return self._finish(index, chain, outcome, None)
-        assert inspect.iscoroutine(outcome)
+        assert isinstance(outcome, _Pending)
         return self._later(index, chain, outcome)
+
+    @property
+    def prefers_asyncio(self) -> bool:
+        """True when the store has `async def` methods (see `Device.prefers_asyncio`)."""
+        return any(inspect.iscoroutinefunction(getattr(self.store, name, None))
+                   for name in ("read", "write", "flush", "discard", "write_zeroes",
+                                "readinto", "writefrom"))
 
     def request_failed(self, index: int, head: int, reason: str) -> None:
         """Log a request that completes with an error status (both data paths)."""
@@ -283,17 +305,17 @@ class BlockDevice(Device):
         return written + 1
 
     async def _later(self, index: int, chain: DescriptorChain,
-                     outcome: Coroutine[Any, Any, Callable[[], int]]) -> Callable[[], int]:
+                     pending: _Pending) -> Callable[[], int]:
         """A request waiting on the store; resolves to its finisher (the ring's thread)."""
         try:
-            then = await outcome
-        except BlkRequestError as exc:
-            error = exc
+            value = await pending.awaitable
+        except Exception as exc:  # noqa: BLE001 (a store may raise anything: IOERR)
+            error = _store_error(pending.what, pending.offset, pending.length, exc)
             return lambda: self._finish(index, chain, 0, error)
 
         def finish() -> int:
             try:
-                written = then()
+                written = pending.then(value)
             except BlkRequestError as exc:
                 return self._finish(index, chain, 0, exc)
             return self._finish(index, chain, written, None)
@@ -308,7 +330,7 @@ class BlockDevice(Device):
         except Exception as exc:
             raise _store_error(what, offset, length, exc) from exc
         if inspect.isawaitable(result):
-            return _awaiting(result, what, offset, length, then)
+            return _Pending(result, what, offset, length, then)
         return then(result)
 
     def _serve(self, chain: DescriptorChain, data_len_in: int) -> _Outcome:
@@ -453,16 +475,6 @@ def _store_error(what: str, offset: int, length: int, exc: BaseException) -> Blk
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
     return BlkRequestError(VIRTIO_BLK_S_IOERR, f"store {what} of {length} bytes at byte "
                            f"{offset}: {reason}")
-
-
-async def _awaiting(result: Awaitable[Any], what: str, offset: int, length: int,
-                    then: Callable[[Any], int]) -> Callable[[], int]:
-    """Await a store's result; resolve to the function that finishes the request."""
-    try:
-        value = await result
-    except Exception as exc:
-        raise _store_error(what, offset, length, exc) from exc
-    return lambda: then(value)
 
 
 def _zero_by_writing(store: Any, offset: int, length: int) -> Any:

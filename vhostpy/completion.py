@@ -261,10 +261,21 @@ class InFlight:
         if completion.cancelled:
             return
         if exc is None:
-            try:
-                completion.complete(value)
-            except RuntimeError as err:   # the coroutine also called complete() itself
-                self._fail(str(err))
+            # Queued, not published at once: every coroutine that ends in this turn of the
+            # loop is published in one batch (one used->idx update, one interrupt decision).
+            with self._lock:
+                if completion.finished:   # the coroutine also called complete() itself
+                    twice = True
+                else:
+                    twice = False
+                    completion.finished = True
+                    self._queue.append((completion, value))
+                    wake = not self._scheduled
+                    self._scheduled = True
+            if twice:
+                self._fail(f"chain {completion.head} completed twice")
+            elif wake:
+                self.host.call_later(0, self.flush)
             return
         self._drop(completion)
         if isinstance(exc, asyncio.CancelledError):

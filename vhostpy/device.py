@@ -33,6 +33,7 @@ the guest.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -159,6 +160,16 @@ class Device:
     def reset(self) -> None:
         """Return to the pre-negotiation state, keeping owned resources."""
         self.acked_features = 0
+
+    @property
+    def prefers_asyncio(self) -> bool:
+        """True when this device's requests run as coroutines (`handle_chain` is an `async
+        def`): `vhostpy.serve` and the command line then serve it on an asyncio loop, in one
+        thread. Elsewhere (a `vhostpy.Server` on its own loop) coroutines run on a companion
+        asyncio thread, and a coroutine that writes guest memory itself should rather return
+        a function that does (see `completion.Written`): it then runs on the ring's thread,
+        and not at all once the ring stopped."""
+        return inspect.iscoroutinefunction(type(self).handle_chain)
 
     # -- transport-level settings a device may accept ---------------------------------------
     #: True when `set_mtu` is implemented (vhost-user then offers the NET_MTU protocol feature).

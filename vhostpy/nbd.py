@@ -194,6 +194,9 @@ class NbdStore:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, _Request] = {}
+        #: Requests queued in this turn of the loop, sent together by `_send_queued` (one
+        #: write, one syscall, for every request a burst of guest requests made).
+        self._queued: list[bytes | memoryview] = []
         self._cookies = itertools.count(1)
         self._broken: str | None = None
         self._closed = False
@@ -400,14 +403,41 @@ class NbdStore:
             if not r.future.done():
                 r.future.set_exception(OSError(errno.EIO, f"{self._where(*r[:3])}: {why}"))
 
+    def _queue(self, writer: asyncio.StreamWriter, command: int, offset: int, length: int,
+               payload: memoryview | None) -> asyncio.Future[bytes]:
+        """Queue one request (header and payload together) and return its reply's future;
+        the queue goes out at the end of this turn of the loop."""
+        assert self._loop is not None
+        cookie = next(self._cookies)
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._pending[cookie] = _Request(command, offset, length, future)
+        if not self._queued:
+            self._loop.call_soon(self._send_queued, writer)
+        self._queued.append(_REQUEST.pack(REQUEST_MAGIC, 0, command, cookie, offset, length))
+        if payload is not None:
+            self._queued.append(payload)
+        return future
+
+    def _send_queued(self, writer: asyncio.StreamWriter) -> None:
+        queued, self._queued = self._queued, []
+        if self._broken is not None or self._closed or writer.is_closing():
+            return    # their futures failed (or fail) with the connection
+        try:
+            writer.writelines(queued)
+        except OSError as e:
+            self._break(f"sending failed: {e}")
+
     async def _run(self, command: int, offset: int, length: int,
                    payload: memoryview | None = None, fill: bytes | None = None) -> list[bytes]:
         """Send one command as requests of at most ``max_request`` bytes (``fill``: the payload
         of every WRITE, and the request size) and wait for all their replies."""
         writer = await self._attach()
-        assert self._loop is not None
         step = min(self.max_request, len(fill)) if fill is not None else self.max_request
         source = payload if fill is None else memoryview(fill)
+        if length <= step and fill is None:    # the usual case: one request
+            future = self._queue(writer, command, offset, length, payload)
+            await self._drain(writer)
+            return [await future]
         futures: list[asyncio.Future[bytes]] = []
         error: BaseException | None = None
         try:
@@ -415,15 +445,11 @@ class NbdStore:
                 if self._broken is not None or self._closed:
                     raise OSError(errno.EIO, f"{self._where(command, offset, length)}: "
                                              f"{self._broken or 'store closed'}")
-                n, cookie = min(step, length - pos), next(self._cookies)
-                futures.append(self._loop.create_future())
-                self._pending[cookie] = _Request(command, offset + pos, n, futures[-1])
-                # header and payload go out together: no await between the two writes
-                writer.write(_REQUEST.pack(REQUEST_MAGIC, 0, command, cookie, offset + pos, n))
-                if source is not None:
-                    start = pos if fill is None else 0
-                    writer.write(source[start:start + n])
-                await writer.drain()
+                n = min(step, length - pos)
+                start = pos if fill is None else 0
+                futures.append(self._queue(writer, command, offset + pos, n,
+                                           None if source is None else source[start:start + n]))
+                await self._drain(writer)
         except OSError as e:
             self._break(f"sending failed: {e}")
             error = e
@@ -432,6 +458,15 @@ class NbdStore:
         if error is not None:
             raise error
         return results  # type: ignore[return-value]  # no exceptions among them
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """Flow control: wait while the transport holds more than its high-water mark (a
+        server that stopped reading); the queued requests go out first."""
+        transport = writer.transport
+        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+            if self._queued:
+                self._send_queued(writer)
+            await writer.drain()
 
     def _check(self, command: int, offset: int, length: int, *, writes: bool = False) -> None:
         if writes and self.read_only:
