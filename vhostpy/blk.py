@@ -24,12 +24,13 @@ reference: both give the same used rings, status bytes, data, `BlkStats` and WAR
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from vhostpy import _accel
 from vhostpy.device import VIRTIO_ID_BLOCK, Coalescing, Device
@@ -270,12 +271,15 @@ class BlockDevice(Device):
         if type(outcome) is int:
             return self._finish(index, chain, outcome, None)
         assert isinstance(outcome, _Pending)
+        if asyncio.isfuture(outcome.awaitable):
+            return self._chained(index, chain, outcome)
         return self._later(index, chain, outcome)
 
     @property
     def prefers_asyncio(self) -> bool:
-        """True when the store has `async def` methods (see `Device.prefers_asyncio`)."""
-        return any(inspect.iscoroutinefunction(getattr(self.store, name, None))
+        """True when the store says so (`prefers_asyncio`) or has `async def` methods (see
+        `Device.prefers_asyncio`)."""
+        return bool(getattr(self.store, "prefers_asyncio", False)) or any(inspect.iscoroutinefunction(getattr(self.store, name, None))
                    for name in ("read", "write", "flush", "discard", "write_zeroes",
                                 "readinto", "writefrom"))
 
@@ -310,14 +314,40 @@ class BlockDevice(Device):
         try:
             value = await pending.awaitable
         except Exception as exc:  # noqa: BLE001 (a store may raise anything: IOERR)
+            return self._finisher(index, chain, pending, None, exc)
+        return self._finisher(index, chain, pending, value, None)
+
+    def _chained(self, index: int, chain: DescriptorChain,
+                 pending: _Pending) -> asyncio.Future[Callable[[], int]]:
+        """`_later` for a store that returned a future (no task, no coroutine): a future of
+        the same loop resolving to the finisher."""
+        source = cast("asyncio.Future[Any]", pending.awaitable)
+        out: asyncio.Future[Callable[[], int]] = source.get_loop().create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if out.cancelled():
+                return
+            if f.cancelled():
+                out.cancel()
+                return
+            exc = f.exception()
+            out.set_result(self._finisher(index, chain, pending,
+                                          None if exc is not None else f.result(), exc))
+        source.add_done_callback(done)
+        return out
+
+    def _finisher(self, index: int, chain: DescriptorChain, pending: _Pending, value: Any,
+                  exc: BaseException | None) -> Callable[[], int]:
+        """What finishes a request once its store answered (run on the ring's thread)."""
+        if exc is not None:
             error = _store_error(pending.what, pending.offset, pending.length, exc)
             return lambda: self._finish(index, chain, 0, error)
 
         def finish() -> int:
             try:
                 written = pending.then(value)
-            except BlkRequestError as exc:
-                return self._finish(index, chain, 0, exc)
+            except BlkRequestError as err:
+                return self._finish(index, chain, 0, err)
             return self._finish(index, chain, written, None)
         return finish
 

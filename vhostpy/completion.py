@@ -27,8 +27,8 @@ import collections
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
 from .virtqueue import DescriptorChain
 
@@ -48,7 +48,7 @@ class CompletionHost(Protocol):
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None: ...
 
-    def run_coroutine(self, coro: Coroutine[Any, Any, Any],
+    def run_coroutine(self, coro: Awaitable[Any],
                       done: Callable[[Any, BaseException | None], None]) -> Callable[[], bool]:
         ...
 
@@ -168,8 +168,9 @@ class InFlight:
             raise TypeError(f"vring {self.index}: this transport runs no asyncio loop")
         if not inspect.isawaitable(awaitable):
             raise TypeError(f"vring {self.index}: {awaitable!r} is not awaitable")
-        coro = awaitable if inspect.iscoroutine(awaitable) else _wrap(awaitable)
-        canceller: Callable[[], bool] = run(coro, done)
+        if not (inspect.iscoroutine(awaitable) or asyncio.isfuture(awaitable)):
+            awaitable = _wrap(cast("Awaitable[Any]", awaitable))
+        canceller: Callable[[], bool] = run(awaitable, done)
         return canceller
 
     def completed_now(self, items: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -615,7 +615,7 @@ class _LockedHost:
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         self.loop.call_soon_threadsafe(self._locked(callback))
 
-    def run_coroutine(self, coro: Coroutine[Any, Any, Any],
+    def run_coroutine(self, coro: Awaitable[Any],
                       done: Callable[[Any, BaseException | None], None]) -> Callable[[], bool]:
         def locked(result: Any, exc: BaseException | None) -> None:
             with self.lock:

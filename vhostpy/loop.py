@@ -27,7 +27,7 @@ import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
@@ -119,14 +119,17 @@ class EventLoop:
             os.eventfd_write(self._wake_fd, 1)
 
     # -- coroutines --------------------------------------------------------------------------
-    def run_coroutine(self, coro: Coroutine[Any, Any, Any], done: Outcome) -> Callable[[], bool]:
-        """Run `coro` on the companion asyncio loop (its own thread, started on first use);
-        `done(result, exc)` is then called on this loop's thread. Returns a function that
-        cancels it (callable from this loop's thread; `done` still comes, with
-        CancelledError, unless the loop closed first)."""
+    def run_coroutine(self, coro: Awaitable[Any], done: Outcome) -> Callable[[], bool]:
+        """Run `coro` (a coroutine, or a future of the companion loop) on the companion
+        asyncio loop (its own thread, started on first use); `done(result, exc)` is then
+        called on this loop's thread. Returns a function that cancels it (callable from this
+        loop's thread; `done` still comes, with CancelledError, unless the loop closed
+        first)."""
         companion = self._companion
         if companion is None:
             companion = self._companion = _Companion()
+        if not asyncio.iscoroutine(coro):
+            coro = _awaited(coro)
         future = asyncio.run_coroutine_threadsafe(coro, companion.loop)
 
         def finished(f: concurrent.futures.Future[Any]) -> None:   # the companion's thread
@@ -221,6 +224,10 @@ def _ignore_in_handler(signum: int, frame: FrameType | None) -> None:
     """The real work happens in the loop, woken through the wakeup fd."""
 
 
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
 def _outcome(future: concurrent.futures.Future[Any] | asyncio.Future[Any]
              ) -> tuple[Any, BaseException | None]:
     if future.cancelled():
@@ -306,10 +313,14 @@ class AsyncioHost:
         except RuntimeError:
             pass
 
-    def run_coroutine(self, coro: Coroutine[Any, Any, Any], done: Outcome) -> Callable[[], bool]:
-        """Run `coro` as a task of the loop; `done(result, exc)` when it ends. Returns a
-        function that cancels it."""
-        task = self.loop.create_task(coro)
+    def run_coroutine(self, coro: Awaitable[Any], done: Outcome) -> Callable[[], bool]:
+        """Run `coro` as a task of the loop (a future of this loop is waited for as it is,
+        with no task); `done(result, exc)` when it ends. Returns a function that cancels
+        it."""
+        if asyncio.isfuture(coro) and coro.get_loop() is self.loop:
+            task: asyncio.Future[Any] = coro
+        else:
+            task = self.loop.create_task(coro if asyncio.iscoroutine(coro) else _awaited(coro))
 
         def finished(t: asyncio.Future[Any]) -> None:
             done(*_outcome(t))

@@ -20,8 +20,9 @@ import itertools
 import logging
 import socket
 import struct
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from vhostpy.errors import ConfigurationError
@@ -478,18 +479,57 @@ class NbdStore:
             raise OSError(errno.EINVAL, f"{self._where(command, offset, length)}: not aligned "
                                         f"to the server's minimum block size {self.min_block_size}")
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """The ``length`` bytes at ``offset``."""
-        self._check(CMD_READ, offset, length)
+    #: Every method is awaited (a coroutine, or a future): a device serves this store on an
+    #: asyncio loop (`BlockDevice.prefers_asyncio`).
+    prefers_asyncio = True
+
+    def read(self, offset: int, length: int) -> Awaitable[bytes]:
+        """The ``length`` bytes at ``offset`` (awaitable: a future for one request on an
+        attached connection, which costs no task; a coroutine otherwise)."""
+        try:
+            self._check(CMD_READ, offset, length)
+        except OSError as exc:
+            return _failed(exc)   # raised when awaited, as from a coroutine
+        future = self._one(CMD_READ, offset, length, None)
+        return future if future is not None else self._read(offset, length)
+
+    async def _read(self, offset: int, length: int) -> bytes:
         parts = await self._run(CMD_READ, offset, length) if length else [b""]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` (any contiguous bytes-like object, sent as is) at ``offset``."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> Awaitable[Any]:
+        """Write ``data`` (any contiguous bytes-like object, sent as is) at ``offset``
+        (awaitable, as `read`)."""
         view = memoryview(data).cast("B")
-        self._check(CMD_WRITE, offset, view.nbytes, writes=True)
+        try:
+            self._check(CMD_WRITE, offset, view.nbytes, writes=True)
+        except OSError as exc:
+            return _failed(exc)
+        future = self._one(CMD_WRITE, offset, view.nbytes, view) if view.nbytes else None
+        return future if future is not None else self._write(offset, view)
+
+    async def _write(self, offset: int, view: memoryview) -> None:
         if view.nbytes:
             await self._run(CMD_WRITE, offset, view.nbytes, payload=view)
+
+    def _one(self, command: int, offset: int, length: int, payload: memoryview | None
+             ) -> asyncio.Future[bytes] | None:
+        """The reply future of a request sent as one NBD request right away, when that is
+        possible here: called on the attached loop, the connection up, the request within
+        `max_request`, the transport not backed up. None: take the coroutine path."""
+        writer = self._writer
+        if (writer is None or self._broken is not None or self._closed or length == 0
+                or length > self.max_request or self._loop is None):
+            return None
+        try:
+            if asyncio.get_running_loop() is not self._loop:
+                return None
+        except RuntimeError:
+            return None
+        transport = writer.transport
+        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+            return None
+        return self._queue(writer, command, offset, length, payload)
 
     async def flush(self) -> None:
         """Make completed writes durable (NBD_CMD_FLUSH); a no-op if the server has no flush."""
@@ -556,3 +596,8 @@ class NbdStore:
 async def _wait_closed(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(OSError):  # the peer reset a connection we were closing anyway
         await writer.wait_closed()
+
+
+async def _failed(exc: BaseException) -> Any:
+    """An awaitable that raises `exc`."""
+    raise exc
