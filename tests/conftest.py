@@ -1,4 +1,5 @@
-"""Shared fixtures: `vhostpy` back-end processes started exactly as users start them."""
+"""Shared fixtures: `vhostpy` back-end processes started exactly as users start them, and a
+real event loop on a thread of its own (`loop`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopthread import loop_thread
 from procs import terminate
 from tools import unavailable
+
+from vhostpy.loop import EventLoop
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -49,6 +53,12 @@ class Backend:
         terminate(self.proc)
         self.log.close()
         return self.proc.returncode
+
+
+@pytest.fixture
+def loop() -> Iterator[EventLoop]:
+    """A real EventLoop running on a thread of its own (see loopthread.py)."""
+    yield from loop_thread()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from fakeloop import FakeLoop
+from loopthread import on_loop
 from ringbuilder import RingBuilder, anon_memory, layout
 from scripted import ScriptedGuest
 from tools import wait_until
@@ -249,30 +250,6 @@ def test_async_completions_are_coalesced_while_the_driver_streams() -> None:
         assert r.interrupts() == 1
     finally:
         r.close()
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    thread = threading.Thread(target=lp.run, daemon=True)
-    thread.start()
-    yield lp
-    lp.stop()
-    thread.join(5)
-    lp.close()
-
-
-def on_loop(loop: EventLoop, fn: Any) -> Any:
-    """Run `fn()` on the loop's thread and return its result."""
-    box: list[Any] = []
-    done = threading.Event()
-
-    def run() -> None:
-        box.append(fn())
-        done.set()
-    loop.call_soon_threadsafe(run)
-    assert done.wait(5)
-    return box[0]
 
 
 def test_async_handle_chain_runs_on_the_companion_loop(loop: EventLoop) -> None:

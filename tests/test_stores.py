@@ -10,12 +10,12 @@ import logging
 import random
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loopthread import on_loop
 from scripted import BLK_HDR, ScriptedGuest
 from test_nbd import start  # noqa: F401 (the NBD server fixture)
 from tools import wait_until
@@ -89,25 +89,6 @@ class SlowStore:
 
     async def flush(self) -> None:
         await asyncio.sleep(0)
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    thread = threading.Thread(target=lp.run, daemon=True)
-    thread.start()
-    yield lp
-    lp.stop()
-    thread.join(5)
-    lp.close()
-
-
-def on_loop(loop: EventLoop, fn: Callable[[], Any]) -> Any:
-    box: list[Any] = []
-    done = threading.Event()
-    loop.call_soon_threadsafe(lambda: (box.append(fn()), done.set()))
-    assert done.wait(5)
-    return box[0]
 
 
 class Disk:

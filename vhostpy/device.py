@@ -22,7 +22,9 @@ Completing later. `handle_chain` (called by `drain`, the default `process_queue`
 the bytes it wrote into the chain's buffers, and the chain is completed at once. It may
 instead return `vq.defer(chain)` and call `.complete(written)` on it later, from any thread;
 or be an `async def` (or return any awaitable), which the transport's host runs on an asyncio
-loop. The runner publishes those completions on the ring's thread, in the order they come
+loop. Either may give, instead of the byte count, a function returning it: the runner calls
+it on the ring's thread just before it publishes the used entry, and not at all once the ring
+stopped, which is where a device that writes guest memory late should write it. The runner publishes those completions on the ring's thread, in the order they come
 (in ring order under VIRTIO_F_IN_ORDER), with interrupt coalescing. In-flight chains are
 bounded by the ring size. A stop (GET_VRING_BASE) waits up to `stop_timeout` for them; a
 reset or a vanished front-end drops them, and a completion that comes after that is ignored. Every hook runs under the runner's one containment rule: an
