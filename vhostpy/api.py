@@ -170,8 +170,7 @@ class Server:
                         os.path.abspath(ep.socket_path) == os.path.abspath(path):
                     raise ConfigurationError(f"socket path {path!r} is already served by "
                                              "this server")
-            # SocketServer takes any host with the loop interface (EventLoop, AsyncioHost).
-            edge = SocketServer(device, cast(EventLoop, self.host), socket_path=path, fd=fd)
+            edge = SocketServer(device, self.host, socket_path=path, fd=fd)
             endpoint = Endpoint(device, path, fd, edge)
             self._endpoints.append(endpoint)
         log.debug("serving %s on %s", device.name, path if path is not None else f"fd {fd}")

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,24 @@ Callback = Callable[[], None]
 #: exception it raised; `asyncio.CancelledError` when it was cancelled).
 Outcome = Callable[[Any, BaseException | None], None]
 _EVENTS = (selectors.EVENT_READ, selectors.EVENT_WRITE)
+
+
+class Host(Protocol):
+    """The interface both hosts offer (what the servers, sessions and ring runners use)."""
+
+    def add_reader(self, fd: int, callback: Callback) -> None: ...
+
+    def remove_reader(self, fd: int) -> bool: ...
+
+    def add_writer(self, fd: int, callback: Callback) -> None: ...
+
+    def remove_writer(self, fd: int) -> bool: ...
+
+    def call_later(self, delay: float, callback: Callback) -> None: ...
+
+    def call_soon_threadsafe(self, callback: Callback) -> None: ...
+
+    def run_coroutine(self, coro: Awaitable[Any], done: Outcome) -> Callable[[], bool]: ...
 
 
 class EventLoop:

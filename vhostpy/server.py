@@ -26,7 +26,7 @@ from collections.abc import Callable
 from vhostpy import protocol as p
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError, ProtocolError
-from vhostpy.loop import EventLoop
+from vhostpy.loop import Host
 from vhostpy.session import Session
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Connection:
 class Server:
     """Serves `device` to one vhost-user front-end at a time, guest after guest."""
 
-    def __init__(self, device: Device, loop: EventLoop, *, socket_path: str | None = None,
+    def __init__(self, device: Device, loop: Host, *, socket_path: str | None = None,
                  fd: int | None = None, on_connection_closed: Callable[[], None] | None = None
                  ) -> None:
         if (socket_path is None) == (fd is None):
