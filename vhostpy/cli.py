@@ -33,8 +33,10 @@ from vhostpy.api import Endpoint, load_device, serve_until_signalled
 from vhostpy.blk import BlockDevice
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError
+from vhostpy.faults import BlockFault, FaultyStore
 from vhostpy.loop import EventLoop
 from vhostpy.rng import DEFAULT_MAX_BYTES_PER_REQUEST, RngDevice
+from vhostpy.stores import FileStore
 
 if TYPE_CHECKING:
     from vhostpy.lguest_launcher import LaunchOptions
@@ -253,6 +255,10 @@ def build_parser() -> _Parser:
     blk.add_argument("--store", metavar="MODULE:CALLABLE",
                      help="serve the block store CALLABLE() returns (an object with size, "
                      "read, write, flush; methods may be async) instead of an image")
+    blk.add_argument("--fault", dest="faults", action="append", metavar="SPEC",
+                     help="fail or delay chosen requests on purpose (repeatable): "
+                     "ioerr,op=read|write|flush|any,sectors=A-B[,after=N][,count=N] or "
+                     "delay,ms=N|A-B[,op=...][,sectors=A-B]")
     blk.add_argument("--nbd", metavar="URI",
                      help="serve a disk that lives on an NBD server: nbd://HOST[:PORT]/EXPORT "
                      "or nbd+unix:///EXPORT?socket=PATH")
@@ -330,6 +336,24 @@ def _capabilities(command: str) -> dict[str, object]:
 def _make_blk(args: argparse.Namespace) -> BlockDevice:
     options = {"read_only": args.read_only, "serial": args.serial,
                "num_queues": args.num_queues, "queue_size": args.queue_size}
+    faults = [BlockFault.parse(spec) for spec in args.faults or ()]
+    store: Any = _blk_store(args)
+    try:
+        if faults:
+            store = FaultyStore(store, faults)
+        device = BlockDevice(store, **options)
+    except BaseException:
+        close = getattr(store, "close", None)
+        if callable(close):
+            close()
+        raise
+    if args.no_coalesce:
+        device.coalesce = None
+    return device
+
+
+def _blk_store(args: argparse.Namespace) -> object:
+    """What `vhostpy blk` serves: --image, --store, --nbd or the in-memory disk."""
     sources = [name for name, given in (("--image", args.image), ("--store", args.store),
                                         ("--nbd", args.nbd)) if given is not None]
     if len(sources) > 1:
@@ -341,30 +365,19 @@ def _make_blk(args: argparse.Namespace) -> BlockDevice:
             if given is not None:
                 raise ConfigurationError(f"{name} is for images and the in-memory disk, "
                                          f"not for {sources[0]}")
-        store = _make_store(args)
-        try:
-            device = BlockDevice(store, **options)
-        except BaseException:
-            close = getattr(store, "close", None)
-            if callable(close):
-                close()
-            raise
-    elif args.image is not None:
+        return _make_store(args)
+    if args.image is not None:
         if args.size is not None:
             raise ConfigurationError("--size is for the in-memory disk; it cannot be "
                                      "combined with --image")
-        device = BlockDevice.open_image(args.image, image_format=args.image_format,
-                                        share_rw=args.share_rw, **options)
-    else:
-        for given, name in ((args.image_format, "--format"), (args.share_rw, "--share-rw")):
-            if given:
-                raise ConfigurationError(f"{name} is for --image; the in-memory disk is "
-                                         "always raw and never shared")
-        size = DEFAULT_DISK_SIZE if args.size is None else args.size  # --size 0 is an error
-        device = BlockDevice.in_memory(size, **options)
-    if args.no_coalesce:
-        device.coalesce = None
-    return device
+        return FileStore.open(args.image, read_only=args.read_only,
+                              image_format=args.image_format, share_rw=args.share_rw)
+    for given, name in ((args.image_format, "--format"), (args.share_rw, "--share-rw")):
+        if given:
+            raise ConfigurationError(f"{name} is for --image; the in-memory disk is "
+                                     "always raw and never shared")
+    size = DEFAULT_DISK_SIZE if args.size is None else args.size  # --size 0 is an error
+    return FileStore.in_memory(size)
 
 
 def _make_store(args: argparse.Namespace) -> object:
@@ -523,7 +536,10 @@ def _run_blk(args: argparse.Namespace) -> int:
     device = _make_blk(args)
 
     def counters() -> dict[str, Any]:
-        return asdict(device.stats)
+        found: dict[str, Any] = asdict(device.stats)
+        if isinstance(device.store, FaultyStore):
+            found["faults"] = device.store.counters()
+        return found
     try:
         details = (f"{_human_size(device.size_bytes)} ({device.capacity} sectors), "
                    f"{'read-only' if device.read_only else 'read-write'}, "
