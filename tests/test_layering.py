@@ -79,8 +79,8 @@ ALLOWED: dict[str, set[str] | None] = {
     "stores": {"errors", "images"},
     "nbd": {"errors"},
     "images": {"errors"},
-    # fault injection wrapped around any store (no store import: it takes any object)
-    "faults": {"errors"},
+    # fault injection wrapped around any store
+    "faults": {"errors", "stores"},
     # layer 4: control planes
     "session": LAYER3 | {ROOT},
     "frontend": LAYER1 | {ROOT},

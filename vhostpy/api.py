@@ -182,10 +182,7 @@ class Server:
         added before or after this call are served). Not with an `AsyncioHost` (TypeError)."""
         loop = self._runnable()
         with self._lock:
-            if self._stopping:
-                raise RuntimeError("this vhostpy.Server is stopped")
-            if self._thread is not None or self._loop_thread is not None:
-                raise RuntimeError("this vhostpy.Server is already running")
+            self._check_startable()
             thread = self._thread = threading.Thread(target=self._run, args=(loop,),
                                                      name="vhostpy-server", daemon=True)
         running = threading.Event()
@@ -202,11 +199,15 @@ class Server:
         `AsyncioHost` (TypeError)."""
         loop = self._runnable()
         with self._lock:
-            if self._stopping:
-                raise RuntimeError("this vhostpy.Server is stopped")
-            if self._thread is not None or self._loop_thread is not None:
-                raise RuntimeError("this vhostpy.Server is already running")
+            self._check_startable()
         self._run(loop)
+
+    def _check_startable(self) -> None:
+        """RuntimeError unless the loop may start now (under `_lock`)."""
+        if self._stopping:
+            raise RuntimeError("this vhostpy.Server is stopped")
+        if self._thread is not None or self._loop_thread is not None:
+            raise RuntimeError("this vhostpy.Server is already running")
 
     def _runnable(self) -> EventLoop:
         if not isinstance(self.host, EventLoop):

@@ -37,7 +37,7 @@ from vhostpy.device import VIRTIO_ID_BLOCK, Coalescing, Device
 from vhostpy.errors import ConfigurationError
 from vhostpy.images import SECTOR_SIZE
 from vhostpy.memory import GuestMemory
-from vhostpy.stores import ZERO_CHUNK, FileStore, StoreError, check_store
+from vhostpy.stores import FileStore, StoreError, check_store, zero_by_writing
 from vhostpy.virtqueue import DescriptorChain, Virtqueue
 
 if _accel.lib is not None:
@@ -491,7 +491,7 @@ class BlockDevice(Device):
         if self._write_zeroes is not None:
             return self._store(what, offset, size, self._write_zeroes, offset, size,
                                then=counted)
-        return self._store(what, offset, size, _zero_by_writing, self.store, offset, size,
+        return self._store(what, offset, size, zero_by_writing, self.store, offset, size,
                            then=counted)
 
 
@@ -505,22 +505,6 @@ def _store_error(what: str, offset: int, length: int, exc: BaseException) -> Blk
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
     return BlkRequestError(VIRTIO_BLK_S_IOERR, f"store {what} of {length} bytes at byte "
                            f"{offset}: {reason}")
-
-
-def _zero_by_writing(store: Any, offset: int, length: int) -> Any:
-    """WRITE_ZEROES on a store without `write_zeroes`: writes of zeros (awaited in turn
-    when the store's `write` is async)."""
-    chunks = [(at, min(ZERO_CHUNK, offset + length - at))
-              for at in range(offset, offset + length, ZERO_CHUNK)]
-    if not inspect.iscoroutinefunction(store.write):
-        for at, n in chunks:
-            store.write(at, bytes(n))
-        return None
-
-    async def zero() -> None:
-        for at, n in chunks:
-            await store.write(at, bytes(n))
-    return zero()
 
 
 def _views(memory: GuestMemory, buffers: list[tuple[int, int]], skip: int, length: int

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vhostpy.errors import ConfigurationError
+from vhostpy.stores import zero_by_writing
 
 __all__ = ["BLOCK_OPS", "BlockFault", "FaultyStore"]
 
@@ -39,7 +40,6 @@ BLOCK_OPS = ("read", "write", "flush", "any")
 KINDS = ("ioerr", "delay")
 #: Longest delay a rule may ask for (ms): a minute, so a typo cannot hang a guest for a day.
 MAX_DELAY_MS = 60_000
-ZERO_CHUNK = 1 << 20
 
 
 @dataclass
@@ -196,9 +196,8 @@ class FaultyStore:
         inner = getattr(self.store, "write_zeroes", None)
         if callable(inner):
             await _result(inner(offset, length))
-            return
-        for at in range(offset, offset + length, ZERO_CHUNK):
-            await _result(self.store.write(at, bytes(min(ZERO_CHUNK, offset + length - at))))
+        else:
+            await _result(zero_by_writing(self.store, offset, length))
 
     def counters(self) -> dict[str, object]:
         """What the faults did: requests failed and delayed, and each rule's counts."""

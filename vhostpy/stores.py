@@ -28,14 +28,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import inspect
 import os
 from collections.abc import Awaitable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from vhostpy.errors import ConfigurationError
 from vhostpy.images import SECTOR_SIZE, image_size, open_image
 
-__all__ = ["BlockStore", "FileStore", "MemoryStore", "StoreError", "check_store"]
+__all__ = ["BlockStore", "FileStore", "MemoryStore", "StoreError", "check_store",
+           "zero_by_writing"]
 
 #: Largest piece of zeros written at once when a store cannot zero a range itself.
 ZERO_CHUNK = 1 << 20
@@ -85,6 +87,23 @@ def check_store(store: object, *, read_only: bool) -> int:
         raise ConfigurationError(f"store {name}: block_size must be a power of two in "
                                  f"512..65536, not {block!r}")
     return size
+
+
+def zero_by_writing(store: Any, offset: int, length: int) -> Any:
+    """Zero a range of a store without `write_zeroes` by writing zeros, `ZERO_CHUNK` at a
+    time: done on return when its `write` is synchronous, else a coroutine that awaits each
+    write in turn (None or that coroutine is returned)."""
+    chunks = [(at, min(ZERO_CHUNK, offset + length - at))
+              for at in range(offset, offset + length, ZERO_CHUNK)]
+    if not inspect.iscoroutinefunction(store.write):
+        for at, n in chunks:
+            store.write(at, bytes(n))
+        return None
+
+    async def zero() -> None:
+        for at, n in chunks:
+            await store.write(at, bytes(n))
+    return zero()
 
 
 class FileStore:
