@@ -219,7 +219,8 @@ def test_bare_vhostpy_lists_the_commands() -> None:
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("vhostpy: error: a command is required"), r.stderr
     listed = [line.split()[0] for line in r.stderr.splitlines()[1:] if line.startswith("  ")]
-    assert listed == list(cli.COMMANDS) == ["blk", "net", "rng", "serve", "lguest"]
+    assert listed == list(cli.COMMANDS) == ["blk", "net", "rng", "serve", "lguest", "ctl",
+                                            "replay"]
     for name in listed:     # every listed command exists
         assert run(name, "--help").returncode == 0
 

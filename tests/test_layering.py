@@ -79,8 +79,10 @@ ALLOWED: dict[str, set[str] | None] = {
     "stores": {"errors", "images"},
     "nbd": {"errors"},
     "images": {"errors"},
-    # fault injection wrapped around any store
+    # fault injection wrapped around any store; a volatile write cache and a write log
     "faults": {"errors", "stores"},
+    "writecache": {"stores"},
+    "writelog": {"errors", "stores", "writecache"},
     # layer 4: control planes
     "session": LAYER3 | {ROOT},
     "frontend": LAYER1 | {ROOT},
@@ -103,6 +105,9 @@ ALLOWED: dict[str, set[str] | None] = {
     # layer 7: front doors
     "api": None,     # vhostpy.Server, serve, serve_async: anything but the command line
     "netapp": None,  # checked below: anything but the command line
+    # the control socket (JSON lines, any loop) and the commands the device commands answer
+    "control": {"errors", "server"},
+    "ctlcommands": {"control", "writecache", "writelog"},
     "cli": None,
     "__main__": None,
 }

@@ -83,6 +83,15 @@ class Endpoint:
         """True while a front-end is connected."""
         return self._edge.connection is not None
 
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the thread of the loop serving this endpoint (from any thread)."""
+        self._edge.loop.call_soon_threadsafe(callback)
+
+    def status(self) -> dict[str, object]:
+        """A snapshot (loop thread only): the device, the socket, whether a front-end is
+        connected and, if so, the negotiated features and every ring's state."""
+        return {"device": self.device.name, **self._edge.status()}
+
     def close(self) -> None:
         """Drop the front-end, stop listening, remove the socket file (loop thread only;
         `Server.stop` does it for every endpoint)."""

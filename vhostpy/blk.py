@@ -37,7 +37,14 @@ from vhostpy.device import VIRTIO_ID_BLOCK, Coalescing, Device
 from vhostpy.errors import ConfigurationError
 from vhostpy.images import SECTOR_SIZE
 from vhostpy.memory import GuestMemory
-from vhostpy.stores import FileStore, StoreError, check_store, zero_by_writing
+from vhostpy.stores import (
+    FileStore,
+    StoreError,
+    check_store,
+    close_store,
+    reset_store,
+    zero_by_writing,
+)
 from vhostpy.virtqueue import DescriptorChain, Virtqueue
 
 if _accel.lib is not None:
@@ -221,9 +228,7 @@ class BlockDevice(Device):
 
     def close(self) -> None:
         """Close the store (its `close()`, if it has one)."""
-        close = getattr(self.store, "close", None)
-        if callable(close):
-            close()
+        close_store(self.store)
 
     # -- virtio interface ------------------------------------------------------------------
     def device_features(self) -> int:
@@ -249,6 +254,18 @@ class BlockDevice(Device):
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, sectors_per_block,  # discard: alignment
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,   # write zeroes: sectors, segs, may_unmap
         )
+
+    def set_features(self, features: int) -> None:
+        """The driver (re)initialises the device: a store with `device_reset` hears it."""
+        super().set_features(features)
+        self._store_reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self._store_reset()
+
+    def _store_reset(self) -> None:
+        reset_store(self.store)
 
     def process_queue(self, index: int, vq: Virtqueue) -> None:
         fast = self._fast

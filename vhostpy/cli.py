@@ -25,18 +25,22 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from vhostpy import __version__
 from vhostpy.api import Endpoint, load_device, serve_until_signalled
 from vhostpy.blk import BlockDevice
+from vhostpy.control import ControlError, Controls, ControlServer, request
+from vhostpy.ctlcommands import add_faults, add_power, add_status
 from vhostpy.device import Device
 from vhostpy.errors import ConfigurationError
 from vhostpy.faults import BlockFault, FaultyStore
 from vhostpy.loop import EventLoop
 from vhostpy.rng import DEFAULT_MAX_BYTES_PER_REQUEST, RngDevice
-from vhostpy.stores import FileStore
+from vhostpy.stores import FileStore, close_store
+from vhostpy.writecache import WriteCache
+from vhostpy.writelog import LoggedStore
 
 if TYPE_CHECKING:
     from vhostpy.lguest_launcher import LaunchOptions
@@ -57,6 +61,8 @@ COMMANDS = {
     "rng": "a vhost-user virtio-rng back-end",
     "serve": "serve your own Device: vhostpy serve MODULE:CALLABLE",
     "lguest": "an lguest Launcher: run a guest kernel on /dev/lguest",
+    "ctl": "send a command to a running device's --control socket",
+    "replay": "rebuild a disk at a flush point of a --log-writes log",
 }
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -143,6 +149,14 @@ def _add_transport_options(parser: argparse.ArgumentParser, *, several: bool = F
                        + more)
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the back-end's capabilities as JSON and exit")
+    _add_common_options(parser)
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    """-v and --control, which every device command takes."""
+    parser.add_argument("--control", metavar="PATH",
+                        help="answer control commands on this UNIX socket (vhostpy ctl PATH "
+                        "COMMAND: status, fault ..., power-cut ...)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more: -v for connections, -vv for every message")
 
@@ -258,7 +272,14 @@ def build_parser() -> _Parser:
     blk.add_argument("--fault", dest="faults", action="append", metavar="SPEC",
                      help="fail or delay chosen requests on purpose (repeatable): "
                      "ioerr,op=read|write|flush|any,sectors=A-B[,after=N][,count=N] or "
-                     "delay,ms=N|A-B[,op=...][,sectors=A-B]")
+                     "delay,ms=N|A-B[,op=...][,sectors=A-B]; 'none': no rule yet, but "
+                     "ready for rules added with vhostpy ctl PATH fault add SPEC")
+    blk.add_argument("--write-cache", action="store_true",
+                     help="a volatile write-back cache: writes are durable only once the "
+                     "guest flushes; vhostpy ctl PATH power-cut [torn] loses the rest")
+    blk.add_argument("--log-writes", metavar="FILE",
+                     help="append every write and flush, in order, to FILE (vhostpy replay "
+                     "rebuilds the disk at any flush)")
     blk.add_argument("--nbd", metavar="URI",
                      help="serve a disk that lives on an NBD server: nbd://HOST[:PORT]/EXPORT "
                      "or nbd+unix:///EXPORT?socket=PATH")
@@ -293,6 +314,7 @@ def build_parser() -> _Parser:
                      "partially (default 64K)")
     _add_serve_parser(sub)
     _add_lguest_parser(sub)
+    _add_tool_parsers(sub)
     parser.commands = {name: p for name, p in sub.choices.items() if isinstance(p, _Parser)}
     return parser
 
@@ -312,8 +334,47 @@ def _add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
                        help="listen for the vhost-user front-end on this UNIX socket")
     where.add_argument("--fd", type=_fd_number, metavar="N",
                        help="serve an inherited vhost-user socket (listening or connected)")
-    serve_.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more: -v for connections, -vv for every message")
+    _add_common_options(serve_)
+
+
+def _add_tool_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    ctl = sub.add_parser(
+        "ctl", help=COMMANDS["ctl"],
+        description="Send COMMAND to the control socket of a device started with --control "
+        "PATH and print the JSON answer (exit 1 with one line on an error). Commands: status; "
+        "fault add SPEC | fault list | fault clear; power-cut [torn] (blk --write-cache); "
+        "mark NAME (blk --log-writes); help.")
+    ctl.add_argument("path", metavar="PATH", help="the device's --control socket")
+    ctl.add_argument("ctl_command", metavar="COMMAND", help="status, fault, power-cut, mark, "
+                     "help")
+    ctl.add_argument("ctl_args", nargs=argparse.REMAINDER, metavar="ARG",
+                     help="the command's arguments")
+    replay = sub.add_parser(
+        "replay", help=COMMANDS["replay"],
+        description="Rebuild IMAGE, a copy of the disk as it was when vhostpy blk "
+        "--log-writes LOG started, as it stood at a flush: the writes logged before it are "
+        "applied, in order, to IMAGE in place (power cuts in the log are followed). Prints "
+        "what was done as JSON.")
+    replay.add_argument("log", metavar="LOG", help="the write log")
+    replay.add_argument("image", metavar="IMAGE", nargs="?",
+                        help="the raw image to rebuild (changed in place)")
+    point = replay.add_mutually_exclusive_group()
+    point.add_argument("--flush", type=_count, metavar="N",
+                       help="stop at the Nth flush (0: apply nothing; default: the last)")
+    point.add_argument("--mark", metavar="NAME",
+                       help="stop at the mark NAME (as of the last flush before it)")
+    point.add_argument("--list", action="store_true",
+                       help="print what the log holds (flush points, marks) and exit")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
 
 
 def _ipv4(text: str) -> str:
@@ -333,23 +394,38 @@ def _capabilities(command: str) -> dict[str, object]:
     raise AssertionError(command)
 
 
-def _make_blk(args: argparse.Namespace) -> BlockDevice:
+@dataclass
+class _BlkParts:
+    """The layers `vhostpy blk` put around its store (None where not asked for)."""
+
+    faults: FaultyStore | None = None
+    cache: WriteCache | None = None
+    log: LoggedStore | None = None
+
+
+def _make_blk(args: argparse.Namespace) -> tuple[BlockDevice, _BlkParts]:
+    """The device and its store layers: the store, under a write cache (--write-cache),
+    under the write log (--log-writes), under the fault rules (--fault)."""
     options = {"read_only": args.read_only, "serial": args.serial,
                "num_queues": args.num_queues, "queue_size": args.queue_size}
-    faults = [BlockFault.parse(spec) for spec in args.faults or ()]
+    specs = args.faults or []
+    faults = [BlockFault.parse(spec) for spec in specs if spec != "none"]
+    parts = _BlkParts()
     store: Any = _blk_store(args)
     try:
-        if faults:
-            store = FaultyStore(store, faults)
+        if args.write_cache:
+            store = parts.cache = WriteCache(store)
+        if args.log_writes is not None:
+            store = parts.log = LoggedStore(store, args.log_writes)
+        if specs:
+            store = parts.faults = FaultyStore(store, faults)
         device = BlockDevice(store, **options)
     except BaseException:
-        close = getattr(store, "close", None)
-        if callable(close):
-            close()
+        close_store(store)
         raise
     if args.no_coalesce:
         device.coalesce = None
-    return device
+    return device, parts
 
 
 def _blk_store(args: argparse.Namespace) -> object:
@@ -444,21 +520,37 @@ def _handle_signals(loop: EventLoop, device: str,
 
 def serve(device: Device, *, socket_path: str | None, fd: int | None,
           counters: Callable[[], dict[str, Any]] | None = None, command: str = "",
-          details: str = "") -> int:
+          details: str = "", control: ControlServer | None = None) -> int:
     """Serve `device` until SIGTERM/SIGINT (`vhostpy.serve`); returns the exit status.
 
     With `counters`, SIGUSR1 prints `counters_line(command, counters())` and serving goes
-    on; the caller prints the exit line. `details` ends the `-v` "serving" line."""
+    on; the caller prints the exit line. `details` ends the `-v` "serving" line. `control`
+    (made before, so a bad path fails before anything listens) gets a `status` command and
+    starts answering once the device's socket listens."""
+    name = command or device.name
+    counters = counters or dict
+
     def serving(endpoint: Endpoint) -> None:
         log.info("serving %s on %s%s", device.name,
                  socket_path if socket_path is not None else f"fd {fd}",
                  f": {details}" if details else "")
+        if control is not None:
+            add_status(control.controls, name, lambda: [endpoint.status()], counters)
+            control.start(endpoint.call_soon_threadsafe)
     # The signal handlers are in place before the socket listens (vhostpy.serve's promise).
     endpoint = serve_until_signalled(
         device, socket_path=socket_path, fd=fd,
-        signals=_info_signals(command or device.name, counters or dict), serving=serving)
+        signals=_info_signals(name, counters), serving=serving)
     log.info("stopped after %d front-end connection(s)", endpoint.connections_served)
     return 0
+
+
+def _control_server(args: argparse.Namespace, controls: Controls | None = None
+                    ) -> ControlServer | None:
+    """The --control socket (None without it); ConfigurationError if PATH is unusable."""
+    if args.control is None:
+        return None
+    return ControlServer(args.control, controls or Controls())
 
 
 def _human_size(size: int) -> str:
@@ -512,6 +604,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "lguest":
         return _run_lguest(args, raw)
+    if args.command in ("ctl", "replay"):
+        try:
+            return _run_ctl(args) if args.command == "ctl" else _run_replay(args)
+        except (ConfigurationError, ControlError) as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 1
     if args.command != "serve" and args.print_capabilities:
         print(json.dumps(_capabilities(args.command)))
         return 0
@@ -532,31 +630,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _run_ctl(args: argparse.Namespace) -> int:
+    result = request(args.path, args.ctl_command, args.ctl_args)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from vhostpy.writelog import LogReader, replay
+    if args.list:
+        if args.image is not None:
+            raise ConfigurationError("--list reads only the log: give no IMAGE")
+        reader = LogReader(args.log)
+        try:
+            print(json.dumps(reader.summary(), indent=2))
+        finally:
+            reader.close()
+        return 0
+    if args.image is None:
+        raise ConfigurationError("give the IMAGE to rebuild (a copy of the disk as it was "
+                                 "when the log began)")
+    print(json.dumps(replay(args.log, args.image, flush=args.flush, mark=args.mark),
+                     indent=2))
+    return 0
+
+
 def _run_blk(args: argparse.Namespace) -> int:
-    device = _make_blk(args)
+    device, parts = _make_blk(args)
+    control: ControlServer | None = None
 
     def counters() -> dict[str, Any]:
         found: dict[str, Any] = asdict(device.stats)
-        if isinstance(device.store, FaultyStore):
-            found["faults"] = device.store.counters()
+        for name, layer in (("faults", parts.faults), ("write_cache", parts.cache),
+                            ("write_log", parts.log)):
+            if layer is not None:
+                found[name] = layer.counters()
         return found
     try:
+        controls = Controls()
+        add_faults(controls, parts.faults, BlockFault.parse,
+                   "this vhostpy blk takes no fault rules: start it with --fault SPEC (or "
+                   "--fault none) to add them at run time")
+        add_power(controls, parts.cache, parts.log)
+        control = _control_server(args, controls)
         details = (f"{_human_size(device.size_bytes)} ({device.capacity} sectors), "
                    f"{'read-only' if device.read_only else 'read-write'}, "
                    f"{device.num_queues} queue(s) of up to {device.max_queue_size}")
         status = serve(device, socket_path=args.socket_path, fd=args.fd, counters=counters,
-                       command="blk", details=details)
+                       command="blk", details=details, control=control)
         _print_counters("blk", counters, "exit")   # only once it has served
         return status
     finally:
+        if control is not None:
+            control.close()
         device.close()
 
 
 def _run_rng(args: argparse.Namespace) -> int:
     device = RngDevice(max_bytes_per_request=args.max_bytes_per_request)
-    status = serve(device, socket_path=args.socket_path, fd=args.fd, counters=device.counters,
-                   command="rng", details=f"at most {args.max_bytes_per_request} bytes per "
-                   "request")
+    control = _control_server(args)
+    try:
+        status = serve(device, socket_path=args.socket_path, fd=args.fd,
+                       counters=device.counters, command="rng", control=control,
+                       details=f"at most {args.max_bytes_per_request} bytes per request")
+    finally:
+        if control is not None:
+            control.close()
     _print_counters("rng", device.counters, "exit")
     return status
 
@@ -564,12 +703,17 @@ def _run_rng(args: argparse.Namespace) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     device = load_device(args.spec)
     counters = _device_counters(device)
+    control: ControlServer | None = None
     try:
+        control = _control_server(args)
         status = serve(device, socket_path=args.socket_path, fd=args.fd, counters=counters,
-                       details=f"{device.num_queues} queue(s), from {args.spec}")
+                       details=f"{device.num_queues} queue(s), from {args.spec}",
+                       control=control)
         _print_counters(device.name, counters, "exit")   # only once it has served
         return status
     finally:
+        if control is not None:
+            control.close()
         close = getattr(device, "close", None)
         if callable(close):
             try:
@@ -609,19 +753,31 @@ def _run_net(args: argparse.Namespace) -> int:
     def counters() -> dict[str, Any]:
         return app.counters() if app is not None else {}
     _handle_signals(loop, "net", counters)   # before any socket exists
+    control: ControlServer | None = None
     try:
+        control = _control_server(args)
         app = NetApp(socket_paths=args.socket_path or (), fds=args.fd or (),
                      num_queues=args.num_queues, queue_size=args.queue_size,
                      respond_ip=None if args.no_respond else args.respond, pcap=args.pcap,
                      tap=args.tap, reflect=args.reflect, loop=loop)
     except BaseException:
+        if control is not None:
+            control.close()
         loop.close()
         raise
+    if control is not None:
+        servers = list(app.servers)
+        add_status(control.controls, "net",
+                   lambda: [{"device": s.device.name, **s.status()} for s in servers],
+                   counters)
+        control.start(loop.call_soon_threadsafe)
     log.info("serving virtio-net on %s: %d port(s), %d queue pair(s) per port, rings of up "
              "to %d", ", ".join(places), len(places), args.num_queues, args.queue_size)
     try:
         app.run()
     finally:
+        if control is not None:
+            control.close()
         final = app.counters()
         app.close()
         _print_counters("net", lambda: final, "exit")

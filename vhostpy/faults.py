@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import inspect
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vhostpy.errors import ConfigurationError
-from vhostpy.stores import zero_by_writing
+from vhostpy.stores import close_store, reset_store, settle, zero_range
 
 __all__ = ["BLOCK_OPS", "BlockFault", "FaultyStore"]
 
@@ -177,27 +176,27 @@ class FaultyStore:
 
     async def read(self, offset: int, length: int) -> Any:
         await self._gate("read", offset, length)
-        return await _result(self.store.read(offset, length))
+        return await settle(self.store.read(offset, length))
 
     async def write(self, offset: int, data: bytes) -> None:
         await self._gate("write", offset, len(data))
-        await _result(self.store.write(offset, data))
+        await settle(self.store.write(offset, data))
 
     async def flush(self) -> None:
         await self._gate("flush", 0, 0)
-        await _result(self.store.flush())
+        await settle(self.store.flush())
 
     async def discard(self, offset: int, length: int) -> None:
         await self._gate("write", offset, length)
-        await _result(self.store.discard(offset, length))
+        await settle(self.store.discard(offset, length))
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         await self._gate("write", offset, length)
-        inner = getattr(self.store, "write_zeroes", None)
-        if callable(inner):
-            await _result(inner(offset, length))
-        else:
-            await _result(zero_by_writing(self.store, offset, length))
+        await zero_range(self.store, offset, length)
+
+    def device_reset(self) -> None:
+        """Passed on to the store (see `stores`)."""
+        reset_store(self.store)
 
     def counters(self) -> dict[str, object]:
         """What the faults did: requests failed and delayed, and each rule's counts."""
@@ -206,14 +205,7 @@ class FaultyStore:
 
     def close(self) -> None:
         """Close the wrapped store (its `close()`, if it has one)."""
-        close = getattr(self.store, "close", None)
-        if callable(close):
-            close()
-
-
-async def _result(value: Any) -> Any:
-    """A store method's result, awaited when it is awaitable."""
-    return await value if inspect.isawaitable(value) else value
+        close_store(self.store)
 
 
 def _number(spec: str, key: str, text: str, kind: type[int | float]) -> Any:

@@ -202,7 +202,7 @@ class Server:
         self.on_connection_closed = on_connection_closed
         self.listener: socket.socket | None = None
         if socket_path is not None:
-            self.listener = _listen(socket_path)
+            self.listener = listen_unix(socket_path)
         else:
             assert fd is not None
             sock = _adopt(fd)
@@ -246,6 +246,14 @@ class Server:
         if self.on_connection_closed is not None:
             self.on_connection_closed()
 
+    def status(self) -> dict[str, object]:
+        """Where this server listens, its front-ends so far, and the current one's
+        `Session.status()` (None while no front-end is connected)."""
+        conn = self.connection
+        return {"socket": self.socket_path, "connected": conn is not None,
+                "connections_served": self.connections_served,
+                "session": conn.session.status() if conn is not None else None}
+
     def close(self) -> None:
         """Drop the current front-end, stop listening and remove our socket file."""
         if self.connection is not None:
@@ -265,7 +273,7 @@ class Server:
 _SUN_PATH_MAX = 108
 
 
-def _listen(path: str) -> socket.socket:
+def listen_unix(path: str) -> socket.socket:
     """Bind a listening socket at `path`, refusing a path that is in use or not a socket.
 
     Every way `path` can be unusable (a parent that is missing or not a directory, a directory

@@ -129,6 +129,22 @@ class Session:
             offered &= ~PF.CONFIG   # nothing the front-end reads (virtio-net, virtio-rng)
         return offered
 
+    # -- introspection ---------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        """A snapshot for the control socket and logs: negotiated features (hex and names),
+        protocol features, guest memory regions, and each ring's `Vring.status()`."""
+        device_id = self.device.device_id
+        return {
+            "features": {"offered": hex(self.offered_features()), "acked": hex(self.features),
+                         "acked_names": p.feature_names(self.features & ~PROTOCOL_FEATURES_BIT,
+                                                        device_id)},
+            "protocol_features": {"acked": hex(int(self.protocol_features)),
+                                  "names": [f.name for f in PF if f in self.protocol_features
+                                            and f.name]},
+            "memory": {"regions": len(self.memory), "bytes": self.memory.total_size},
+            "rings": [ring.status() for ring in self.rings],
+        }
+
     # -- dispatch --------------------------------------------------------------------------
     def handle(self, msg: p.Message) -> list[p.Message]:
         """Apply one request from the front-end; return the replies to send, in order."""

@@ -10,7 +10,9 @@ A store is any object with
 and optionally `discard(offset, length)` (with `can_discard`, default True, saying whether
 the device may offer it), `write_zeroes(offset, length)` (else the device writes zeros),
 `readinto(offset, buffers)` / `writefrom(offset, buffers)` (scatter lists of memoryviews:
-no copy), `block_size` (a power of two >= 512, default 512) and `read_only`. Any method may
+no copy), `block_size` (a power of two >= 512, default 512), `read_only`, and
+`device_reset()`, called when the driver resets or (re)initialises the device (vhost-user: a
+reset, a front-end that goes away, SET_FEATURES at every device start). Any method may
 be an `async def` (or return an awaitable): the device then completes the request when it
 resolves, and other requests go on meanwhile. A store may raise anything: the request
 fails with VIRTIO_BLK_S_IOERR and a log line. The device checks every request against
@@ -37,7 +39,7 @@ from vhostpy.errors import ConfigurationError
 from vhostpy.images import SECTOR_SIZE, image_size, open_image
 
 __all__ = ["BlockStore", "FileStore", "MemoryStore", "StoreError", "check_store",
-           "zero_by_writing"]
+           "close_store", "reset_store", "settle", "zero_by_writing", "zero_range"]
 
 #: Largest piece of zeros written at once when a store cannot zero a range itself.
 ZERO_CHUNK = 1 << 20
@@ -104,6 +106,36 @@ def zero_by_writing(store: Any, offset: int, length: int) -> Any:
         for at, n in chunks:
             await store.write(at, bytes(n))
     return zero()
+
+
+async def settle(value: Any) -> Any:
+    """A store method's result, awaited when it is awaitable (for store wrappers, whose
+    inner store may be synchronous or not)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def zero_range(store: Any, offset: int, length: int) -> None:
+    """Zero a range of any store: its `write_zeroes` if it has one, else `zero_by_writing`."""
+    inner = getattr(store, "write_zeroes", None)
+    if callable(inner):
+        await settle(inner(offset, length))
+    else:
+        await settle(zero_by_writing(store, offset, length))
+
+
+def reset_store(store: Any) -> None:
+    """Tell `store` the driver reset or re-initialised the device (its optional
+    `device_reset()`); store wrappers pass it on with this."""
+    hook = getattr(store, "device_reset", None)
+    if callable(hook):
+        hook()
+
+
+def close_store(store: Any) -> None:
+    """Close `store` (its optional `close()`)."""
+    close = getattr(store, "close", None)
+    if callable(close):
+        close()
 
 
 class FileStore:
