@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from procs import stop
@@ -163,19 +164,31 @@ def test_several_sockets_sigterm(tmp_path: Path, start) -> None:
     assert "switch" in counters and "responder" in counters
 
 
-def test_reflect(backend) -> None:
-    b = backend("net", "--reflect")   # the conftest fixture: -v, waits for the socket
-    path = Path(b.path)
-    guest = ScriptedGuest(str(path))
+def scripted_net_guest(path: str, buffers: int) -> tuple[ScriptedGuest, Any, dict[int, int]]:
+    """A scripted driver on a `vhostpy net` socket: receive ring 0 given `buffers` 2048-byte
+    buffers (and kicked), transmit ring 1 set up. Returns (guest, the transmit ring's
+    builder, receive buffer address by head); the caller closes the guest."""
+    guest = ScriptedGuest(path)
     try:
         guest.start()
         rx = guest.setup_ring(0).builder
         tx = guest.setup_ring(1).builder
         bufs = {}
-        for _ in range(4):
+        for _ in range(buffers):
             head, addrs = rx.add_chain(writable=[2048])
             bufs[head] = addrs[0]
         guest.kick(0)
+    except BaseException:
+        guest.close()
+        raise
+    return guest, tx, bufs
+
+
+def test_reflect(backend) -> None:
+    b = backend("net", "--reflect")   # the conftest fixture: -v, waits for the socket
+    path = Path(b.path)
+    guest, tx, bufs = scripted_net_guest(str(path), 4)
+    try:
         dst, src = bytes.fromhex("0200000000aa"), bytes.fromhex("0200000000bb")
         frame = dst + src + b"\x88\xb5" + bytes(range(200))
         tx.add_chain([HDR_MRG.pack(0, 0, 0, 0, 0, 0, 0), frame])

@@ -66,7 +66,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "blk": MODEL_DEPS | {"blk_cffi", "stores", "images"},
     # the compiled virtio-blk data path (blk's fast variant; never imports blk)
     "blk_cffi": MODEL_DEPS | {"virtqueue_cffi"},
-    "net": MODEL_DEPS | {"net_cffi"},
+    "net": MODEL_DEPS | {"net_cffi", "netfaults"},
     # the compiled virtio-net data path (net's fast variant; never imports net)
     "net_cffi": {"_accel", "virtqueue", "virtqueue_cffi", ROOT},
     "rng": MODEL_DEPS,
@@ -75,6 +75,9 @@ ALLOWED: dict[str, set[str] | None] = {
     "tap": PORT_DEPS,
     "pcap": PORT_DEPS,
     "switch": PORT_DEPS,
+    # net faults on purpose: rules applied to frames, and the filter language they use
+    "framefilter": PORT_DEPS,
+    "netfaults": PORT_DEPS | {"framefilter"},
     # block stores behind virtio-blk: files and memory, the NBD client; raw images on the host
     "stores": {"errors", "images"},
     "nbd": {"errors"},

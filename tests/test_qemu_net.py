@@ -11,7 +11,10 @@ Five TCG boots (~6-10 s each; two guests at once in one of them):
   exactly the injected count; the responder pings the guest; a scapy TCP handshake delivers
   a payload to a busybox ``nc -l`` in the guest.
 * ``test_two_guests_ping_each_other_through_one_cli_process`` — the real command
-  (``python -m vhostpy net`` with two ``--socket-path``) switches between two guests.
+  (``python -m vhostpy net`` with two ``--socket-path``) switches between two guests; with
+  ``--fault`` rules dropping 5% and reordering 5% of its frames, 1 MiB sent over TCP from
+  one guest's busybox ``nc`` to the other's arrives byte-exact (md5sum), and the counters
+  line says how many frames the faults dropped and reordered.
 * ``test_mtu_9000_jumbo_frames_use_mergeable_buffers`` — ``host_mtu=9000``: 8000-byte pings
   both ways, NET_SET_MTU reaches the device, 8042-byte frames spread over several receive
   buffers.
@@ -42,7 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netguest
 from netguest import GUEST_FUNCTIONS, GUEST_IP, RESPONDER_IP, FrameLog, configure, ping_stats
-from qemu_guest import REPO_ROOT, guest_mac, require_qemu, start_guest, wait_for_socket
+from qemu_guest import (
+    REPO_ROOT,
+    console_values,
+    guest_mac,
+    require_qemu,
+    start_guest,
+    wait_for_socket,
+)
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -274,29 +284,67 @@ def test_backend_pings_guest_and_injected_frames_reach_guest(
 # 3: two guests on one `vhostpy net` process (the real command line)
 
 
-def _ping_peer(own: str, peer: str) -> str:
-    return (GUEST_FUNCTIONS + configure(own)
+#: The guest-to-guest TCP transfer under faults: 1 MiB of random bytes from the second guest
+#: to a busybox `nc -l` in the first; its frames (both ways) only, so the pings stay exact.
+XFER_PORT = 5001
+XFER_KIB = 1024
+#: 5% of the transfer's frames lost and 5% held back behind up to 4 later ones; dir=tx:
+#: once per hop (every frame leaves exactly one guest port).
+XFER_FAULTS = (f"drop,p=0.05,dir=tx,seed=14,filter=tcp port {XFER_PORT}",
+               f"reorder,p=0.05,depth=4,dir=tx,seed=15,filter=tcp port {XFER_PORT}")
+
+
+def _ping_peer(own: str, peer: str, *, before: str = "", after: str = "") -> str:
+    return (GUEST_FUNCTIONS + configure(own) + before
             + "n=0\n"
             + f"until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do\n"
             + "    n=$((n + 1)); [ $n -lt 60 ] || { echo PEER-NEVER-ANSWERED; exit 4; }\n"
             + "done\n"
             + f"ping -c 3 {peer}\n"
+            + after
             # Stay up until the peer's pings (its first success + 3) were answered too.
             + "wait_echo_replies 4 60\n")
+
+
+#: The receiving guest listens before it pings (so it listens before the sender can reach
+#: it), then waits for the whole file. Its nc's stdin must stay open (a FIFO opened read-
+#: write: never EOF): at EOF busybox nc shuts its sending side, and the sender's nc quits at
+#: that FIN, mid-file. Not `sleep | nc`: ash's `wait` would wait for the sleep too.
+XFER_LISTEN = ("mkfifo /tmp/hold\n"
+               f"nc -l -p {XFER_PORT} <> /tmp/hold > /tmp/got &\n"
+               "nc_pid=$!\n")
+XFER_RECEIVED = ("wait $nc_pid\n"
+                 "echo XFER-MD5=$(md5sum /tmp/got | cut -d' ' -f1)\n"
+                 "echo XFER-BYTES=$(wc -c < /tmp/got)\n")
+XFER_MAKE = (f"dd if=/dev/urandom of=/tmp/data bs=1024 count={XFER_KIB} 2>/dev/null\n"
+             "echo XFER-MD5=$(md5sum /tmp/data | cut -d' ' -f1)\n")
+XFER_SEND = ("t0=$(cut -d' ' -f1 /proc/uptime)\n"
+             "n=0\n"
+             f"until nc 10.0.2.15 {XFER_PORT} < /tmp/data; do\n"
+             "    n=$((n + 1)); [ $n -lt 20 ] || { echo XFER-NEVER-CONNECTED; exit 5; }\n"
+             "    sleep 0.5\n"
+             "done\n"
+             "t1=$(cut -d' ' -f1 /proc/uptime)\n"
+             "echo XFER-SECONDS=$(awk \"BEGIN { print $t1 - $t0 }\")\n")
 
 
 @pytest.mark.qemu
 def test_two_guests_ping_each_other_through_one_cli_process(backend: Any,
                                                             tmp_path: Path) -> None:
+    """...and move 1 MiB over TCP between them byte-exact while `--fault` rules drop 5%
+    and reorder 5% of that transfer's frames (issue 14: net faults on a real guest)."""
     require_qemu()
     second = str(tmp_path / "second.sock")
-    b = backend("net", "--socket-path", second)
+    b = backend("net", "--socket-path", second,
+                *[arg for spec in XFER_FAULTS for arg in ("--fault", spec)])
     wait_for_socket(second, proc=b.proc)
     macs = ("52:54:00:12:34:61", "52:54:00:12:34:62")
-    with start_guest(_ping_peer("10.0.2.15", "10.0.2.16"), timeout=GUEST_TIMEOUT,
-                     net_sockets=[(b.path, {"mac": macs[0]})]) as g1, \
-         start_guest(_ping_peer("10.0.2.16", "10.0.2.15"), timeout=GUEST_TIMEOUT,
-                     net_sockets=[(second, {"mac": macs[1]})]) as g2:
+    with start_guest(_ping_peer("10.0.2.15", "10.0.2.16", before=XFER_LISTEN,
+                                after=XFER_RECEIVED),
+                     timeout=GUEST_TIMEOUT, net_sockets=[(b.path, {"mac": macs[0]})]) as g1, \
+         start_guest(_ping_peer("10.0.2.16", "10.0.2.15", before=XFER_MAKE,
+                                after=XFER_SEND),
+                     timeout=GUEST_TIMEOUT, net_sockets=[(second, {"mac": macs[1]})]) as g2:
         r1 = g1.wait()
         r2 = g2.wait()
     assert r1.exit_code == 0, r1.raw_console
@@ -304,6 +352,10 @@ def test_two_guests_ping_each_other_through_one_cli_process(backend: Any,
     assert ping_stats(r1.console)[-1] == (3, 3), r1.console
     assert ping_stats(r2.console)[-1] == (3, 3), r2.console
     assert "64 bytes from 10.0.2.16" in r1.console and "64 bytes from 10.0.2.15" in r2.console
+    got, sent = console_values(r1.console), console_values(r2.console)
+    assert got["XFER-BYTES"] == str(XFER_KIB * 1024), r1.console
+    assert got["XFER-MD5"] == sent["XFER-MD5"], (r1.console, r2.console)
+    assert float(sent["XFER-SECONDS"]) > 0, r2.console
 
     assert b.stop() == 0, b.log_path.read_text()
     assert not os.path.exists(b.path) and not os.path.exists(second)
@@ -311,11 +363,25 @@ def test_two_guests_ping_each_other_through_one_cli_process(backend: Any,
     counters = _exit_counters(output)
     p0, p1 = counters["ports"]
     assert p0["port"] == "port0" and p1["port"] == "port1"
-    # At least the 3 + 3 echo requests and replies each guest sent and received, no drops.
+    # At least the 3 + 3 echo requests and replies each guest sent and received, no drops
+    # by the device (the faults' drops are their own counters).
     for p in (p0, p1):
         assert p["from_guest"]["frames"] >= 6 and p["to_guest"]["frames"] >= 6, p
         assert p["from_guest"]["drops"] == {} and p["to_guest"]["drops"] == {}, p
     assert counters["switch"]["forwarded"] >= 12
+    # The faults acted on the transfer's frames, about as often as asked, and held none
+    # back for good; each port counts what it did to the frames its guest sent.
+    faults = counters["faults"]
+    drop, reorder = faults["faults"]
+    assert [drop["spec"], reorder["spec"]] == list(XFER_FAULTS)
+    assert drop["seen"] > XFER_KIB * 1024 // 1500, drop   # at least the data segments
+    assert 0.02 * drop["seen"] < drop["hits"] < 0.09 * drop["seen"], drop
+    assert faults["dropped"] == drop["hits"] and faults["reordered"] == reorder["hits"] > 0
+    assert faults["held"] == 0 and faults["duplicated"] == faults["corrupted"] == 0
+    assert sum(p["faults"]["from_guest"]["dropped"] for p in (p0, p1)) == drop["hits"]
+    assert p0["faults"]["to_guest"]["dropped"] == p1["faults"]["to_guest"]["dropped"] == 0
+    print(f"1 MiB guest-to-guest under faults: {sent['XFER-SECONDS']} s, "
+          f"{drop['hits']} of {drop['seen']} frames dropped, {reorder['hits']} reordered")
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,6 +303,12 @@ def build_parser() -> _Parser:
                      help="bridge the ports to a Linux tap device (needs CAP_NET_ADMIN)")
     net.add_argument("--reflect", action="store_true",
                      help="send every frame back to its port with the MAC addresses swapped")
+    net.add_argument("--fault", dest="faults", action="append", metavar="SPEC",
+                     help="drop, duplicate, reorder, corrupt or delay frames on purpose "
+                     "(repeatable): drop|dup|corrupt[,p=P], reorder[,p=P][,depth=N] or "
+                     "delay,ms=N|A-B[,p=P], each with optional dir=rx|tx (rx: toward the "
+                     "guest), seed=N and filter=EXPR (tcpdump-like, e.g. 'filter=tcp and port "
+                     "5000'); every port has a rule set, empty without --fault")
 
     rng = sub.add_parser("rng", help=COMMANDS["rng"],
                          description="Serve virtio-rng: each request is filled from "
@@ -744,6 +750,9 @@ def _device_counters(device: Device) -> Callable[[], dict[str, Any]]:
 
 def _run_net(args: argparse.Namespace) -> int:
     from vhostpy.netapp import NetApp
+    from vhostpy.netfaults import NetFault
+
+    faults = [NetFault.parse(spec) for spec in args.faults or () if spec != "none"]
 
     places = _distinct("--socket-path", args.socket_path or []) + \
         _distinct("--fd", args.fd or [])
@@ -759,7 +768,7 @@ def _run_net(args: argparse.Namespace) -> int:
         app = NetApp(socket_paths=args.socket_path or (), fds=args.fd or (),
                      num_queues=args.num_queues, queue_size=args.queue_size,
                      respond_ip=None if args.no_respond else args.respond, pcap=args.pcap,
-                     tap=args.tap, reflect=args.reflect, loop=loop)
+                     tap=args.tap, reflect=args.reflect, faults=faults, loop=loop)
     except BaseException:
         if control is not None:
             control.close()

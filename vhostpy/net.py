@@ -37,6 +37,7 @@ from vhostpy.virtqueue import VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, DescriptorC
 
 if TYPE_CHECKING:
     from vhostpy.net_cffi import NetFastPath
+    from vhostpy.netfaults import FaultLane, NetFaults
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,11 @@ class NetPort:
     Built-in endpoints (`set_capture`, `set_consumer`) behave like a monitor and a handler
     registered first, but the compiled fast path runs them without Python per frame as long
     as no Python handler or monitor is attached.
+
+    `set_faults(faults)` puts a `netfaults.NetFaults` rule set between the guest and
+    everything else, both ways: frames from the guest pass its rules before capture,
+    monitors, consumers and handlers see them, frames to the guest before the backlog. While
+    it has rules, every frame takes the Python path; with none, nothing changes.
     """
 
     def __init__(self, device: NetDevice, name: str) -> None:
@@ -179,6 +185,11 @@ class NetPort:
         self.builtin: str | None = None
         self.switch: FrameSwitch | None = None
         self.capture: FrameCapture | None = None
+        #: Set by the application (`NetApp` does); else `later` uses the device's ring.
+        self.call_later: Callable[[float, Callable[[], None]], None] | None = None
+        self.faults: NetFaults | None = None
+        #: (to the guest, from the guest): this port's lanes of `faults`.
+        self.fault_lanes: tuple[FaultLane, FaultLane] | None = None
 
     #: Async handler calls one port lets run at once: a guest cannot pile up coroutines
     #: without bound behind a slow handler. Beyond it a batch's coroutine is closed unrun
@@ -190,8 +201,29 @@ class NetPort:
         """Whether Python code must see the frames this port gets from its guest: a
         handler or monitor is attached, or a capture the compiled path cannot write to."""
         capture = self.capture
+        faults = self.faults
         return bool(self._handlers or self._monitors) or (
-            capture is not None and not capture.native_ok)
+            capture is not None and not capture.native_ok) or (
+            faults is not None and faults.active)
+
+    def set_faults(self, faults: NetFaults | None) -> None:
+        """Apply `faults` (shared with other ports or not; None: none) to this port's frames
+        in both directions (see the class docstring and `netfaults`). Loop thread only."""
+        self.faults = faults
+        self.fault_lanes = None if faults is None else (
+            faults.lane(self.name, "rx", self.device.transmit_now, self.later),
+            faults.lane(self.name, "tx", self.deliver_now, self.later))
+
+    def later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback()` on the loop's thread in `delay` seconds (from that thread):
+        through `call_later` if the application set it, else through the ring the device
+        started last (`learn_loop`). RuntimeError or TypeError when there is no timer."""
+        if self.call_later is not None:
+            self.call_later(delay, callback)
+        elif self._ring is not None:
+            self._ring.call_later(delay, callback)
+        else:
+            raise RuntimeError(f"port {self.name}: no event loop attached for timers")
 
     def set_capture(self, writer: FrameCapture | None) -> None:
         """Record every frame in both directions with `writer.write_many(frames)` (pcap)."""
@@ -226,8 +258,17 @@ class NetPort:
         A handler's answer is sent as the class docstring says. A handler that raises, an
         answer that is not frames and an async handler that raises are logged and counted
         (`handler_errors`); the batch still goes to the other handlers and the device keeps
-        serving: user code cannot break a ring.
+        serving: user code cannot break a ring. Fault rules (`set_faults`) come first.
         """
+        lanes = self.fault_lanes
+        if lanes is not None and lanes[1].active:
+            frames = lanes[1].process(frames)
+            if not frames:
+                return
+        self.deliver_now(frames, vq)
+
+    def deliver_now(self, frames: list[bytes], vq: Virtqueue | None = None) -> None:
+        """`deliver` past the fault rules (where their lane sends what it let through)."""
         self.observe("from_guest", frames)
         if self.builtin == "reflect":
             self.send([swap_macs(f) for f in frames])
@@ -409,6 +450,9 @@ class NetPort:
             "handler_errors": self.handler_errors,
             "handlers_pending": self.handlers_pending,
             "handler_drops": self.handler_drops,
+            **({} if self.fault_lanes is None else {"faults": {
+                "to_guest": self.fault_lanes[0].counts.as_dict(),
+                "from_guest": self.fault_lanes[1].counts.as_dict()}}),
         }
 
 
@@ -648,13 +692,21 @@ class NetDevice(Device):
         self._fast.receive(burst, idx, count)
 
     def transmit_to_guest(self, frames: Sequence[bytes]) -> int:
-        """Queue frames for the driver's receive buffers; returns how many were accepted."""
+        """Queue frames for the driver's receive buffers; returns how many were accepted
+        (those the port's fault rules dropped or hold count as accepted)."""
+        lanes = self.port.fault_lanes
+        if lanes is not None and lanes[0].active:
+            return lanes[0].send(frames)
+        return self.transmit_now(frames)
+
+    def transmit_now(self, frames: Sequence[bytes]) -> int:
+        """`transmit_to_guest` past the port's fault rules (where their lane sends)."""
         if self._fast is not None and frames and not self.backlog:
             taken = self._fast.send_bytes(frames)   # straight into the ring, in C
             if taken:
                 accepted_now = taken - self._fast.rejected
                 frames = frames[taken:]
-                return accepted_now + (self.transmit_to_guest(frames) if frames else 0)
+                return accepted_now + (self.transmit_now(frames) if frames else 0)
         accepted: list[bytes] = []
         for frame in frames:
             if self._refused(frame):
@@ -678,6 +730,10 @@ class NetDevice(Device):
             self._flush_rx()
             if self.backlog:
                 return 0
+        lanes = self.port.fault_lanes
+        if lanes is not None and lanes[0].active:
+            return lanes[0].offer(itertools.islice(itertools.cycle(frames), count), count,
+                                  lambda out: self._place_frames(out, fresh=True))
         if self._fast is not None:
             taken = self._fast.offer(batch, count)
             if taken is not None:

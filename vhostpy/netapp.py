@@ -8,7 +8,10 @@
   guests (`ping()`);
 * a `PcapWriter` that records every frame in both directions on every guest port;
 * a `TapPort` to the host's network stack;
-* `reflect`: every frame goes back to the port it came from with its MACs swapped (no switch).
+* `reflect`: every frame goes back to the port it came from with its MACs swapped (no switch);
+* `faults`: one `netfaults.NetFaults` rule set on every guest port, both directions (frames
+  dropped, duplicated, reordered, corrupted or delayed on purpose), rules added and cleared
+  at run time on the loop's thread (`app.call(lambda: app.faults.add(rule))`).
 
 Python code adds handlers to `app.ports[i]` (see `NetPort`). `run()` serves on the calling
 thread until `stop()`; `start_thread()` runs the loop in a background thread, after which
@@ -20,12 +23,13 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from vhostpy.errors import ConfigurationError
 from vhostpy.loop import EventLoop
 from vhostpy.net import DEFAULT_MTU, NetDevice, NetPort
+from vhostpy.netfaults import NetFault, NetFaults
 from vhostpy.packets import Responder
 from vhostpy.pcap import PcapWriter
 from vhostpy.server import Server
@@ -63,6 +67,7 @@ class NetApp:
                  num_queues: int = 1, queue_size: int = 1024, respond_ip: str | None =
                  DEFAULT_RESPOND_IP, pcap: str | None = None, tap: str | None = None,
                  reflect: bool = False, mtu: int | None = None,
+                 faults: NetFaults | Iterable[NetFault] = (),
                  loop: EventLoop | None = None) -> None:
         if not socket_paths and not fds:
             raise ConfigurationError("give at least one --socket-path or --fd")
@@ -71,6 +76,7 @@ class NetApp:
                                      "be combined with --tap or several sockets")
         self.loop = loop or EventLoop()
         self.reflect = reflect
+        self.faults = faults if isinstance(faults, NetFaults) else NetFaults(faults)
         self.switch = Switch()
         self.devices: list[NetDevice] = []
         self.servers: list[Server] = []
@@ -110,6 +116,8 @@ class NetApp:
         for device in self.devices:
             port = device.port
             port.call_soon_threadsafe = self.loop.call_soon_threadsafe
+            port.call_later = self.loop.call_later
+            port.set_faults(self.faults)
             if self.pcap is not None:
                 port.set_capture(self.pcap)
             if self.reflect:
@@ -171,9 +179,10 @@ class NetApp:
             self._thread = None
 
     def counters(self) -> dict[str, object]:
-        """All counters: per guest port, the switch, the responder, tap and pcap."""
+        """All counters: per guest port, the switch, the faults, the responder, tap and pcap."""
         out: dict[str, object] = {"ports": [p.counters() for p in self.ports],
-                                  "switch": self.switch.counters()}
+                                  "switch": self.switch.counters(),
+                                  "faults": self.faults.counters()}
         if self.responder is not None:
             out["responder"] = self.responder.counters()
         if self.tap is not None:

@@ -32,6 +32,7 @@ __all__ = [
     "EchoReply",
     "Responder",
     "complete_checksum",
+    "ethertype",
     "format_mac",
     "frame_bytes",
     "from_scapy",
@@ -135,7 +136,7 @@ def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offse
     _H.pack_into(frame, field, csum)
 
 
-def _ethertype(frame: Buffer) -> tuple[int, int]:
+def ethertype(frame: Buffer) -> tuple[int, int]:
     """(EtherType, L3 offset) skipping up to two 802.1Q/802.1ad tags; (-1, 0) if short."""
     if len(frame) < ETH_HLEN:
         return -1, 0
@@ -166,7 +167,7 @@ class _L4:
 
 def _locate_l4(frame: Buffer) -> _L4 | None:
     """Parse Ethernet + IPv4/IPv6 far enough to find the L4 segment; None if impossible."""
-    etype, off = _ethertype(frame)
+    etype, off = ethertype(frame)
     size = len(frame)
     if etype == ETH_P_IP:
         if size < off + 20:

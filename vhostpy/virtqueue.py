@@ -237,6 +237,9 @@ class RingRunner(Protocol):
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         """Run `callback()` on the ring's thread soon (from any thread)."""
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback()` on the ring's thread in `delay` seconds (from that thread)."""
+
 
 _FENCE = threading.Lock()
 #: x86 (64- and 32-bit: an i386 lguest host reports i686) and AArch64.
@@ -588,6 +591,13 @@ class Virtqueue(abc.ABC):
         if self.runner is None:
             raise RuntimeError(f"virtqueue {self.index}: no runner serves it")
         self.runner.call_soon_threadsafe(callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback()` on the ring's thread in `delay` seconds; call it on that thread
+        (RuntimeError without a runner, TypeError when the transport has no timers)."""
+        if self.runner is None:
+            raise RuntimeError(f"virtqueue {self.index}: no runner serves it")
+        self.runner.call_later(delay, callback)
 
     def publish(self, items: list[tuple[int, int]]) -> None:
         """`add_used_many` for chains completed now, through the runner, which keeps them

@@ -274,6 +274,13 @@ class Vring(Pacer):
                             "other threads")
         wake(callback)
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """`vq.call_later`: run `callback()` on the ring's thread in `delay` seconds (the
+        host's timer). TypeError for a transport without a loop."""
+        if self.host is None:
+            raise TypeError(f"vring {self.index}: this transport has no timers")
+        self.host.call_later(delay, callback)
+
     def publish(self, items: list[tuple[int, int]]) -> None:
         """Used entries for chains the device completed now (`device.drain`): published at
         once, unless VIRTIO_F_IN_ORDER holds them behind older chains still in flight."""
