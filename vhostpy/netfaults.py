@@ -200,7 +200,8 @@ class NetFault:
         if self.expression is not None:
             parts.append(f"filter={self.expression.text}")
         elif self.filter is not None:
-            parts.append(f"filter=<python {getattr(self.filter, '__name__', 'callable')}>")
+            name = getattr(self.filter, "__name__", "callable").strip("<>")
+            parts.append(f"filter=<python {name}>")
         return ",".join(parts)
 
     def as_dict(self) -> dict[str, object]:
