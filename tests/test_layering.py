@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import shutil
+import sys
 from collections.abc import Collection
 from pathlib import Path
 
@@ -115,6 +116,37 @@ ALLOWED: dict[str, set[str] | None] = {
     "__main__": None,
 }
 
+#: vhostpy.testing, the pytest plugin's package (its modules are named "testing.<module>").
+#: The guest-image machinery and the QEMU harness below `backends` import only the standard
+#: library and each other (STDLIB_ONLY), so a checkout's ci/qemu scripts run them as they are.
+TESTING: dict[str, set[str] | None] = {
+    "testing": {f"testing.{m}" for m in ("backends", "console", "errors", "files", "guest",
+                                         "image", "launcher", "qemu", "shell")},
+    "testing.errors": set(),
+    "testing.cpio": set(),
+    "testing.kernel": {"testing.errors"},
+    "testing.initramfs": {"testing.cpio", "testing.errors", "testing.kernel"},
+    "testing.qemu": {"testing.errors"},
+    "testing.console": {"testing.errors", "testing.initramfs"},
+    "testing.files": {"testing.errors"},
+    # the KVM probe is a guest: accel and guest import each other (accel inside a function)
+    "testing.accel": {"testing.errors", "testing.initramfs", "testing.guest"},
+    "testing.guest": {"testing.accel", "testing.console", "testing.errors",
+                      "testing.initramfs", "testing.kernel", "testing.qemu"},
+    "testing.shell": {"testing.console", "testing.errors", "testing.guest"},
+    "testing.image": {"testing.accel", "testing.initramfs", "testing.kernel", "testing.qemu"},
+    "testing.run_guest": {"testing.errors", "testing.guest"},
+    # devices served in-process (vhostpy.Server, loaded on first use) or by the command line
+    "testing.backends": {"device", "errors", "api", "testing.qemu"},
+    "testing.launcher": {"device", "errors", "testing.backends", "testing.console",
+                         "testing.errors", "testing.guest", "testing.image", "testing.qemu",
+                         "testing.shell"},
+    "testing.plugin": {"testing.errors", "testing.image", "testing.launcher"},
+}
+ALLOWED.update(TESTING)
+STDLIB_ONLY = {m for m in TESTING if m not in ("testing.backends", "testing.launcher",
+                                               "testing.plugin")}
+
 #: Standard-library modules that would let a sans-I/O layer do I/O or own a loop.
 IO_MODULES = {"socket", "selectors", "select", "asyncio", "socketserver"}
 SANS_IO = {"errors", "protocol", "memory", "virtqueue", "device", "session"}
@@ -123,36 +155,62 @@ NEVER_IMPORTED = {"cli", "__main__"}
 
 
 def present_modules() -> set[str]:
-    return {p.stem for p in SRC.glob("*.py")}
+    """The package's modules: "x" for vhostpy/x.py, "testing.x" for vhostpy/testing/x.py
+    ("testing" for its __init__)."""
+    return ({p.stem for p in SRC.glob("*.py")}
+            | {"testing" if p.stem == "__init__" else f"testing.{p.stem}"
+               for p in (SRC / "testing").glob("*.py")})
 
 
-def vhostpy_imports(source: str, known: Collection[str]) -> set[str]:
+def module_path(module: str) -> Path:
+    """The source file of a module named as in `present_modules`."""
+    if module == "testing":
+        return SRC / "testing" / "__init__.py"
+    return SRC / (module.replace(".", "/") + ".py")
+
+
+def vhostpy_imports(source: str, known: Collection[str], package: str = "") -> set[str]:
     """The vhostpy modules `source` imports, by module name (ROOT for the package itself).
 
     `known` names the package's modules, to tell `from vhostpy import memory` (a module)
     from `from vhostpy import __version__` (a name in the package). A relative import that
     climbs out of the package comes back as "..<module>", which no rule allows.
+    `package` is "testing" for a module of vhostpy.testing: its relative imports resolve there,
+    and a module of that package comes back as "testing.<module>".
     """
+
+    def named(parts: list[str]) -> str:
+        if parts[0] == "testing" and len(parts) > 1 and f"testing.{parts[1]}" in known:
+            return f"testing.{parts[1]}"
+        return parts[0]
+
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == PACKAGE:
-                    found.add(parts[1] if len(parts) > 1 else ROOT)
+                    found.add(named(parts[1:]) if len(parts) > 1 else ROOT)
         elif isinstance(node, ast.ImportFrom):
+            relative = node.module.split(".") if node.module else []
             if node.level == 0:
                 parts = (node.module or "").split(".")
                 if parts[0] != PACKAGE:
                     continue
                 rest = parts[1:]
             elif node.level == 1:
-                rest = node.module.split(".") if node.module else []
+                rest = [package, *relative] if package else relative
+            elif node.level == 2 and package:
+                rest = relative
             else:
                 found.add(".." + (node.module or ""))
                 continue
-            if rest:
-                found.add(rest[0])
+            if rest == ["testing"]:
+                for alias in node.names:
+                    found.add(f"testing.{alias.name}" if f"testing.{alias.name}" in known
+                              else "testing")
+            elif rest:
+                found.add(named(rest))
             else:
                 for alias in node.names:
                     found.add(alias.name if alias.name in known else ROOT)
@@ -175,7 +233,8 @@ def violations(module: str, source: str, known: Collection[str] | None = None) -
     known = set(ALLOWED) | present_modules() if known is None else known
     if module not in ALLOWED:
         return [f"{module}: not in the layering table; add it to ALLOWED"]
-    imports = vhostpy_imports(source, known) - {module}
+    package = "testing" if module.startswith("testing") else ""
+    imports = vhostpy_imports(source, known, package) - {module}
     allowed = ALLOWED[module]
     out = []
     if allowed is None:
@@ -218,7 +277,15 @@ def test_every_table_entry_is_a_module() -> None:
 
 @pytest.mark.parametrize("module", sorted(set(ALLOWED) - {"_native"}))
 def test_module_follows_its_layer(module: str) -> None:
-    assert check_file(SRC / f"{module}.py") == []
+    assert check_file(module_path(module), module) == []
+
+
+@pytest.mark.parametrize("module", sorted(STDLIB_ONLY))
+def test_guest_machinery_is_stdlib_only(module: str) -> None:
+    """What ci/qemu runs from a checkout needs nothing installed (no pytest, no cffi);
+    `zstandard` is used where installed (the `zstd` command otherwise)."""
+    imported = stdlib_imports(module_path(module).read_text()) - {PACKAGE, "zstandard"}
+    assert sorted(imported - sys.stdlib_module_names) == []
 
 
 @pytest.mark.parametrize("module", sorted(SANS_IO))
@@ -263,10 +330,27 @@ KNOWN = set(ALLOWED)
         ("def f():\n    from vhostpy.server import Server\n", {"server"}),
         ("if TYPE_CHECKING:\n    from vhostpy.session import Session\n", {"session"}),
         ("import vhostpyx\nfrom vhostpy_other import y", set()),
+        ("from vhostpy.testing.guest import boot_guest", {"testing.guest"}),
+        ("import vhostpy.testing.qemu", {"testing.qemu"}),
+        ("from vhostpy.testing import shell, GuestLauncher", {"testing.shell", "testing"}),
+        ("from vhostpy.testing import plugin", {"testing.plugin"}),
     ],
 )
 def test_import_resolution(source: str, expected: set[str]) -> None:
     assert vhostpy_imports(source, KNOWN) == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from .errors import GuestError", {"testing.errors"}),
+        ("from . import cpio", {"testing.cpio"}),
+        ("from ..device import Device", {"device"}),
+        ("from ...outside import x", {"..outside"}),
+    ],
+)
+def test_import_resolution_inside_testing(source: str, expected: set[str]) -> None:
+    assert vhostpy_imports(source, KNOWN, "testing") == expected
 
 
 @pytest.mark.parametrize(
@@ -299,6 +383,12 @@ def test_import_resolution(source: str, expected: set[str]) -> None:
         ("packets", "from vhostpy.device import Device"),
         ("session", "from ..outside import thing"),
         ("brand_new_module", "import os"),
+        ("testing.errors", "from vhostpy.testing.guest import RunningGuest"),
+        ("testing.kernel", "from vhostpy.device import Device"),
+        ("testing.qemu", "from ..api import Server"),
+        ("testing.initramfs", "from . import launcher"),
+        ("testing.plugin", "from vhostpy import cli"),
+        ("testing.new_module", "import os"),
     ],
 )
 def test_checker_catches_broken_rules(module: str, source: str) -> None:
@@ -318,6 +408,9 @@ def test_checker_catches_broken_rules(module: str, source: str) -> None:
         ("netapp", "from vhostpy.server import Server"),
         ("virtqueue", "from .memory import GuestMemory"),
         ("protocol", "from vhostpy.errors import ProtocolError\nimport struct"),
+        ("testing.kernel", "from .errors import GuestImageError"),
+        ("testing.launcher", "from ..device import Device\nfrom .shell import GuestShell"),
+        ("testing.backends", "from vhostpy.api import Server"),
     ],
 )
 def test_checker_accepts_allowed_imports(module: str, source: str) -> None:

@@ -63,3 +63,23 @@ def test_close_twice_and_stop_after_close_are_harmless() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_stop_from_another_thread_while_the_loop_closes() -> None:
+    """What vhostpy.Server.stop does from a test's thread: queue a stop, then stop, while the
+    loop's thread returns from run() and closes the loop. stop() must not write to the wake
+    fd that close() is closing (EBADF, seen about once in 150 rounds before it held the
+    lock close() takes)."""
+    for _ in range(1000):
+        loop = EventLoop()
+
+        def serve(loop: EventLoop = loop) -> None:
+            loop.run()
+            loop.close()
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        loop.call_soon_threadsafe(loop.stop)
+        loop.stop()
+        thread.join(10)
+        assert not thread.is_alive()

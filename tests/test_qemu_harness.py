@@ -1,8 +1,9 @@
-"""Prove the QEMU guest harness (tests/qemu_guest.py) against a real vhost-user back-end.
+"""Prove the QEMU guest harness (vhostpy.testing, through tests/qemu_guest.py) against a real
+vhost-user back-end.
 
 The peer is qemu-storage-daemon's vhost-user-blk export, so a failure here is the harness's
 fault, never vhostpy's.  The first tests need no QEMU (command line, console parsing, cpio);
-the ``qemu`` ones boot TCG guests (~5 s each).
+the ``qemu`` ones boot guests (5–20 s each under TCG).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from qemu_guest import (
     wait_for_socket,
 )
 from tools import require_tool
+
+from vhostpy.testing import GuestLauncher, guest_image
 
 PATTERN = bytes(range(0xA0, 0xB0))  # 16 bytes the host writes at offset 0
 GUEST_WRITE = b"VHOSTPY-GUEST-WR"  # 16 bytes the guest writes at 1 MiB
@@ -188,14 +191,27 @@ def test_nonzero_exit_is_reported(qemu_ready: None) -> None:
 
 
 @pytest.mark.qemu
-def test_hanging_guest_is_killed_at_timeout(qemu_ready: None) -> None:
-    with start_guest("echo sleeping; sleep 1000", timeout=120) as guest:
-        guest.wait_for_text("sleeping", timeout=90)
-        with pytest.raises(GuestTimeout, match="QEMU killed") as info:
-            guest.wait(timeout=1)
-        assert not guest.is_running()
+def test_shell_guest_runs_commands_until_one_hangs(tmp_path: Path, qemu_ready: None) -> None:
+    """vhostpy.testing's guest shell: several commands in one boot, each with its status and
+    output; one that outlives its timeout kills the guest. And a guest whose whole script
+    outlives its timeout is killed too."""
+    launcher = GuestLauncher(guest_image(), tmp_path)
+    try:
+        guest = launcher.start()
+        r = guest.run("echo out; echo err >&2; echo on-the-console > /dev/console; exit 3")
+        assert (r.exit_code, r.output) == (3, "out\nerr\n")
+        guest.running.wait_for_text("on-the-console", timeout=30)
+        r = guest.run("head -c 20000 /dev/zero | tr '\\0' x; printf '\\001\\377'")
+        assert r.check().output_bytes == b"x" * 20000 + b"\x01\xff"
+        with pytest.raises(GuestTimeout, match="sleep 1000") as info:
+            guest.run("echo sleeping > /dev/console; sleep 1000", timeout=1)
         assert "sleeping" in info.value.console
-    # And through boot_guest: a timeout shorter than the boot itself.
+        assert not guest.running.is_running()
+        with pytest.raises(GuestError):
+            guest.run("true")
+    finally:
+        launcher.close()
+    assert (tmp_path / "guest0.console.log").read_text().count("sleeping") >= 1
     with pytest.raises(GuestTimeout, match="did not finish"):
         boot_guest("true", timeout=1)
 

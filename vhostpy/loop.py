@@ -186,8 +186,9 @@ class EventLoop:
     def stop(self) -> None:
         """Make `run()` return after the current callback (callable from any thread)."""
         self._running = False
-        if self._wake_fd >= 0:  # after close() the number may belong to another file
-            os.eventfd_write(self._wake_fd, 1)
+        with self._closing:   # the loop's thread may be closing it right now
+            if self._wake_fd >= 0:  # after close() the number may belong to another file
+                os.eventfd_write(self._wake_fd, 1)
 
     def run(self) -> None:
         """Dispatch events until `stop()` is called."""
