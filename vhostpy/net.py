@@ -398,7 +398,9 @@ class NetPort:
         Nothing is queued: unlike `send`, what the ring cannot take now is not taken.
         Returns how many frames were taken (placed, or refused and counted like `send`'s:
         runts, larger than the MTU, larger than a buffer). Frames still in the backlog go
-        first; while any remain, nothing is taken."""
+        first; while any remain, nothing is taken. With fault rules (`set_faults`) frames
+        go through them a few at a time (`netfaults.OFFER_CHUNK`), and what the ring cannot
+        take of the last few is queued."""
         return self.device.offer_to_guest(batch, len(batch) if count is None else count)
 
     def send_threadsafe(self, frames: Iterable[Any]) -> None:

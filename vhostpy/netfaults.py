@@ -324,7 +324,7 @@ class FaultLane:
         self.call_later = call_later
         self.counts = FaultCounts()
         self._passed = 0   # frames sent now so far: the clock of reorder depths
-        #: Reordered frames: [release at `_passed`, held since (monotonic), frames].
+        #: Reordered frames: (release at this `_passed`, held since (`clock`), frames).
         self._reordered: list[tuple[int, float, list[bytes]]] = []
         self._next_release = 0
         self._timer = False
