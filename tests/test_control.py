@@ -204,6 +204,20 @@ def test_other_devices_answer_status(tmp_path: Path, backend: Any, command: str)
     assert isinstance(status["counters"], dict)
 
 
+def test_net_faults_through_ctl(tmp_path: Path, backend: Any) -> None:
+    control = tmp_path / "ctl"
+    backend("net", "--control", str(control), "--fault", "drop,p=0.5,seed=1")
+    deadline = time.monotonic() + 10
+    while not control.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rules = ctl_ok(control, "fault", "add", "dup,p=0.1,dir=tx,filter=udp port 69")
+    specs = [rule["spec"] for rule in rules["faults"]]
+    assert len(specs) == 2 and specs[1].startswith("dup"), rules
+    assert "drop" in ctl_ok(control, "fault", "list")["faults"][0]["spec"]
+    assert ctl_ok(control, "fault", "clear")["faults"] == []
+    assert "fault 'flood'" in ctl_error(control, "fault", "add", "flood")
+
+
 def test_serve_answers_status(tmp_path: Path) -> None:
     control, sock = tmp_path / "ctl", tmp_path / "dev.sock"
     proc = subprocess.Popen([sys.executable, "-m", "vhostpy", "serve",

@@ -779,6 +779,7 @@ def _run_net(args: argparse.Namespace) -> int:
         add_status(control.controls, "net",
                    lambda: [{"device": s.device.name, **s.status()} for s in servers],
                    counters)
+        add_faults(control.controls, app.faults, NetFault.parse)
         control.start(loop.call_soon_threadsafe)
     log.info("serving virtio-net on %s: %d port(s), %d queue pair(s) per port, rings of up "
              "to %d", ", ".join(places), len(places), args.num_queues, args.queue_size)
