@@ -12,9 +12,10 @@ Five TCG boots (~6-10 s each; two guests at once in one of them):
   a payload to a busybox ``nc -l`` in the guest.
 * ``test_two_guests_ping_each_other_through_one_cli_process`` — the real command
   (``python -m vhostpy net`` with two ``--socket-path``) switches between two guests; with
-  ``--fault`` rules dropping 5% and reordering 5% of its frames, 1 MiB sent over TCP from
-  one guest's busybox ``nc`` to the other's arrives byte-exact (md5sum), and the counters
-  line says how many frames the faults dropped and reordered.
+  ``--fault`` rules dropping 5%, reordering 5% and corrupting 2% of its frames, 1 MiB sent
+  over TCP from one guest's busybox ``nc`` to the other's arrives byte-exact (md5sum), the
+  guests' kernels count the corrupted segments as TCP checksum errors, and the counters
+  line says what the faults did.
 * ``test_mtu_9000_jumbo_frames_use_mergeable_buffers`` — ``host_mtu=9000``: 8000-byte pings
   both ways, NET_SET_MTU reaches the device, 8042-byte frames spread over several receive
   buffers.
@@ -288,10 +289,16 @@ def test_backend_pings_guest_and_injected_frames_reach_guest(
 #: to a busybox `nc -l` in the first; its frames (both ways) only, so the pings stay exact.
 XFER_PORT = 5001
 XFER_KIB = 1024
-#: 5% of the transfer's frames lost and 5% held back behind up to 4 later ones; dir=tx:
-#: once per hop (every frame leaves exactly one guest port).
+#: 5% of the transfer's frames lost, 5% held back behind up to 4 later ones and 2% with a
+#: bit flipped (the receiving kernel must find the TCP checksum wrong); dir=tx: once per hop
+#: (every frame leaves exactly one guest port).
 XFER_FAULTS = (f"drop,p=0.05,dir=tx,seed=14,filter=tcp port {XFER_PORT}",
-               f"reorder,p=0.05,depth=4,dir=tx,seed=15,filter=tcp port {XFER_PORT}")
+               f"reorder,p=0.05,depth=4,dir=tx,seed=15,filter=tcp port {XFER_PORT}",
+               f"corrupt,p=0.02,dir=tx,seed=16,filter=tcp port {XFER_PORT}")
+#: The guest's TCP segments with a bad checksum (/proc/net/snmp Tcp: InCsumErrors).
+TCP_CSUM_ERRORS = ("echo TCP-CSUM-ERRORS=$(awk '/^Tcp:/ { if (!c) { for (i = 2; i <= NF; "
+                   "i++) if ($i == \"InCsumErrors\") c = i } else { print $c; exit } }' "
+                   "/proc/net/snmp)\n")
 
 
 def _ping_peer(own: str, peer: str, *, before: str = "", after: str = "") -> str:
@@ -303,7 +310,8 @@ def _ping_peer(own: str, peer: str, *, before: str = "", after: str = "") -> str
             + f"ping -c 3 {peer}\n"
             + after
             # Stay up until the peer's pings (its first success + 3) were answered too.
-            + "wait_echo_replies 4 60\n")
+            + "wait_echo_replies 4 60\n"
+            + TCP_CSUM_ERRORS)
 
 
 #: The receiving guest listens before it pings (so it listens before the sender can reach
@@ -331,8 +339,9 @@ XFER_SEND = ("t0=$(cut -d' ' -f1 /proc/uptime)\n"
 @pytest.mark.qemu
 def test_two_guests_ping_each_other_through_one_cli_process(backend: Any,
                                                             tmp_path: Path) -> None:
-    """...and move 1 MiB over TCP between them byte-exact while `--fault` rules drop 5%
-    and reorder 5% of that transfer's frames (issue 14: net faults on a real guest)."""
+    """...and move 1 MiB over TCP between them byte-exact while `--fault` rules drop 5%,
+    reorder 5% and corrupt 2% of that transfer's frames (issue 14: net faults on a real
+    guest)."""
     require_qemu()
     second = str(tmp_path / "second.sock")
     b = backend("net", "--socket-path", second,
@@ -372,16 +381,22 @@ def test_two_guests_ping_each_other_through_one_cli_process(backend: Any,
     # The faults acted on the transfer's frames, about as often as asked, and held none
     # back for good; each port counts what it did to the frames its guest sent.
     faults = counters["faults"]
-    drop, reorder = faults["faults"]
-    assert [drop["spec"], reorder["spec"]] == list(XFER_FAULTS)
+    drop, reorder, corrupt = faults["faults"]
+    assert [drop["spec"], reorder["spec"], corrupt["spec"]] == list(XFER_FAULTS)
     assert drop["seen"] > XFER_KIB * 1024 // 1500, drop   # at least the data segments
     assert 0.02 * drop["seen"] < drop["hits"] < 0.09 * drop["seen"], drop
     assert faults["dropped"] == drop["hits"] and faults["reordered"] == reorder["hits"] > 0
-    assert faults["held"] == 0 and faults["duplicated"] == faults["corrupted"] == 0
+    assert faults["held"] == 0 and faults["duplicated"] == 0
+    # Every corrupted frame reached a guest whose kernel found its TCP checksum wrong (but
+    # for the last ACKs of the teardown, which may land after the guests counted).
+    errors = int(got["TCP-CSUM-ERRORS"]) + int(sent["TCP-CSUM-ERRORS"])
+    assert faults["corrupted"] == corrupt["hits"] > 0, corrupt
+    assert corrupt["hits"] - 2 <= errors <= corrupt["hits"], (errors, corrupt)
     assert sum(p["faults"]["from_guest"]["dropped"] for p in (p0, p1)) == drop["hits"]
     assert p0["faults"]["to_guest"]["dropped"] == p1["faults"]["to_guest"]["dropped"] == 0
     print(f"1 MiB guest-to-guest under faults: {sent['XFER-SECONDS']} s, "
-          f"{drop['hits']} of {drop['seen']} frames dropped, {reorder['hits']} reordered")
+          f"{drop['hits']} of {drop['seen']} frames dropped, {reorder['hits']} reordered, "
+          f"{corrupt['hits']} corrupted ({errors} TCP checksum errors in the guests)")
 
 
 # --------------------------------------------------------------------------------------------
