@@ -20,7 +20,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from qemu_guest import require_qemu
-from tools import require_tool
+from tools import boots_once_per_suite, require_tool
 
 from bench import blk, python_level
 
@@ -64,6 +64,7 @@ def test_run_blk_quick_every_backend() -> None:
 def test_run_blk_quick_store_and_nbd_backends() -> None:
     """The async store path and an NBD export reached by vhostpy --nbd each give a figure
     (the MemoryStore and qemu-storage-daemon's NBD client share their code paths)."""
+    boots_once_per_suite("an async store and an NBD disk")
     require_qemu()
     require_tool("fio", "ci/bench/install-deps.sh")
     require_tool("qemu-nbd", "ci/nbd/install-deps.sh")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qemu_guest
 from procs import terminate
-from tools import wait_until
+from tools import boots_once_per_suite, wait_until
 
 from vhostpy.cli import parse_counters_lines
 
@@ -76,6 +76,7 @@ def served(how: str, text: str) -> tuple[int, int]:
 @pytest.mark.qemu
 def test_example_rng_devices_serve_a_guest(tmp_path: Path,
                                            procs: list[subprocess.Popen[bytes]]) -> None:
+    boots_once_per_suite("devices written on the SDK (virtio-rng)")
     qemu_guest.require_qemu()
     socks = {how: tmp_path / f"{how}.sock" for how in BACKENDS}
     logs = {how: tmp_path / f"{how}.log" for how in BACKENDS}

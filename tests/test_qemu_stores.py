@@ -26,7 +26,7 @@ import pytest
 from procs import terminate
 from qemu_guest import boot_guest, console_values, host_binary, require_qemu, wait_for_socket
 from test_nbd import start  # noqa: F401 (the NBD server fixture)
-from tools import require_tool
+from tools import boots_once_per_suite, require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -83,6 +83,7 @@ cat /tmp/fsck.out
 def test_python_block_stores_in_one_guest(tmp_path: Path, backend: Any,
                                          start: Any,  # noqa: F811
                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    boots_once_per_suite("block stores written in Python and NBD disks")
     require_qemu()
     files, mke2fs = host_binary(require_tool("mke2fs", E2FSPROGS), "e2fs")
     fsck_files, e2fsck = host_binary(require_tool("e2fsck", E2FSPROGS), "fsck")

@@ -34,9 +34,8 @@ from typing import Any
 
 import pytest
 from qemu_guest import host_binary, require_qemu, start_guest
-from tools import require_tool
+from tools import boots_once_per_suite, require_tool
 
-from vhostpy import _accel
 from vhostpy.control import request
 from vhostpy.writelog import Replay
 
@@ -146,10 +145,7 @@ def _fsck(image: Path) -> tuple[int, int, str]:
 
 @pytest.mark.qemu
 def test_faults_write_log_and_power_cuts_in_one_guest(tmp_path: Path, backend: Any) -> None:
-    if os.environ.get(_accel.ENV_VAR) == "cffi":
-        pytest.skip("these stores are served by the Python data path under every "
-                    "implementation: ci/test.sh boots this guest once, in its "
-                    "VHOSTPY_IMPLEMENTATION=python run")
+    boots_once_per_suite("FaultyStore, LoggedStore and WriteCache")
     require_qemu()
     files, e2fsck = host_binary(require_tool("e2fsck", E2FSPROGS), "fsck")
     rng = random.Random(int(os.environ.get("VHOSTPY_TESTBENCH_SEED", "20261202")))

@@ -39,6 +39,21 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def boots_once_per_suite(subject: str) -> None:
+    """Skip the calling guest test in ci/test.sh's VHOSTPY_IMPLEMENTATION=cffi run: its
+    `subject` is Python code that runs the same under every implementation (block stores,
+    devices written on the SDK, the fault and power layers), so the suite's time goes to one
+    boot, in the python run. What differs under cffi is only the ring access below it (the
+    compiled virtqueue), which the cffi run covers with its other guest tests (test_qemu_blk,
+    test_qemu_rng, test_qemu_net) and its unit tests (test_completion: completions deferred
+    over the compiled virtqueue). A plain `pytest` (implementation auto) runs it."""
+    import pytest
+
+    if os.environ.get("VHOSTPY_IMPLEMENTATION", "").strip().lower() == "cffi":
+        pytest.skip(f"{subject}: the same Python code under every implementation; "
+                    "ci/test.sh boots this guest once, in its VHOSTPY_IMPLEMENTATION=python run")
+
+
 def find_tool(name: str) -> str | None:
     """Path of the executable ``name``: on PATH, else in /usr/sbin or /sbin; None if absent."""
     for path in (shutil.which(name), *(os.path.join(d, name) for d in SBIN_DIRS)):
