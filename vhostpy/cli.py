@@ -128,14 +128,21 @@ def _image_format(text: str) -> str:
     return text
 
 
-def _fd_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid file descriptor {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid file descriptor {value}")
-    return value
+def _not_negative(noun: str) -> Callable[[str], int]:
+    """An argparse type: a whole number, 0 or more (`noun` names it in the errors)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {noun} {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"invalid {noun} {value}: it must not be "
+                                             "negative")
+        return value
+    return parse
+
+
+_fd_number = _not_negative("file descriptor")
 
 
 def _add_transport_options(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
@@ -365,22 +372,12 @@ def _add_tool_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     replay.add_argument("image", metavar="IMAGE", nargs="?",
                         help="the raw image to rebuild (changed in place)")
     point = replay.add_mutually_exclusive_group()
-    point.add_argument("--flush", type=_count, metavar="N",
+    point.add_argument("--flush", type=_not_negative("flush number"), metavar="N",
                        help="stop at the Nth flush (0: apply nothing; default: the last)")
     point.add_argument("--mark", metavar="NAME",
                        help="stop at the mark NAME (as of the last flush before it)")
     point.add_argument("--list", action="store_true",
                        help="print what the log holds (flush points, marks) and exit")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
-    return value
 
 
 def _ipv4(text: str) -> str:
