@@ -418,7 +418,10 @@ def test_a_rule_seed_is_its_own() -> None:
     frames = numbered(200)
     a = Lane("drop,p=0.5,seed=7", seed=1)
     b = Lane("drop,p=0.5,seed=7", seed=2)
-    assert a.run(frames) == b.run(frames)
+    kept = a.run(frames)
+    assert b.run(frames) == kept and 50 < len(kept) < 150
+    c = Lane("drop,p=0.5,seed=8", seed=1)
+    assert c.run(frames) != kept
 
 
 def test_rules_combine_in_order() -> None:
