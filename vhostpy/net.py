@@ -199,7 +199,8 @@ class NetPort:
     @property
     def python_consumers(self) -> bool:
         """Whether Python code must see the frames this port gets from its guest: a
-        handler or monitor is attached, or a capture the compiled path cannot write to."""
+        handler or monitor is attached, a capture the compiled path cannot write to, or
+        fault rules (which see the frames toward the guest too)."""
         capture = self.capture
         faults = self.faults
         return bool(self._handlers or self._monitors) or (
