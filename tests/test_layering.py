@@ -113,6 +113,9 @@ ALLOWED: dict[str, set[str] | None] = {
     "control": {"errors", "server"},
     "ctlcommands": {"control", "writecache", "writelog"},
     "cli": None,
+    # the command line's shared parser and argument types; the lguest command's arguments
+    "cliargs": set(),
+    "cli_lguest": {"cliargs", "errors", "lguest_launcher", ROOT},
     "__main__": None,
 }
 

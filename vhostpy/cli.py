@@ -11,13 +11,15 @@ line (`"event": "SIGUSR1"`) and serving goes on; SIGHUP is logged (INFO) and ign
 lists the commands (exit 1). The process never daemonises.
 
 `vhostpy lguest [options] KERNEL [KERNEL ARGS...]` is an lguest Launcher (see
-vhostpy.lguest_launcher): it runs a guest on /dev/lguest with the console on stdin/stdout.
+vhostpy.lguest_launcher): it runs a guest on /dev/lguest with the console on stdin/stdout; its
+command line lives in `cli_lguest`. `vhostpy ctl` talks to a device's `--control` socket
+(`control`); `vhostpy replay` rebuilds a disk from a `--log-writes` log (`writelog`). The
+parser and argument types every command shares are in `cliargs`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
@@ -26,11 +28,23 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any
 
-from vhostpy import __version__
+from vhostpy import __version__, cli_lguest
 from vhostpy.api import Endpoint, load_device, serve_until_signalled
 from vhostpy.blk import BlockDevice
+from vhostpy.cliargs import (
+    MAX_QUEUE_SIZE,
+    Parser,
+    fd_number,
+    image_format,
+    ipv4,
+    not_negative,
+    parse_size,
+    positive_int,
+    queue_size,
+    setup_logging,
+)
 from vhostpy.control import ControlError, Controls, ControlServer, request
 from vhostpy.ctlcommands import add_faults, add_power, add_status
 from vhostpy.device import Device
@@ -42,16 +56,9 @@ from vhostpy.stores import FileStore, close_store
 from vhostpy.writecache import WriteCache
 from vhostpy.writelog import LoggedStore
 
-if TYPE_CHECKING:
-    from vhostpy.lguest_launcher import LaunchOptions
-
-_ActionT = TypeVar("_ActionT", bound=argparse.Action)
-
 log = logging.getLogger("vhostpy")
 
 DEFAULT_DISK_SIZE = 64 << 20
-#: The largest ring the virtio spec allows (2.7: Queue Size up to 32768).
-MAX_QUEUE_SIZE = 32768
 #: blk advertises seg_max = queue size - 2, so its rings hold at least 4 entries.
 MIN_BLK_QUEUE_SIZE = 4
 #: The commands and their one-line help, as a bare `vhostpy` lists them.
@@ -64,94 +71,13 @@ COMMANDS = {
     "ctl": "send a command to a running device's --control socket",
     "replay": "rebuild a disk at a flush point of a --log-writes log",
 }
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad value in one line and exits 1 (not 2 with a usage dump).
-
-    It also remembers which of its options take a value (`value_options`), so that `main`
-    can keep a value such as `-1M` from being read as an option."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.value_options: set[str] = set()
-        self.commands: dict[str, _Parser] = {}
-        super().__init__(*args, **kwargs)
-
-    def _add_action(self, action: _ActionT) -> _ActionT:
-        if action.option_strings and action.nargs != 0:
-            self.value_options.update(action.option_strings)
-        return super()._add_action(action)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(1, f"{self.prog}: error: {message}\n")
-
-
-def parse_size(text: str) -> int:
-    """'64M', '1G', '512k', '4096' -> bytes (binary multiples); sizes are never negative."""
-    if text.strip().startswith("-"):
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: sizes must be positive "
-                                         "(examples: 4096, 64M, 1G)")
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 64M, 1G)")
-    number, unit = int(match.group(1)), match.group(2).lower()
-    return number << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[unit]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
-    return value
-
-
-def _queue_size(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a ring size, a power of two in minimum..MAX_QUEUE_SIZE."""
-    def parse(text: str) -> int:
-        value = _positive_int(text)
-        if not minimum <= value <= MAX_QUEUE_SIZE or value & (value - 1):
-            raise argparse.ArgumentTypeError(f"must be a power of two in {minimum}.."
-                                             f"{MAX_QUEUE_SIZE}, not {value}")
-        return value
-    return parse
-
-
-def _image_format(text: str) -> str:
-    if text != "raw":
-        raise argparse.ArgumentTypeError(
-            f"invalid format {text!r}: vhostpy serves raw images only (--format raw forces raw; "
-            f"convert others with qemu-img convert -O raw)")
-    return text
-
-
-def _not_negative(noun: str) -> Callable[[str], int]:
-    """An argparse type: a whole number, 0 or more (`noun` names it in the errors)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {noun} {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"invalid {noun} {value}: it must not be "
-                                             "negative")
-        return value
-    return parse
-
-
-_fd_number = _not_negative("file descriptor")
-
-
 def _add_transport_options(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
     where = parser.add_mutually_exclusive_group()
     action = "append" if several else "store"
     more = " (repeat for several ports)" if several else ""
     where.add_argument("--socket-path", metavar="PATH", action=action,
                        help="listen for the vhost-user front-end on this UNIX socket" + more)
-    where.add_argument("--fd", type=_fd_number, metavar="N", action=action,
+    where.add_argument("--fd", type=fd_number, metavar="N", action=action,
                        help="serve an inherited vhost-user socket (listening or connected)"
                        + more)
     parser.add_argument("--print-capabilities", action="store_true",
@@ -168,83 +94,11 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="log more: -v for connections, -vv for every message")
 
 
-class _DeviceAction(argparse.Action):
-    """Appends (kind, value) to `devices`, keeping the command line's device order."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, kind: str = "",
-                 **kwargs: object) -> None:
-        self.kind = kind
-        super().__init__(option_strings, "devices", **kwargs)  # type: ignore[arg-type]
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
-        devices = list(getattr(namespace, "devices", None) or [])
-        devices.append((self.kind, values if isinstance(values, str) else ""))
-        namespace.devices = devices
-
-
-def _memory_mib(text: str) -> int:
-    value = _positive_int(text)
-    from vhostpy.lguest_launcher import max_memory_mib
-    if value > max_memory_mib():
-        raise argparse.ArgumentTypeError(f"{value} MiB is more than the {max_memory_mib()} MiB "
-                                         "a 32-bit Launcher can map")
-    return value
-
-
-def _vhost_user(text: str) -> str:
-    from vhostpy.lguest_launcher import parse_vhost_user
-    try:
-        parse_vhost_user(text)
-    except ConfigurationError as exc:
-        raise argparse.ArgumentTypeError(str(exc).partition(": ")[2]) from None
-    return text
-
-
-def _add_lguest_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
-    lg = sub.add_parser(
-        "lguest", help=COMMANDS["lguest"],
-        description="Run an lguest guest (3.x generation): the console is always the first "
-        "device, on stdin/stdout; then the devices in command-line order.")
-    lg.add_argument("-m", "--memory", type=_memory_mib, default=64, metavar="MiB",
-                    help="guest RAM in MiB (default 64)")
-    lg.add_argument("--initrd", metavar="FILE", help="an initial RAM disk for the kernel")
-    lg.add_argument("--block", action=_DeviceAction, kind="block", metavar="FILE",
-                    help="a virtio-blk device over a raw image (repeatable)")
-    lg.add_argument("--block-ro", action=_DeviceAction, kind="block-ro", metavar="FILE",
-                    help="a read-only virtio-blk device (VIRTIO_BLK_F_RO; repeatable)")
-    lg.add_argument("--net", action=_DeviceAction, kind="net", nargs=0,
-                    help="a virtio-net port; several --net ports share one switch")
-    lg.add_argument("--rng", action=_DeviceAction, kind="rng", nargs=0,
-                    help="a virtio-rng device fed by os.urandom")
-    lg.add_argument("--vhost-user", action=_DeviceAction, kind="vhost-user",
-                    type=_vhost_user, metavar="TYPE:SOCKET",
-                    help="a device (blk, net or rng) served by a vhost-user back-end")
-    lg.add_argument("--respond", type=_ipv4, default=None, metavar="IP",
-                    help="--net: the built-in responder answers ARP and ping for IP "
-                    "(default 10.0.2.2)")
-    lg.add_argument("--no-respond", action="store_true", help="--net: no responder")
-    lg.add_argument("--pcap", metavar="FILE", help="--net: record every frame to a pcap file")
-    lg.add_argument("--tap", metavar="IFNAME", help="--net: bridge the ports to a tap device")
-    lg.add_argument("--reflect", action="store_true",
-                    help="--net: send every frame back with its MAC addresses swapped")
-    lg.add_argument("--no-eventfd", action="store_true",
-                    help="never register LHREQ_EVENTFD: every notify goes through pread")
-    lg.add_argument("--layout", choices=("3.x", "2.6.24"), default="3.x",
-                    help="device page generation (only 3.x boots; see the docs)")
-    lg.add_argument("-v", "--verbose", action="count", default=0,
-                    help="log more: -v for devices, -vv for ring state changes")
-    lg.add_argument("kernel", metavar="KERNEL", help="a vmlinux (ELF) or bzImage")
-    lg.add_argument("cmdline", nargs=argparse.REMAINDER, metavar="ARG",
-                    help="the kernel command line")
-    lg.set_defaults(devices=[])
-
-
-def build_parser() -> _Parser:
+def build_parser() -> Parser:
     """The whole command line; `parser.commands` maps each command to its sub-parser."""
-    parser = _Parser(prog="vhostpy", description="virtio device back-ends in Python")
+    parser = Parser(prog="vhostpy", description="virtio device back-ends in Python")
     parser.add_argument("--version", action="version", version=f"vhostpy {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     blk = sub.add_parser("blk", help=COMMANDS["blk"],
                          description="Serve a raw image (or a RAM disk) as virtio-blk.")
@@ -253,7 +107,7 @@ def build_parser() -> _Parser:
                      help="raw image file or block device (default: an in-memory disk); "
                      "refused if it is in another format, empty or not whole 512-byte sectors, "
                      "or locked by QEMU, qemu-storage-daemon or another vhostpy")
-    blk.add_argument("--format", dest="image_format", type=_image_format, default=None,
+    blk.add_argument("--format", dest="image_format", type=image_format, default=None,
                      metavar="raw", help="serve --image as raw even if it looks like another "
                      "format (qcow2, vmdk, ...); raw is the only value")
     blk.add_argument("--share-rw", action="store_true",
@@ -265,9 +119,9 @@ def build_parser() -> _Parser:
                      help="offer VIRTIO_BLK_F_RO; writes fail and the image is never changed")
     blk.add_argument("--serial", default="", metavar="STR",
                      help="serial number reported by GET_ID (at most 20 bytes)")
-    blk.add_argument("--num-queues", type=_positive_int, default=1, metavar="N",
+    blk.add_argument("--num-queues", type=positive_int, default=1, metavar="N",
                      help="request queues, 1..64 (VIRTIO_BLK_F_MQ above 1; default 1)")
-    blk.add_argument("--queue-size", type=_queue_size(MIN_BLK_QUEUE_SIZE), default=256,
+    blk.add_argument("--queue-size", type=queue_size(MIN_BLK_QUEUE_SIZE), default=256,
                      metavar="N", help="largest ring size accepted (a power of two in "
                      f"{MIN_BLK_QUEUE_SIZE}..{MAX_QUEUE_SIZE}, default 256)")
     blk.add_argument("--no-coalesce", action="store_true",
@@ -296,12 +150,12 @@ def build_parser() -> _Parser:
                          "responder, a pcap file, a tap device, a switch between the ports, "
                          "or are reflected.")
     _add_transport_options(net, several=True)
-    net.add_argument("--num-queues", type=_positive_int, default=1, metavar="N",
+    net.add_argument("--num-queues", type=positive_int, default=1, metavar="N",
                      help="rx/tx queue pairs per port, 1..64 (default 1)")
-    net.add_argument("--queue-size", type=_queue_size(1), default=1024, metavar="N",
+    net.add_argument("--queue-size", type=queue_size(1), default=1024, metavar="N",
                      help=f"largest ring size accepted (a power of two in 1..{MAX_QUEUE_SIZE}, "
                      "default 1024)")
-    net.add_argument("--respond", type=_ipv4, default="10.0.2.2", metavar="IP",
+    net.add_argument("--respond", type=ipv4, default="10.0.2.2", metavar="IP",
                      help="the built-in responder answers ARP and ping for IP (default 10.0.2.2)")
     net.add_argument("--no-respond", action="store_true", help="turn the responder off")
     net.add_argument("--pcap", metavar="FILE",
@@ -326,13 +180,13 @@ def build_parser() -> _Parser:
                      help="fill at most SIZE bytes of one request; longer buffers are filled "
                      "partially (default 64K)")
     _add_serve_parser(sub)
-    _add_lguest_parser(sub)
+    cli_lguest.add_parser(sub, COMMANDS["lguest"])
     _add_tool_parsers(sub)
-    parser.commands = {name: p for name, p in sub.choices.items() if isinstance(p, _Parser)}
+    parser.commands = {name: p for name, p in sub.choices.items() if isinstance(p, Parser)}
     return parser
 
 
-def _add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_serve_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     serve_ = sub.add_parser(
         "serve", help=COMMANDS["serve"],
         description="Import MODULE (the current directory first on sys.path, as with "
@@ -345,12 +199,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     where = serve_.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH",
                        help="listen for the vhost-user front-end on this UNIX socket")
-    where.add_argument("--fd", type=_fd_number, metavar="N",
+    where.add_argument("--fd", type=fd_number, metavar="N",
                        help="serve an inherited vhost-user socket (listening or connected)")
     _add_common_options(serve_)
 
 
-def _add_tool_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_tool_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     ctl = sub.add_parser(
         "ctl", help=COMMANDS["ctl"],
         description="Send COMMAND to the control socket of a device started with --control "
@@ -372,19 +226,12 @@ def _add_tool_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     replay.add_argument("image", metavar="IMAGE", nargs="?",
                         help="the raw image to rebuild (changed in place)")
     point = replay.add_mutually_exclusive_group()
-    point.add_argument("--flush", type=_not_negative("flush number"), metavar="N",
+    point.add_argument("--flush", type=not_negative("flush number"), metavar="N",
                        help="stop at the Nth flush (0: apply nothing; default: the last)")
     point.add_argument("--mark", metavar="NAME",
                        help="stop at the mark NAME (as of the last flush before it)")
     point.add_argument("--list", action="store_true",
                        help="print what the log holds (flush points, marks) and exit")
-
-
-def _ipv4(text: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid IPv4 address {text!r}") from None
 
 
 def _capabilities(command: str) -> dict[str, object]:
@@ -466,14 +313,6 @@ def _make_store(args: argparse.Namespace) -> object:
         return NbdStore.connect(args.nbd)
     from vhostpy.api import load_callable
     return load_callable(args.store)
-
-
-def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 \
-        else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s.%(msecs)03d vhostpy[%(process)d] %(levelname)s "
-                        "%(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
 
 
 def counters_line(device: str, counters: dict[str, Any], event: str = "exit") -> str:
@@ -564,7 +403,7 @@ def _human_size(size: int) -> str:
     return f"{size} bytes"
 
 
-def _list_commands(parser: _Parser) -> int:
+def _list_commands(parser: Parser) -> int:
     lines = ["vhostpy: error: a command is required:"]
     lines += [f"  {name:<7} {help_}" for name, help_ in COMMANDS.items()]
     lines.append("(vhostpy COMMAND --help for its options)")
@@ -572,7 +411,7 @@ def _list_commands(parser: _Parser) -> int:
     return 1
 
 
-def _keep_negative_values(parser: _Parser, argv: list[str]) -> list[str]:
+def _keep_negative_values(parser: Parser, argv: list[str]) -> list[str]:
     """`--size -1M` as `--size=-1M`: argparse would take `-1M` for an option and say only
     "expected one argument"; joined, the value reaches its check and is explained."""
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -606,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
         return 1
     if args.command == "lguest":
-        return _run_lguest(args, raw)
+        return cli_lguest.run(args, raw)
     if args.command in ("ctl", "replay"):
         try:
             return _run_ctl(args) if args.command == "ctl" else _run_replay(args)
@@ -619,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.socket_path and args.fd is None:
         print(f"{prog}: error: one of --socket-path or --fd is required", file=sys.stderr)
         return 1
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         if args.command == "net":
             return _run_net(args)
@@ -802,49 +641,3 @@ def _distinct(option: str, values: Sequence[str | int]) -> list[str]:
                                      "its own socket")
         seen[key] = str(value) if isinstance(value, str) else f"fd {value}"
     return list(seen.values())
-
-
-def lguest_options(args: argparse.Namespace) -> LaunchOptions:
-    """The parsed `vhostpy lguest` command line as LaunchOptions; ConfigurationError if bad."""
-    from vhostpy.lguest_launcher import LaunchOptions, NetOptions
-
-    if args.layout != "3.x":
-        raise ConfigurationError(
-            f"--layout {args.layout}: a 2.6.24 guest needs the Launcher to build its initial "
-            "page tables and pass pgdir to LHREQ_INITIALIZE, which vhostpy does not do; "
-            "only --layout 3.x boots")
-    nets = sum(1 for kind, _ in args.devices if kind == "net")
-    given = [name for name, value in (("--respond", args.respond), ("--pcap", args.pcap),
-                                      ("--tap", args.tap)) if value is not None]
-    given += [name for name, flag in (("--no-respond", args.no_respond),
-                                      ("--reflect", args.reflect)) if flag]
-    if given and not nets:
-        raise ConfigurationError(f"{given[0]} is a network option: it needs --net")
-    if args.respond is not None and args.no_respond:
-        raise ConfigurationError("--respond and --no-respond contradict each other")
-    if args.reflect and (nets > 1 or args.tap is not None):
-        raise ConfigurationError("--reflect sends frames back to their own port; it needs "
-                                 "exactly one --net and no --tap")
-    respond = None if args.no_respond else (args.respond or "10.0.2.2")
-    net = NetOptions(respond_ip=respond, pcap=args.pcap, tap=args.tap, reflect=args.reflect)
-    return LaunchOptions(kernel=args.kernel, cmdline=" ".join(args.cmdline),
-                         memory_mib=args.memory, initrd=args.initrd,
-                         devices=list(args.devices), net=net, eventfds=not args.no_eventfd)
-
-
-def _run_lguest(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import os
-
-    from vhostpy import lguest_launcher
-
-    try:
-        options = lguest_options(args)
-        _setup_logging(args.verbose)
-        result = lguest_launcher.launch(options, opener=lguest_launcher.DEFAULT_OPENER)
-    except ConfigurationError as exc:
-        print(f"vhostpy lguest: error: {exc}", file=sys.stderr)
-        return 1
-    if result.exit.kind == "restart":   # like the 3.x Launcher: run ourselves afresh
-        sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "vhostpy", *argv])
-    return result.status
