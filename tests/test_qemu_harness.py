@@ -32,7 +32,7 @@ from qemu_guest import (
 )
 from tools import require_tool
 
-from vhostpy.testing import GuestLauncher, guest_image
+from vhostpy.testing import GuestLauncher, VhostUserDevice, guest_image
 
 PATTERN = bytes(range(0xA0, 0xB0))  # 16 bytes the host writes at offset 0
 GUEST_WRITE = b"VHOSTPY-GUEST-WR"  # 16 bytes the guest writes at 1 MiB
@@ -166,12 +166,18 @@ exit 7
 
 @pytest.mark.qemu
 def test_blk_read_write_against_qemu_storage_daemon(
-    qsd_two_disks: tuple[list[Path], list[str], subprocess.Popen[bytes]],
+    qsd_two_disks: tuple[list[Path], list[str], subprocess.Popen[bytes]], tmp_path: Path,
 ) -> None:
-    """Disks read and written, and the script's own exit status reported (one boot)."""
+    """Disks read and written, and the script's own exit status reported (one boot, through
+    GuestLauncher.boot with another back-end's sockets)."""
     (raw, ext4), sockets, qsd = qsd_two_disks
     debugfs = require_tool("debugfs", E2FSPROGS)
-    result = boot_guest(GUEST_BLK_SCRIPT, blk_sockets=sockets, timeout=120)
+    launcher = GuestLauncher(guest_image(), tmp_path)
+    try:
+        result = launcher.boot(GUEST_BLK_SCRIPT, *(VhostUserDevice(s, "blk") for s in sockets),
+                               timeout=120)
+    finally:
+        launcher.close()
     assert result.exit_code == 7, result.raw_console
     assert result.console.endswith("ext4=hello from the guest\nbefore\nafter\n")
     with pytest.raises(GuestError, match="exited with 7"):

@@ -214,6 +214,21 @@ def test_launcher_refuses_what_it_cannot_attach(tmp_path: Path) -> None:
     assert (tmp_path / "blk0.log").read_text()   # the failed back-end's output is kept
 
 
+def test_launcher_backend_with_two_ports(tmp_path: Path) -> None:
+    launcher = GuestLauncher(fake_image(tmp_path), tmp_path)
+    try:
+        net = launcher.backend("net", "--no-respond", ports=2,
+                               properties={"host_mtu": 9000})
+        assert [d.kind for d in net.guest_devices] == ["net", "net"]
+        assert all(os.path.exists(d.socket_path) for d in net.guest_devices)
+        assert net.guest_devices[1].properties == {"host_mtu": 9000}
+        assert net.alive() and net.stop() == 0, net.output()
+        with pytest.raises(ConfigurationError, match="at least 1"):
+            launcher.backend("net", ports=0)
+    finally:
+        launcher.close()
+
+
 def test_qemu_command_for_every_kind(tmp_path: Path) -> None:
     argv = qemu_command(
         kernel=Path("/k"), initrd=Path("/i"), console_path=tmp_path / "c", accel="tcg",
