@@ -251,3 +251,18 @@ def test_bad_control_paths_are_one_line(tmp_path: Path, caplog: pytest.LogCaptur
         assert done.returncode == 1 and len(lines) == 1 and message in lines[0], done.stderr
         assert not sock.exists()
     assert "No such file" in ctl_error(tmp_path / "nobody", "status")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--write-cache-size", "1M"), "--write-cache-size is for --write-cache"),
+    (("--write-cache", "--write-cache-size", "1K"), "must be at least 4K"),
+    (("--log-writes", "/nonexistent/dir/w.log"), "--log-writes /nonexistent/dir/w.log"),
+])
+def test_bad_cache_and_log_options_are_one_line(tmp_path: Path, args: tuple[str, ...],
+                                                message: str) -> None:
+    sock = tmp_path / "blk.sock"
+    done = subprocess.run([sys.executable, "-m", "vhostpy", "blk", "--socket-path", str(sock),
+                           *args], capture_output=True, text=True, timeout=30, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and message in lines[0], done.stderr
+    assert not sock.exists()

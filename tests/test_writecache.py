@@ -135,6 +135,44 @@ def test_a_cut_during_a_slow_flush_fails_that_flush() -> None:
     assert inner.read(0, SECTOR) == sectors(1)
 
 
+def test_a_full_cache_writes_its_oldest_back_and_those_survive_a_cut() -> None:
+    inner = MemoryStore(SIZE)
+    heard: list[tuple[str, int, int, bytes | None]] = []
+    cache = WriteCache(inner, limit=8 * SECTOR, on_write_back=lambda *a: heard.append(a))
+
+    async def go() -> None:
+        for k in range(8):                               # exactly full: nothing written back
+            await cache.write(k * SECTOR, sectors(k + 1))
+        assert heard == [] and inner.read(0, SECTOR) == bytes(SECTOR)
+        await cache.write_zeroes(8 * SECTOR, SECTOR)      # one sector over: down to half
+        assert [(kind, at) for kind, at, _, _ in heard] == [("write", k * SECTOR)
+                                                            for k in range(5)]
+        assert inner.read(0, 5 * SECTOR) == b"".join(sectors(k + 1) for k in range(5))
+        await cache.write(0, sectors(0xEE))              # newer than the written-back one
+        assert await cache.read(0, SECTOR) == sectors(0xEE)
+    run(go())
+    report = cache.power_cut()
+    assert report.dropped_writes == 5 and cache.written_back == 5
+    assert inner.read(0, 8 * SECTOR) == b"".join(sectors(k + 1) for k in range(5)) + \
+        bytes(3 * SECTOR)
+
+
+def test_a_request_larger_than_the_cache_goes_through_after_older_ones() -> None:
+    inner = MemoryStore(SIZE)
+    inner.write(0, sectors(0x11, 16))
+    heard: list[tuple[str, int, int, bytes | None]] = []
+    cache = WriteCache(inner, limit=4 * SECTOR, on_write_back=lambda *a: heard.append(a))
+
+    async def go() -> None:
+        await cache.write(2 * SECTOR, sectors(0x22))      # older, inside the big range
+        await cache.write_zeroes(0, 16 * SECTOR)          # larger than the whole cache
+    run(go())
+    assert heard == [("write", 2 * SECTOR, SECTOR, sectors(0x22)),
+                     ("write_zeroes", 0, 16 * SECTOR, None)]
+    assert inner.read(0, 16 * SECTOR) == bytes(16 * SECTOR)   # the zeros landed last
+    assert cache.power_cut().dropped_writes == 0
+
+
 def test_unaligned_requests_are_refused() -> None:
     cache = WriteCache(MemoryStore(SIZE))
     with pytest.raises(OSError, match="whole 512-byte sectors"):
@@ -142,14 +180,19 @@ def test_unaligned_requests_are_refused() -> None:
 
 
 def test_random_workload_matches_a_model_disk() -> None:
-    """Random writes, zeroes, discards, flushes, reads and cuts (some torn): reads always see
-    the newest data; after every cut the store holds exactly the flushed data (plus the torn
-    prefix the report names)."""
+    """Random writes, zeroes, discards, flushes, reads and cuts (some torn) through a small
+    cache: reads always see the newest data; after every cut the store holds exactly the
+    flushed data, plus what the full cache wrote back early (in order) and the torn prefix
+    the report names."""
     rng = random.Random(7)
     inner = MemoryStore(SIZE)
-    cache = WriteCache(inner, seed=3)
     durable = bytearray(SIZE)           # what the store must hold after a cut
     visible = bytearray(SIZE)           # what reads must return
+    written_back: list[tuple[int, bytes]] = []
+
+    def wrote_back(kind: str, offset: int, length: int, data: bytes | None) -> None:
+        written_back.append((offset, data if data is not None else bytes(length)))
+    cache = WriteCache(inner, seed=3, limit=24 * SECTOR, on_write_back=wrote_back)
 
     async def go() -> None:
         nonlocal durable, visible
@@ -168,14 +211,18 @@ def test_random_workload_matches_a_model_disk() -> None:
             elif op < 0.62:
                 await cache.flush()
                 durable = bytearray(visible)
+                written_back.clear()
             elif op < 0.97:
                 assert await cache.read(at, n) == visible[at:at + n]
             else:
+                for offset, data in written_back:
+                    durable[offset:offset + len(data)] = data
+                written_back.clear()
                 report = cache.power_cut(torn=rng.random() < 0.5)
                 for offset, data in report.kept:
                     durable[offset:offset + len(data)] = data
                 assert inner.read(0, SIZE) == durable
                 cache.device_reset()
                 visible = bytearray(durable)
-        assert cache.cuts > 10
+        assert cache.cuts > 10 and cache.written_back > 50
     run(go())

@@ -24,18 +24,22 @@ SIZE = 128 * SECTOR
 
 
 def _workload(image: Path, log: Path, seed: int = 11) -> list[bytes]:
-    """Random requests through LoggedStore(WriteCache(FileStore(image))); returns the
-    image's bytes right after each flush (index 0: before the first)."""
+    """Random requests through LoggedStore(WriteCache(FileStore(image))), the cache small
+    enough to write back early; returns the image's bytes right after each flush (index 0:
+    before the first) and, last, at the mark "half-way"."""
     rng = random.Random(seed)
     store = FileStore.open(str(image))
-    cache = WriteCache(store, seed=seed)
+    cache = WriteCache(store, seed=seed, limit=48 * SECTOR)   # it fills: early write-backs
     logged = LoggedStore(cache, str(log))
+    cache.on_write_back = logged.record_write_back
     states = [image.read_bytes()]
+    at_mark: list[bytes] = []
 
     async def go() -> None:
         for step in range(1500):
             if step == 700:
                 logged.mark("half-way")
+                at_mark.append(image.read_bytes())
             op = rng.random()
             first = rng.randrange(SIZE // SECTOR)
             at = first * SECTOR
@@ -56,7 +60,8 @@ def _workload(image: Path, log: Path, seed: int = 11) -> list[bytes]:
         asyncio.run(go())
     finally:
         logged.close()
-    return states
+    assert cache.written_back > 20
+    return states + at_mark
 
 
 def test_replay_rebuilds_every_flush_point(tmp_path: Path) -> None:
@@ -65,6 +70,7 @@ def test_replay_rebuilds_every_flush_point(tmp_path: Path) -> None:
     image.write_bytes(start)
     states = _workload(image, log)
     summary = LogReader(str(log)).summary()
+    states.pop()                        # the image at the mark: not a flush point
     assert summary["flushes"] == len(states) - 1 > 100 and summary["cuts"] > 10
     assert summary["truncated"] is False
     copy = tmp_path / "copy.img"
@@ -91,15 +97,17 @@ def test_replay_to_a_flush_or_mark_and_a_log_cut_short(tmp_path: Path) -> None:
     done = replay(str(log), str(copy), mark="half-way")
     marks = LogReader(str(log)).summary()["marks"]
     assert marks == [{"mark": "half-way", "after_flush": done["flush"]}]
-    assert copy.read_bytes() == states[int(done["flush"])]  # type: ignore[call-overload]
-    # a log whose writer died mid-record: everything before the torn record replays
-    data = log.read_bytes()
+    assert copy.read_bytes() == states[-1]       # flushed, and written back early by then
+    # a log whose writer died in the record after flush 40: flush 40 is what replays
+    reader = LogReader(str(log))
+    flushes = [r for r in reader.records() if r.kind == b"F"]
+    reader.close()
     short = tmp_path / "short.log"
-    short.write_bytes(data[:len(data) * 2 // 3 - 7])
+    short.write_bytes(log.read_bytes()[:flushes[39].data_at + 7])
     copy.write_bytes(bytes(SIZE))
     done = replay(str(short), str(copy))
-    assert done["truncated_log"] is True and 0 < int(done["flush"]) < len(states) - 1  # type: ignore[call-overload]
-    assert copy.read_bytes() == states[int(done["flush"])]  # type: ignore[call-overload]
+    assert done["truncated_log"] is True and done["flush"] == 40
+    assert copy.read_bytes() == states[40]
 
 
 def test_replay_refuses_what_it_cannot_do(tmp_path: Path) -> None:
@@ -126,7 +134,7 @@ def _vhostpy(*args: str) -> subprocess.CompletedProcess[str]:
 def test_replay_command_line(tmp_path: Path) -> None:
     image, log = tmp_path / "disk.img", tmp_path / "writes.log"
     image.write_bytes(bytes(SIZE))
-    states = _workload(image, log, seed=9)
+    states = _workload(image, log, seed=9)[:-1]     # the flush points
     listed = _vhostpy("replay", str(log), "--list")
     assert listed.returncode == 0, listed.stderr
     summary = json.loads(listed.stdout)

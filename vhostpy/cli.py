@@ -53,7 +53,7 @@ from vhostpy.faults import BlockFault, FaultyStore
 from vhostpy.loop import EventLoop
 from vhostpy.rng import DEFAULT_MAX_BYTES_PER_REQUEST, RngDevice
 from vhostpy.stores import FileStore, close_store
-from vhostpy.writecache import WriteCache
+from vhostpy.writecache import DEFAULT_LIMIT, WriteCache
 from vhostpy.writelog import LoggedStore
 
 log = logging.getLogger("vhostpy")
@@ -138,6 +138,9 @@ def build_parser() -> Parser:
     blk.add_argument("--write-cache", action="store_true",
                      help="a volatile write-back cache: writes are durable only once the "
                      "guest flushes; vhostpy ctl PATH power-cut [torn] loses the rest")
+    blk.add_argument("--write-cache-size", type=parse_size, default=None, metavar="SIZE",
+                     help="--write-cache: what the cache holds before it writes its oldest "
+                     "writes back early, as a full disk cache does (default 64M)")
     blk.add_argument("--log-writes", metavar="FILE",
                      help="append every write and flush, in order, to FILE (vhostpy replay "
                      "rebuilds the disk at any flush)")
@@ -264,9 +267,13 @@ def _make_blk(args: argparse.Namespace) -> tuple[BlockDevice, _BlkParts]:
     store: Any = _blk_store(args)
     try:
         if args.write_cache:
-            store = parts.cache = WriteCache(store)
+            store = parts.cache = WriteCache(store, limit=_cache_limit(args.write_cache_size))
+        elif args.write_cache_size is not None:
+            raise ConfigurationError("--write-cache-size is for --write-cache")
         if args.log_writes is not None:
             store = parts.log = LoggedStore(store, args.log_writes)
+            if parts.cache is not None:
+                parts.cache.on_write_back = parts.log.record_write_back
         if specs:
             store = parts.faults = FaultyStore(store, faults)
         device = BlockDevice(store, **options)
@@ -276,6 +283,15 @@ def _make_blk(args: argparse.Namespace) -> tuple[BlockDevice, _BlkParts]:
     if args.no_coalesce:
         device.coalesce = None
     return device, parts
+
+
+def _cache_limit(size: int | None) -> int:
+    """--write-cache-size, checked (DEFAULT_LIMIT when not given)."""
+    if size is None:
+        return DEFAULT_LIMIT
+    if size < 4096:
+        raise ConfigurationError(f"--write-cache-size must be at least 4K, not {size}")
+    return size
 
 
 def _blk_store(args: argparse.Namespace) -> object:

@@ -9,6 +9,8 @@ what a guest does after a power loss, or a reboot). With `torn=True`, the cut la
 multi-sector write: one cached write of two or more sectors keeps a prefix of its sectors
 (chosen at random: at least one sector, not all), as a disk that loses power in the middle
 of writing it back would. What the store holds after a cut is what a power loss would leave.
+The cache is finite (`limit`): when it fills, its oldest requests go to the store early, and
+survive a cut, as on a real disk.
 
 Discards and write-zeroes are cached like writes (reads see zeros) and go to the store as
 what they are when flushed (a discard's range then reads as the store's discard leaves it). Offsets and lengths are whole 512-byte sectors, as virtio-blk
@@ -22,15 +24,17 @@ This module knows nothing about virtio.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import inspect
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from vhostpy.stores import close_store, reset_store, settle, zero_range
 
-__all__ = ["CutReport", "WriteCache"]
+__all__ = ["DEFAULT_LIMIT", "CutReport", "WriteBack", "WriteCache"]
 
 SECTOR = 512
 WRITE, ZEROES, DISCARD = "write", "write_zeroes", "discard"
@@ -62,14 +66,33 @@ class CutReport:
                 "torn": self.torn}
 
 
+#: What the cache holds at most (bytes of written data) before it writes the oldest back.
+DEFAULT_LIMIT = 64 << 20
+
+#: Told about every cached request that reaches the store before a flush (the cache was
+#: full): (kind: "write", "write_zeroes" or "discard", offset, length, data or None).
+WriteBack = Callable[[str, int, int, "bytes | None"], None]
+
+
 class WriteCache:
     """`store` behind a volatile write-back cache (see the module docstring).
 
-    `seed` makes the torn cuts reproducible. Counters: `cached_writes`/`cached_bytes` (now
-    in the cache), `flushes`, `cuts`, `dropped_writes`/`dropped_bytes` (lost to cuts so far),
+    The cache is finite, like a disk's: once its requests cover more than `limit` bytes
+    (zeroed ranges included), the oldest are written back to the store (without a flush of
+    the store) until they cover half that, and a request larger than `limit` goes to the
+    store at once, after everything cached; those survive a power cut, as on a disk whose
+    cache filled up. `on_write_back` (settable) hears each of them (a write log records
+    them, so its replay stays exact). `seed` makes the torn cuts reproducible. Counters:
+    `cached_writes`/`cached_bytes` (now in the cache), `flushes`, `written_back` (requests
+    written back early), `cuts`, `dropped_writes`/`dropped_bytes` (lost to cuts so far),
     `refused` (requests failed while the power was off)."""
 
-    def __init__(self, store: Any, *, seed: int | None = None) -> None:
+    def __init__(self, store: Any, *, limit: int = DEFAULT_LIMIT, seed: int | None = None,
+                 on_write_back: WriteBack | None = None) -> None:
+        if limit < SECTOR:
+            raise ValueError(f"write cache limit {limit} is less than a sector")
+        self.limit = limit
+        self.on_write_back = on_write_back
         self.store = store
         self.size = store.size
         self.block_size = getattr(store, "block_size", SECTOR)
@@ -77,13 +100,15 @@ class WriteCache:
         self.can_discard = callable(getattr(store, "discard", None)) and \
             bool(getattr(store, "can_discard", True))
         self._random = random.Random(seed)
-        self._entries: list[_Cached] = []          # oldest first
+        self._entries: collections.deque[_Cached] = collections.deque()   # oldest first
+        self._tracked = 0        # sectors the cached requests cover (what `limit` bounds)
         self._sectors: dict[int, tuple[int, bytes | None]] = {}   # sector -> (seq, data)
         self._seq = 0
         self._epoch = 0          # bumped by every cut: a destage from before it stops
         self._flushing = asyncio.Lock()
         self.powered = True
         self.flushes = 0
+        self.written_back = 0
         self.cuts = 0
         self.dropped_writes = 0
         self.dropped_bytes = 0
@@ -107,15 +132,15 @@ class WriteCache:
 
     async def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
-        self._cache(WRITE, offset, len(data), bytes(data))
+        await self._admit(WRITE, offset, len(data), bytes(data))
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check(offset, length)
-        self._cache(ZEROES, offset, length, None)
+        await self._admit(ZEROES, offset, length, None)
 
     async def discard(self, offset: int, length: int) -> None:
         self._check(offset, length)
-        self._cache(DISCARD, offset, length, None)
+        await self._admit(DISCARD, offset, length, None)
 
     async def flush(self) -> None:
         """Write every cached request to the store, oldest first (requests cached while
@@ -127,16 +152,54 @@ class WriteCache:
     async def _flush(self) -> None:
         epoch = self._epoch
         while self._entries:
-            entry = self._entries[0]
-            await self._destage(entry)
-            if epoch != self._epoch:
-                raise _power_off()
-            self._entries.pop(0)
-            self._forget(entry)
+            await self._destage_oldest(epoch)
         await settle(self.store.flush())
         if epoch != self._epoch:
             raise _power_off()
         self.flushes += 1
+
+    async def _admit(self, kind: str, offset: int, length: int, data: bytes | None) -> None:
+        """Cache a request; when the cache is over its limit, write the oldest back until
+        it is half full. A request larger than the whole cache goes to the store at once,
+        after everything cached (so nothing older lands on top of it)."""
+        room = self.limit // SECTOR
+        if length // SECTOR > room:
+            async with self._flushing:
+                epoch = self._epoch
+                while self._entries:
+                    await self._write_back(epoch)
+                await self._destage(_Cached(0, kind, offset, length, data))
+                if epoch != self._epoch:
+                    raise _power_off()
+                self._wrote_back(kind, offset, length, data)
+            return
+        self._cache(kind, offset, length, data)
+        if self._tracked > room:
+            async with self._flushing:
+                epoch = self._epoch
+                while self._entries and self._tracked > room // 2:
+                    await self._write_back(epoch)
+
+    async def _write_back(self, epoch: int) -> None:
+        """Write the oldest cached request back early (the cache is full)."""
+        entry = await self._destage_oldest(epoch)
+        self._wrote_back(entry.kind, entry.offset, entry.length, entry.data)
+
+    def _wrote_back(self, kind: str, offset: int, length: int, data: bytes | None) -> None:
+        self.written_back += 1
+        if self.on_write_back is not None:
+            self.on_write_back(kind, offset, length, data)
+
+    async def _destage_oldest(self, epoch: int) -> _Cached:
+        """Write the oldest cached request to the store and forget it; EIO if the power
+        was cut meanwhile (it then stays for the cut to drop)."""
+        entry = self._entries[0]
+        await self._destage(entry)
+        if epoch != self._epoch:
+            raise _power_off()
+        self._entries.popleft()
+        self._forget(entry)
+        return entry
 
     # -- power ------------------------------------------------------------------------------
     def power_cut(self, *, torn: bool = False) -> CutReport:
@@ -162,6 +225,7 @@ class WriteCache:
             _run_now(self.store.write(offset, data))
         self._entries.clear()
         self._sectors.clear()
+        self._tracked = 0
         self._epoch += 1
         self.powered = False
         self.cuts += 1
@@ -179,7 +243,8 @@ class WriteCache:
         """The cache now and what it did so far."""
         return {"powered": self.powered, "cached_writes": len(self._entries),
                 "cached_bytes": sum(e.length for e in self._entries),
-                "flushes": self.flushes, "cuts": self.cuts,
+                "flushes": self.flushes, "written_back": self.written_back,
+                "cuts": self.cuts,
                 "dropped_writes": self.dropped_writes, "dropped_bytes": self.dropped_bytes,
                 "refused": self.refused}
 
@@ -200,6 +265,7 @@ class WriteCache:
     def _cache(self, kind: str, offset: int, length: int, data: bytes | None) -> None:
         self._seq += 1
         self._entries.append(_Cached(self._seq, kind, offset, length, data))
+        self._tracked += length // SECTOR
         first = offset // SECTOR
         for k in range(length // SECTOR):
             self._sectors[first + k] = (self._seq, None if data is None
@@ -208,6 +274,7 @@ class WriteCache:
     def _forget(self, entry: _Cached) -> None:
         """`entry` reached the store: reads of its sectors go there, unless a newer cached
         request covers them."""
+        self._tracked -= entry.length // SECTOR
         first = entry.offset // SECTOR
         for k in range(entry.length // SECTOR):
             cached = self._sectors.get(first + k)

@@ -11,13 +11,16 @@ line over it.
 Replay semantics: writes, write-zeroes and discards are held back until the next flush
 record, then applied in order; a cut record drops the ones held back since the last flush
 (they were in a volatile cache), and the cut's kept records (a torn prefix) are applied at
-once. So after a cut the replayed image follows what the disk really held.
+once, as are the requests the cache wrote back early because it was full (`E`, `X`
+records, `record_write_back`). So after a cut the replayed image follows what the disk really
+held.
 
 File format (little-endian): a header `MAGIC`, u32 version (1), u32 sector size (512), u64
 disk size; then records of a 24-byte head (1-byte kind, 3 zero bytes, u32 zero, u64
 offset, u64 length) followed, for the kinds that carry data (write, kept, mark), by
 `length` bytes. Kinds: `W` write, `Z` write-zeroes, `D` discard, `F` flush, `C` cut, `K`
-kept at a cut, `M` mark (the data is its UTF-8 name). A log cut short (the process killed
+kept at a cut, `E` a write the cache wrote back early, `X` zeroes (write-zeroes or discard)
+it wrote back early, `M` mark (the data is its UTF-8 name). A log cut short (the process killed
 mid-record) reads up to its last whole record (`LogReader.truncated`).
 
 This module knows nothing about virtio.
@@ -43,7 +46,9 @@ SECTOR = 512
 HEADER = struct.Struct("<16sIIQ")
 HEAD = struct.Struct("<c3xIQQ")
 WRITE, ZEROES, DISCARD, FLUSH, CUT, KEPT, MARK = (b"W", b"Z", b"D", b"F", b"C", b"K", b"M")
-_WITH_DATA = {WRITE, KEPT, MARK}
+EARLY, EARLY_ZEROES = b"E", b"X"
+KINDS = {WRITE, ZEROES, DISCARD, FLUSH, CUT, KEPT, MARK, EARLY, EARLY_ZEROES}
+_WITH_DATA = {WRITE, KEPT, MARK, EARLY}
 #: Python's buffer for the log file; flushed to the file at every flush record and at close.
 LOG_BUFFER = 1 << 20
 
@@ -97,6 +102,15 @@ class LoggedStore:
         for offset, data in report.kept:
             self._append(KEPT, offset, len(data), data)
         self._file.flush()
+
+    def record_write_back(self, kind: str, offset: int, length: int, data: bytes | None
+                          ) -> None:
+        """A `WriteCache` below wrote a cached request back before a flush (it was full):
+        from now on it survives a power cut (`WriteCache.on_write_back` is this)."""
+        if data is not None:
+            self._append(EARLY, offset, length, data)
+        else:
+            self._append(EARLY_ZEROES, offset, length)
 
     def mark(self, name: str) -> None:
         """A named point in the log (`vhostpy replay --mark NAME`)."""
@@ -167,7 +181,7 @@ class LogReader:
             self._file.seek(at)
             kind, _, offset, length = HEAD.unpack(self._file.read(HEAD.size))
             size = length if kind in _WITH_DATA else 0
-            if kind not in (WRITE, ZEROES, DISCARD, FLUSH, CUT, KEPT, MARK) or \
+            if kind not in KINDS or \
                     at + HEAD.size + size > self.file_size or offset + (
                         length if kind != MARK else 0) > self.size:
                 self.truncated = True   # torn or damaged from here on: stop reading
@@ -253,7 +267,7 @@ class Replay:
             elif kind == CUT:
                 self.dropped += len(self._held)
                 self._held.clear()
-            elif kind == KEPT:
+            elif kind in (KEPT, EARLY, EARLY_ZEROES):
                 self._apply(record)
             elif kind == MARK and self.log.data(record).decode(errors="replace") == mark:
                 return self.flush
@@ -267,8 +281,9 @@ class Replay:
                                          f"not {number}")
 
     def to_mark(self, name: str) -> None:
-        """Read up to the first mark `name`: the image is then as of the last flush before
-        it. ConfigurationError if there is no such mark (after it)."""
+        """Read up to the first mark `name`: the image is then the disk as it stood there
+        (the last flush before it, and what had reached the disk early since).
+        ConfigurationError if there is no such mark (after it)."""
         while True:
             before = self.flush
             found = self._advance(name)
@@ -283,7 +298,7 @@ class Replay:
         self.log.close()
 
     def _apply(self, record: Record) -> None:
-        if record.kind in (WRITE, KEPT):
+        if record.kind in (WRITE, KEPT, EARLY):
             self.store.write(record.offset, self.log.data(record))
         else:   # write-zeroes, and a discard (which reads as zeros on a replayed image)
             self.store.write_zeroes(record.offset, record.length)
@@ -292,8 +307,9 @@ class Replay:
 
 def replay(log_path: str, image: str, *, flush: int | None = None,
            mark: str | None = None) -> dict[str, object]:
-    """Rebuild `image` (see `Replay`) at flush `flush`, at `mark`, or (neither) at the last
-    flush of the log; returns what was done."""
+    """Rebuild `image` (see `Replay`) at flush `flush`, at `mark`, or (neither) as the end
+    of the log left the disk (its last flush, and what reached the disk after it: early
+    write-backs, a cut's kept prefix); returns what was done."""
     run = Replay(log_path, image)
     try:
         if flush is not None:
