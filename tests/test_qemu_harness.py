@@ -24,6 +24,7 @@ from qemu_guest import (
     GuestTimeout,
     boot_guest,
     guest_mac,
+    host_binary,
     parse_console,
     qemu_command,
     require_qemu,
@@ -200,10 +201,13 @@ def test_shell_guest_runs_commands_until_one_hangs(tmp_path: Path, qemu_ready: N
     output; one that outlives its timeout kills the guest. And a guest whose whole script
     outlives its timeout is killed too."""
     launcher = GuestLauncher(guest_image(), tmp_path)
+    echo_files, echo = host_binary(require_tool("echo", "coreutils"), "opt/host")
     try:
-        guest = launcher.start()
+        guest = launcher.start(files={**echo_files, "opt/note.txt": "a file from the host\n"})
         r = guest.run("echo out; echo err >&2; echo on-the-console > /dev/console; exit 3")
         assert (r.exit_code, r.output) == (3, "out\nerr\n")
+        r = guest.run(f"cat /opt/note.txt; {echo} host echo runs")
+        assert r.check().output == "a file from the host\nhost echo runs\n"
         guest.running.wait_for_text("on-the-console", timeout=30)
         r = guest.run("head -c 20000 /dev/zero | tr '\\0' x; printf '\\001\\377'")
         assert r.check().output_bytes == b"x" * 20000 + b"\x01\xff"
