@@ -31,7 +31,7 @@ from qemu_guest import (
     start_guest,
     wait_for_socket,
 )
-from tools import require_tool
+from tools import boots_once_per_suite, require_tool
 
 from vhostpy.testing import GuestLauncher, VhostUserDevice, guest_image
 
@@ -97,8 +97,11 @@ def test_overlay_archive_is_valid_cpio(tmp_path: Path) -> None:
 
 @pytest.fixture
 def qemu_ready() -> None:
-    """Skip (or fail under CI) when QEMU or a guest kernel is missing."""
+    """Skip (or fail under CI) when QEMU or a guest kernel is missing. The harness is Python
+    code that runs the same under every implementation, and its peer is qemu-storage-daemon:
+    ci/test.sh boots these guests once, in its python run."""
     require_qemu()
+    boots_once_per_suite("the guest harness (vhostpy.testing)")
 
 
 def _start_qsd(tmp_path: Path, images: list[Path]) -> tuple[subprocess.Popen[bytes], list[str]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from qemu_guest import require_qemu
-from tools import unavailable
+from tools import boots_once_per_suite, unavailable
 
 import vhostpy.testing
 from vhostpy.console import ConsoleDevice
@@ -362,6 +362,7 @@ def test_readme_example_passes_as_a_user_runs_it(tmp_path: Path) -> None:
     """The README's test file, alone in a directory, found and run by pytest with the plugin
     from vhostpy's entry point: it boots a guest with a Python device and a `vhostpy blk`."""
     require_qemu()
+    boots_once_per_suite("the pytest plugin")
     shutil.copy(EXAMPLE, tmp_path / EXAMPLE.name)
     run = user_pytest(tmp_path, "-v", EXAMPLE.name)
     out = run.stdout + run.stderr
