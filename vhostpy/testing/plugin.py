@@ -14,9 +14,10 @@ Fixtures (all opt-in: nothing is autouse, and loading the plugin imports no more
   the end of the test, guests are killed, back-ends stopped and sockets removed, also when
   the test failed.
 
-Marker ``vhostpy_skip_missing``: a test (or module, with ``pytestmark``) marked so is skipped
-instead of failed when this host cannot boot guests. Disable the plugin with
-``-p no:vhostpy``.
+Marker ``vhostpy_skip_missing``: a test (or module, with ``pytestmark``) marked so that uses
+``vhostpy_guest`` is skipped instead of failed when this host cannot boot guests (the
+session-scoped ``vhostpy_guest_image`` cannot see a test's marks: alone, it fails). Disable
+the plugin with ``-p no:vhostpy``.
 """
 
 from __future__ import annotations
