@@ -63,6 +63,8 @@ ALLOWED: dict[str, set[str] | None] = {
     "pacing": LAYER2 | {ROOT},
     # the runner's book of chains completed later (asyncio only for its CancelledError)
     "completion": {"virtqueue", ROOT},
+    # inflight tracking (INFLIGHT_SHMFD): the split region's layout and bookkeeping
+    "inflight": set(),
     # layer 3: device models, and the transport-free helpers beside them
     "blk": MODEL_DEPS | {"blk_cffi", "stores", "images"},
     # the compiled virtio-blk data path (blk's fast variant; never imports blk)
