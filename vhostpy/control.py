@@ -34,7 +34,7 @@ from typing import Any
 from vhostpy.errors import ConfigurationError
 from vhostpy.server import listen_unix
 
-__all__ = ["ControlError", "ControlServer", "Controls", "request"]
+__all__ = ["ControlError", "ControlServer", "Controls", "expect_args", "request"]
 
 log = logging.getLogger(__name__)
 
