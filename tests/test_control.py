@@ -82,6 +82,39 @@ def test_the_socket_runs_handlers_on_the_loop_and_survives_bad_clients(
         request(path, "where")
 
 
+def test_a_connected_client_never_holds_up_another(tmp_path: Path, loop: EventLoop) -> None:
+    from vhostpy import control
+    controls = Controls()
+    controls.add("ping", lambda args: "pong", "answers pong")
+    path = str(tmp_path / "ctl.sock")
+    server = ControlServer(path, controls)
+    server.start(loop.call_soon_threadsafe)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(control.MAX_CLIENTS - 1):     # monitoring tools, connected and silent
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)
+            idle.append(sock)
+        assert request(path, "ping") == "pong"         # served beside them
+        last = socket.socket(socket.AF_UNIX)           # every place taken
+        last.connect(path)
+        idle.append(last)
+        extra = socket.socket(socket.AF_UNIX)          # one more than MAX_CLIENTS
+        extra.connect(path)
+        extra.settimeout(5)
+        answer = json.loads(extra.makefile().readline())
+        extra.close()
+        assert "control clients are connected already" in answer["error"]
+        idle[0].sendall(b'{"command": "ping"}\n')     # an idle one is still served
+        idle[0].settimeout(5)
+        assert json.loads(idle[0].makefile().readline()) == {"ok": True, "result": "pong"}
+    finally:
+        server.close()                                 # also ends the clients' threads
+        for sock in idle:
+            sock.close()
+    assert not Path(path).exists()
+
+
 def loop_thread_name(loop: EventLoop) -> str:
     import threading
     names: list[str] = []

@@ -9,6 +9,8 @@ object per line each way:
     <- {"ok": false, "error": "fault 'x': unknown kind 'x' (one of ioerr, delay)"}
 
 A client may send several requests on one connection; each gets its answer in order.
+Clients are served at once, each on a thread of its own (at most `MAX_CLIENTS`; one more
+gets an error line), so a client that stays connected never holds up another.
 `Controls` is the table of commands (a name, a handler taking the argument list and
 returning something JSON can encode, a one-line help); `help` is always there. Handlers run
 on the serving loop's thread (handed over with `call_soon_threadsafe`), so they may touch
@@ -44,6 +46,10 @@ MAX_LINE = 64 * 1024
 HANDLER_TIMEOUT = 30.0
 #: Seconds a client may stay silent in the middle of a line.
 CLIENT_TIMEOUT = 10.0
+#: Seconds a connected client may stay silent between requests.
+IDLE_TIMEOUT = 600.0
+#: Clients served at once (each on a thread of its own); one more is told so and closed.
+MAX_CLIENTS = 8
 
 Handler = Callable[[list[str]], Any]
 
@@ -126,6 +132,8 @@ class ControlServer:
         self._call_soon: Callable[[Callable[[], None]], None] | None = None
         self._sock = listen_unix(path)
         self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._clients: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._accept_loop, name="vhostpy-control",
                                         daemon=True)
 
@@ -145,6 +153,13 @@ class ControlServer:
         except OSError:
             pass
         self._sock.close()
+        with self._lock:
+            clients = list(self._clients)
+        for conn in clients:          # wakes their threads, which close them
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
@@ -157,20 +172,43 @@ class ControlServer:
         while not self._closed.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._closed.is_set():
                     return
+                log.warning("control socket: accept failed: %s", exc)
+                self._closed.wait(0.1)      # e.g. out of fds: do not spin
                 continue
-            with conn:
-                try:
-                    self._serve(conn)
-                except OSError as exc:
-                    log.info("control client went away: %s", exc)
+            with self._lock:
+                room = len(self._clients) < MAX_CLIENTS
+                if room:
+                    self._clients.add(conn)
+            if not room:
+                log.warning("control socket: %d clients connected already; refused one",
+                            MAX_CLIENTS)
+                with conn:
+                    try:
+                        conn.sendall(json.dumps(_error(f"{MAX_CLIENTS} control clients are "
+                                                       "connected already")).encode() + b"\n")
+                    except OSError:
+                        pass
+                continue
+            threading.Thread(target=self._client, args=(conn,), daemon=True,
+                             name="vhostpy-control-client").start()
+
+    def _client(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        except OSError as exc:
+            log.info("control client went away: %s", exc)
+        finally:
+            with self._lock:
+                self._clients.discard(conn)
+            conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(CLIENT_TIMEOUT)
         pending = b""
         while not self._closed.is_set():
+            conn.settimeout(CLIENT_TIMEOUT if pending else IDLE_TIMEOUT)
             try:
                 data = conn.recv(65536)
             except TimeoutError:
