@@ -65,6 +65,8 @@ ALLOWED: dict[str, set[str] | None] = {
     "completion": {"virtqueue", ROOT},
     # inflight tracking (INFLIGHT_SHMFD): the split region's layout and bookkeeping
     "inflight": set(),
+    # the migration dirty log: one bit per guest page
+    "dirtylog": set(),
     # layer 3: device models, and the transport-free helpers beside them
     "blk": MODEL_DEPS | {"blk_cffi", "stores", "images"},
     # the compiled virtio-blk data path (blk's fast variant; never imports blk)
