@@ -40,6 +40,7 @@ from vhostpy.memory import GuestMemory
 from vhostpy.stores import (
     FileStore,
     StoreError,
+    can_discard,
     check_store,
     close_store,
     reset_store,
@@ -179,8 +180,7 @@ class BlockDevice(Device):
         self.max_queue_size = queue_size
         self.capacity = self.size_bytes // SECTOR_SIZE
         self.stats = BlkStats()
-        self._can_discard = callable(getattr(store, "discard", None)) and \
-            bool(getattr(store, "can_discard", True))
+        self._can_discard = can_discard(store)
         self._readinto = getattr(store, "readinto", None)
         self._writefrom = getattr(store, "writefrom", None)
         self._write_zeroes = getattr(store, "write_zeroes", None)

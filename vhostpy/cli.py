@@ -71,7 +71,12 @@ COMMANDS = {
     "ctl": "send a command to a running device's --control socket",
     "replay": "rebuild a disk at a flush point of a --log-writes log",
 }
-def _add_transport_options(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+
+
+def _add_transport_options(parser: argparse.ArgumentParser, *, several: bool = False,
+                           capabilities: bool = True) -> None:
+    """--socket-path | --fd (repeatable with `several`), --print-capabilities (unless
+    `capabilities` is false), and the options every device command takes."""
     where = parser.add_mutually_exclusive_group()
     action = "append" if several else "store"
     more = " (repeat for several ports)" if several else ""
@@ -80,13 +85,9 @@ def _add_transport_options(parser: argparse.ArgumentParser, *, several: bool = F
     where.add_argument("--fd", type=fd_number, metavar="N", action=action,
                        help="serve an inherited vhost-user socket (listening or connected)"
                        + more)
-    parser.add_argument("--print-capabilities", action="store_true",
-                        help="print the back-end's capabilities as JSON and exit")
-    _add_common_options(parser)
-
-
-def _add_common_options(parser: argparse.ArgumentParser) -> None:
-    """-v and --control, which every device command takes."""
+    if capabilities:
+        parser.add_argument("--print-capabilities", action="store_true",
+                            help="print the back-end's capabilities as JSON and exit")
     parser.add_argument("--control", metavar="PATH",
                         help="answer control commands on this UNIX socket (vhostpy ctl PATH "
                         "COMMAND: status, fault ..., power-cut ...)")
@@ -199,12 +200,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         "({} without one); the device's close() method, if any, is called at exit.")
     serve_.add_argument("spec", metavar="MODULE:CALLABLE",
                         help="where the device comes from, e.g. mymodule:make_device")
-    where = serve_.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", metavar="PATH",
-                       help="listen for the vhost-user front-end on this UNIX socket")
-    where.add_argument("--fd", type=fd_number, metavar="N",
-                       help="serve an inherited vhost-user socket (listening or connected)")
-    _add_common_options(serve_)
+    _add_transport_options(serve_, capabilities=False)
 
 
 def _add_tool_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -378,15 +374,19 @@ def _handle_signals(loop: EventLoop, device: str,
 
 def serve(device: Device, *, socket_path: str | None, fd: int | None,
           counters: Callable[[], dict[str, Any]] | None = None, command: str = "",
-          details: str = "", control: ControlServer | None = None) -> int:
+          details: str = "", control_path: str | None = None,
+          controls: Controls | None = None) -> int:
     """Serve `device` until SIGTERM/SIGINT (`vhostpy.serve`); returns the exit status.
 
     With `counters`, SIGUSR1 prints `counters_line(command, counters())` and serving goes
-    on; the caller prints the exit line. `details` ends the `-v` "serving" line. `control`
-    (made before, so a bad path fails before anything listens) gets a `status` command and
-    starts answering once the device's socket listens."""
+    on; the caller prints the exit line. `details` ends the `-v` "serving" line. With
+    `control_path` (--control), a control socket answers `controls` (the device's commands)
+    plus `status`: made first, so a bad path fails before anything listens, answering once
+    the device's socket listens, closed when serving ends."""
     name = command or device.name
     counters = counters or dict
+    control = None if control_path is None else \
+        ControlServer(control_path, controls or Controls())
 
     def serving(endpoint: Endpoint) -> None:
         log.info("serving %s on %s%s", device.name,
@@ -395,20 +395,16 @@ def serve(device: Device, *, socket_path: str | None, fd: int | None,
         if control is not None:
             add_status(control.controls, name, lambda: [endpoint.status()], counters)
             control.start(endpoint.call_soon_threadsafe)
-    # The signal handlers are in place before the socket listens (vhostpy.serve's promise).
-    endpoint = serve_until_signalled(
-        device, socket_path=socket_path, fd=fd,
-        signals=_info_signals(name, counters), serving=serving)
+    try:
+        # The signal handlers are in place before the socket listens (vhostpy.serve's promise).
+        endpoint = serve_until_signalled(
+            device, socket_path=socket_path, fd=fd,
+            signals=_info_signals(name, counters), serving=serving)
+    finally:
+        if control is not None:
+            control.close()
     log.info("stopped after %d front-end connection(s)", endpoint.connections_served)
     return 0
-
-
-def _control_server(args: argparse.Namespace, controls: Controls | None = None
-                    ) -> ControlServer | None:
-    """The --control socket (None without it); ConfigurationError if PATH is unusable."""
-    if args.control is None:
-        return None
-    return ControlServer(args.control, controls or Controls())
 
 
 def _human_size(size: int) -> str:
@@ -515,7 +511,6 @@ def _run_replay(args: argparse.Namespace) -> int:
 
 def _run_blk(args: argparse.Namespace) -> int:
     device, parts = _make_blk(args)
-    control: ControlServer | None = None
 
     def counters() -> dict[str, Any]:
         found: dict[str, Any] = asdict(device.stats)
@@ -530,30 +525,23 @@ def _run_blk(args: argparse.Namespace) -> int:
                    "this vhostpy blk takes no fault rules: start it with --fault SPEC (or "
                    "--fault none) to add them at run time")
         add_power(controls, parts.cache, parts.log)
-        control = _control_server(args, controls)
         details = (f"{_human_size(device.size_bytes)} ({device.capacity} sectors), "
                    f"{'read-only' if device.read_only else 'read-write'}, "
                    f"{device.num_queues} queue(s) of up to {device.max_queue_size}")
         status = serve(device, socket_path=args.socket_path, fd=args.fd, counters=counters,
-                       command="blk", details=details, control=control)
+                       command="blk", details=details, control_path=args.control,
+                       controls=controls)
         _print_counters("blk", counters, "exit")   # only once it has served
         return status
     finally:
-        if control is not None:
-            control.close()
         device.close()
 
 
 def _run_rng(args: argparse.Namespace) -> int:
     device = RngDevice(max_bytes_per_request=args.max_bytes_per_request)
-    control = _control_server(args)
-    try:
-        status = serve(device, socket_path=args.socket_path, fd=args.fd,
-                       counters=device.counters, command="rng", control=control,
-                       details=f"at most {args.max_bytes_per_request} bytes per request")
-    finally:
-        if control is not None:
-            control.close()
+    status = serve(device, socket_path=args.socket_path, fd=args.fd,
+                   counters=device.counters, command="rng", control_path=args.control,
+                   details=f"at most {args.max_bytes_per_request} bytes per request")
     _print_counters("rng", device.counters, "exit")
     return status
 
@@ -561,17 +549,13 @@ def _run_rng(args: argparse.Namespace) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     device = load_device(args.spec)
     counters = _device_counters(device)
-    control: ControlServer | None = None
     try:
-        control = _control_server(args)
         status = serve(device, socket_path=args.socket_path, fd=args.fd, counters=counters,
                        details=f"{device.num_queues} queue(s), from {args.spec}",
-                       control=control)
+                       control_path=args.control)
         _print_counters(device.name, counters, "exit")   # only once it has served
         return status
     finally:
-        if control is not None:
-            control.close()
         close = getattr(device, "close", None)
         if callable(close):
             try:
@@ -616,7 +600,8 @@ def _run_net(args: argparse.Namespace) -> int:
     _handle_signals(loop, "net", counters)   # before any socket exists
     control: ControlServer | None = None
     try:
-        control = _control_server(args)
+        if args.control is not None:    # before any socket: a bad path fails first
+            control = ControlServer(args.control, Controls())
         app = NetApp(socket_paths=args.socket_path or (), fds=args.fd or (),
                      num_queues=args.num_queues, queue_size=args.queue_size,
                      respond_ip=None if args.no_respond else args.respond, pcap=args.pcap,

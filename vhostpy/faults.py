@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vhostpy.errors import ConfigurationError
-from vhostpy.stores import close_store, reset_store, settle, zero_range
+from vhostpy.stores import StoreLayer, settle, zero_range
 
 __all__ = ["BLOCK_OPS", "BlockFault", "FaultyStore"]
 
@@ -138,17 +138,12 @@ class BlockFault:
         return {"spec": self.spec(), "seen": self.seen, "hits": self.hits}
 
 
-class FaultyStore:
+class FaultyStore(StoreLayer):
     """`store` with `faults` applied to its requests (see the module docstring)."""
 
     def __init__(self, store: Any, faults: Iterable[BlockFault] = ()) -> None:
-        self.store = store
+        super().__init__(store)
         self.faults: list[BlockFault] = list(faults)
-        self.size = store.size
-        self.block_size = getattr(store, "block_size", SECTOR)
-        self.read_only = bool(getattr(store, "read_only", False))
-        self.can_discard = callable(getattr(store, "discard", None)) and \
-            bool(getattr(store, "can_discard", True))
         self.errors = 0       # requests failed on purpose
         self.delays = 0       # requests delayed on purpose
 
@@ -194,18 +189,10 @@ class FaultyStore:
         await self._gate("write", offset, length)
         await zero_range(self.store, offset, length)
 
-    def device_reset(self) -> None:
-        """Passed on to the store (see `stores`)."""
-        reset_store(self.store)
-
     def counters(self) -> dict[str, object]:
         """What the faults did: requests failed and delayed, and each rule's counts."""
         return {"errors": self.errors, "delays": self.delays,
                 "faults": [f.as_dict() for f in self.faults]}
-
-    def close(self) -> None:
-        """Close the wrapped store (its `close()`, if it has one)."""
-        close_store(self.store)
 
 
 def _number(spec: str, key: str, text: str, kind: type[int | float]) -> Any:

@@ -38,8 +38,20 @@ from typing import Any, Protocol, runtime_checkable
 from vhostpy.errors import ConfigurationError
 from vhostpy.images import SECTOR_SIZE, image_size, open_image
 
-__all__ = ["BlockStore", "FileStore", "MemoryStore", "StoreError", "check_store",
-           "close_store", "reset_store", "settle", "zero_by_writing", "zero_range"]
+__all__ = [
+    "BlockStore",
+    "FileStore",
+    "MemoryStore",
+    "StoreError",
+    "StoreLayer",
+    "can_discard",
+    "check_store",
+    "close_store",
+    "reset_store",
+    "settle",
+    "zero_by_writing",
+    "zero_range",
+]
 
 #: Largest piece of zeros written at once when a store cannot zero a range itself.
 ZERO_CHUNK = 1 << 20
@@ -136,6 +148,34 @@ def close_store(store: Any) -> None:
     close = getattr(store, "close", None)
     if callable(close):
         close()
+
+
+def can_discard(store: Any) -> bool:
+    """Whether a device may offer DISCARD over `store`: it has `discard`, and `can_discard`
+    (default True) does not say otherwise."""
+    return callable(getattr(store, "discard", None)) and bool(getattr(store, "can_discard",
+                                                                      True))
+
+
+class StoreLayer:
+    """The base of a store that wraps another (faults, a write cache, a write log): it
+    takes `store`'s `size`, `block_size`, `read_only` and whether it can discard, and passes
+    `device_reset()` and `close()` on to it. Subclasses add the store methods."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.size = store.size
+        self.block_size = getattr(store, "block_size", SECTOR_SIZE)
+        self.read_only = bool(getattr(store, "read_only", False))
+        self.can_discard = can_discard(store)
+
+    def device_reset(self) -> None:
+        """Passed on to the store below (see the module docstring)."""
+        reset_store(self.store)
+
+    def close(self) -> None:
+        """Close the store below (its `close()`, if it has one)."""
+        close_store(self.store)
 
 
 class FileStore:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vhostpy.stores import close_store, reset_store, settle, zero_range
+from vhostpy.stores import StoreLayer, settle, zero_range
 
 __all__ = ["DEFAULT_LIMIT", "CutReport", "WriteBack", "WriteCache"]
 
@@ -74,7 +74,7 @@ DEFAULT_LIMIT = 64 << 20
 WriteBack = Callable[[str, int, int, "bytes | None"], None]
 
 
-class WriteCache:
+class WriteCache(StoreLayer):
     """`store` behind a volatile write-back cache (see the module docstring).
 
     The cache is finite, like a disk's: once its requests cover more than `limit` bytes
@@ -93,12 +93,7 @@ class WriteCache:
             raise ValueError(f"write cache limit {limit} is less than a sector")
         self.limit = limit
         self.on_write_back = on_write_back
-        self.store = store
-        self.size = store.size
-        self.block_size = getattr(store, "block_size", SECTOR)
-        self.read_only = bool(getattr(store, "read_only", False))
-        self.can_discard = callable(getattr(store, "discard", None)) and \
-            bool(getattr(store, "can_discard", True))
+        super().__init__(store)
         self._random = random.Random(seed)
         self._entries: collections.deque[_Cached] = collections.deque()   # oldest first
         self._tracked = 0        # sectors the cached requests cover (what `limit` bounds)
@@ -237,7 +232,7 @@ class WriteCache:
         """The driver reset or re-initialised the device: the power is back (an empty
         cache); a no-op while the power is on."""
         self.powered = True
-        reset_store(self.store)
+        super().device_reset()
 
     def counters(self) -> dict[str, object]:
         """The cache now and what it did so far."""
@@ -251,7 +246,7 @@ class WriteCache:
     def close(self) -> None:
         """Close the store (its `close()`, if any); whatever is cached is lost, like a disk
         switched off without a flush."""
-        close_store(self.store)
+        super().close()
 
     # -- the cache --------------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:

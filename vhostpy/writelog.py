@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from vhostpy.errors import ConfigurationError
-from vhostpy.stores import FileStore, close_store, reset_store, settle, zero_range
+from vhostpy.stores import FileStore, StoreLayer, settle, zero_range
 from vhostpy.writecache import CutReport
 
 __all__ = ["LogReader", "LoggedStore", "Record", "Replay", "replay"]
@@ -53,18 +53,13 @@ _WITH_DATA = {WRITE, KEPT, MARK, EARLY}
 LOG_BUFFER = 1 << 20
 
 
-class LoggedStore:
+class LoggedStore(StoreLayer):
     """`store` with every completed request appended to the write log at `path` (created or
     truncated; see the module docstring). ConfigurationError if it cannot be written."""
 
     def __init__(self, store: Any, path: str) -> None:
-        self.store = store
+        super().__init__(store)
         self.path = path
-        self.size = store.size
-        self.block_size = getattr(store, "block_size", SECTOR)
-        self.read_only = bool(getattr(store, "read_only", False))
-        self.can_discard = callable(getattr(store, "discard", None)) and \
-            bool(getattr(store, "can_discard", True))
         try:
             self._file: BinaryIO = open(path, "wb", buffering=LOG_BUFFER)  # noqa: SIM115
         except OSError as exc:
@@ -118,9 +113,6 @@ class LoggedStore:
         self._append(MARK, 0, len(data), data)
         self._file.flush()
 
-    def device_reset(self) -> None:
-        reset_store(self.store)
-
     def counters(self) -> dict[str, object]:
         return {"path": self.path, "records": self.records, "flushes": self.flushes,
                 "bytes": self.bytes_logged}
@@ -129,7 +121,7 @@ class LoggedStore:
         """Finish the log and close the store (its `close()`, if any); idempotent."""
         if not self._file.closed:
             self._file.close()
-        close_store(self.store)
+        super().close()
 
     def _append(self, kind: bytes, offset: int, length: int, data: bytes = b"") -> None:
         self._file.write(HEAD.pack(kind, 0, offset, length))
