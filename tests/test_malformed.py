@@ -587,10 +587,10 @@ def _ring_unmapped(h: Hostile) -> list[str]:
         h.send(Request.SET_VRING_ADDR, vring_addr(0, desc, used, avail))
         h.nack(Request.SET_VRING_ADDR)
     h.send(Request.SET_VRING_ADDR, vring_addr(0, UVA_BASE, UVA_BASE + 0x2000, UVA_BASE + 0x1000,
-                                              flags=1))   # dirty logging, never offered
+                                              flags=2))   # not a flag vhost-user has
     h.nack(Request.SET_VRING_ADDR)
     return ["VHOST_USER_SET_VRING_ADDR", f"uva={outside:#x}", "uva=0x1000",
-            f"uva={straddle:#x}", "dirty logging"]
+            f"uva={straddle:#x}", "unknown address flags 0x2"]
 
 
 @case("kick-without-fd")

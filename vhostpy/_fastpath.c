@@ -127,11 +127,12 @@ int vp_pending(struct vp_vq *q) {
 }
 
 int vp_has_available(const struct vp_vq *q) {
-    return ld16(q->avail + 2) != (uint16_t)q->last_avail_idx;
+    return q->resubmit_pos < q->resubmit_n || ld16(q->avail + 2) != (uint16_t)q->last_avail_idx;
 }
 
-/* Walk one chain into segs; 0 ok, -1 broken (reason in err), -2 segs full. */
-static int walk(const struct vp_vq *q, uint32_t head, struct vp_seg *segs, uint32_t max_segs,
+/* Walk one chain into segs; 0 ok, -1 broken (reason in err), -2 segs full. With segs NULL
+ * nothing is stored: the chain's writable buffers are marked in q's dirty log instead. */
+static int walk(struct vp_vq *q, uint32_t head, struct vp_seg *segs, uint32_t max_segs,
                 struct vp_chain *out, char *err, size_t el) {
     uint32_t size = q->size;
     if (head >= size) {
@@ -210,6 +211,13 @@ static int walk(const struct vp_vq *q, uint32_t head, struct vp_seg *segs, uint3
             snprintf(err, el, "descriptor %u buffer: %s", i, sub);
             rc = -1; break;
         }
+        if (!segs) {
+            if (flags & DESC_F_WRITE) vp_log_mark(q, addr, len);
+            nseg++;
+            if (!(flags & DESC_F_NEXT)) break;
+            i = next;
+            continue;
+        }
         if (nseg >= max_segs) { rc = -2; break; }
         segs[nseg].addr = addr;
         segs[nseg].len = len;
@@ -228,15 +236,77 @@ static int walk(const struct vp_vq *q, uint32_t head, struct vp_seg *segs, uint3
     return rc;
 }
 
+/* ---------------------------------------------------------------- inflight tracking, dirty log */
+
+/* Offsets in a QueueRegionSplit (inflight.py): header, then 16-byte DescStateSplit each. */
+enum { INF_LAST_BATCH = 12, INF_USED_IDX = 14, INF_HDR = 16, INF_STATE = 16, INF_NEXT = 6,
+       INF_COUNTER = 8 };
+
+static inline uint8_t *inf_state(const struct vp_vq *q, uint32_t head) {
+    return q->inflight + INF_HDR + INF_STATE * (uint64_t)head;
+}
+
+/* The compiler must not sink a region store past a later one: a back-end killed between
+ * two stores leaves exactly the first in the shared region. */
+#define REGION_ORDER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+static void inflight_popped(struct vp_vq *q, uint32_t head) {
+    uint8_t *st = inf_state(q, head);
+    uint64_t counter = q->inflight_counter++;
+    memcpy(st + INF_COUNTER, &counter, 8);
+    REGION_ORDER();
+    st[0] = 1;
+}
+
+void vp_log_mark(struct vp_vq *q, uint64_t gpa, uint64_t len) {
+    if (!q->log || !len) return;
+    uint64_t first = gpa >> 12, last = (gpa + (len - 1)) >> 12, pages = q->log_len * 8;
+    if (gpa + (len - 1) < gpa) last = UINT64_MAX >> 12;
+    if (last >= pages) {
+        q->log_outside++;
+        if (first >= pages) return;
+        last = pages - 1;
+    }
+    for (uint64_t pg = first; pg <= last; pg++)
+        __atomic_fetch_or(q->log + (pg >> 3), (uint8_t)(1u << (pg & 7)), __ATOMIC_RELAXED);
+}
+
+void vp_unpop(struct vp_vq *q, uint32_t head, uint32_t resubmitted) {
+    if (resubmitted && q->resubmit_pos) {
+        q->resubmit_pos--;
+        return;
+    }
+    q->last_avail_idx = (q->last_avail_idx - 1) & 0xFFFF;
+    if (q->inflight && head < q->size) inf_state(q, head)[0] = 0;
+}
+
+/* ---------------------------------------------------------------- popping */
+
 int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
            uint32_t max_segs) {
     q->seg_overflow = 0;
     if (q->broken || !limit) return 0;
-    int pending = vp_pending(q);
-    if (pending <= 0) return 0;
-    uint32_t n = (uint32_t)pending < limit ? (uint32_t)pending : limit;
-    uint32_t mask = q->size - 1, used_segs = 0, count = 0;
+    uint32_t used_segs = 0, count = 0;
     char err[256];
+    while (count < limit && q->resubmit_pos < q->resubmit_n) {
+        uint32_t head = q->resubmit[q->resubmit_pos];
+        int rc = walk(q, head, segs + used_segs, max_segs - used_segs, &chains[count], err, sizeof err);
+        if (rc == -2) { q->seg_overflow = 1; return (int)count; }
+        if (rc) {
+            fail(q, "resubmitted chain at head %u: %s", head, err);
+            return (int)count;
+        }
+        chains[count].first = used_segs;
+        chains[count].resubmitted = 1;
+        used_segs += chains[count].nseg;
+        q->resubmit_pos++;
+        count++;
+    }
+    if (count == limit) return (int)count;
+    int pending = vp_pending(q);
+    if (pending <= 0) return (int)count;
+    uint32_t n = count + ((uint32_t)pending < limit - count ? (uint32_t)pending : limit - count);
+    uint32_t mask = q->size - 1, popped = 0;
     for (; count < n; count++) {
         uint32_t slot = q->last_avail_idx & mask;
         uint32_t head = ld16(q->avail + 4 + 2 * slot);
@@ -247,10 +317,13 @@ int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_s
             break;
         }
         chains[count].first = used_segs;
+        chains[count].resubmitted = 0;
         used_segs += chains[count].nseg;
+        if (q->inflight) inflight_popped(q, head);
         q->last_avail_idx = (q->last_avail_idx + 1) & 0xFFFF;
+        popped++;
     }
-    if (count && q->event_idx && q->notify)
+    if (popped && q->event_idx && q->notify)
         st16(q->used + 4 + 8 * q->size, (uint16_t)q->last_avail_idx);
     return (int)count;
 }
@@ -259,6 +332,18 @@ int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_s
 
 void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
     uint32_t mask = q->size - 1, idx = q->used_idx;
+    uint8_t *inf = q->inflight;
+    if (inf) {              /* the batch's list first: it says what the idx store covers */
+        uint16_t last = ld16(inf + INF_LAST_BATCH);
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t head = items[2 * k];
+            if (head >= q->size) continue;
+            st16(inf_state(q, head) + INF_NEXT, last);
+            last = (uint16_t)head;
+        }
+        st16(inf + INF_LAST_BATCH, last);
+        REGION_ORDER();
+    }
     for (uint32_t k = 0; k < n; k++) {
         uint8_t *e = q->used + 4 + 8 * (idx & mask);
         memcpy(e, &items[2 * k], 8);
@@ -268,6 +353,19 @@ void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
     st16(q->used + 2, (uint16_t)idx);
     q->used_idx = idx;
     q->unsignalled += n;
+    if (inf) {
+        REGION_ORDER();
+        for (uint32_t k = 0; k < n; k++)
+            if (items[2 * k] < q->size) inf_state(q, items[2 * k])[0] = 0;
+        REGION_ORDER();
+        st16(inf + INF_USED_IDX, (uint16_t)idx);
+    }
+    if (q->log) {           /* after the writes: the front-end may collect the bits at once */
+        char err[64];
+        struct vp_chain ch;
+        for (uint32_t k = 0; k < n; k++) walk(q, items[2 * k], NULL, 0, &ch, err, sizeof err);
+        if (q->log_used) vp_log_mark(q, q->log_used_gpa, 6 + 8 * (uint64_t)q->size);
+    }
 }
 
 int vp_needs_notification(const struct vp_vq *q) {
@@ -559,6 +657,11 @@ static void record(struct vp_frames *cap, const uint8_t *pre, uint32_t pn, const
 enum { RX_OK, RX_WAIT, RX_SMALL, RX_WHOLE_RING, RX_OVERFLOW, RX_BROKEN };
 enum { RX_CHAINS = 64 };
 
+/* Give back chains[0 .. n) (popped in that order), newest first. */
+static void unpop(struct vp_vq *q, const struct vp_chain *chains, uint32_t n) {
+    while (n--) vp_unpop(q, chains[n].head, chains[n].resubmitted);
+}
+
 /* Take receive buffers for `need` bytes into chains/segs (more than one only with mrg):
  * RX_OK with their number in *nc. Otherwise none stays taken, except on RX_BROKEN:
  * RX_WAIT: too few buffers for now; RX_SMALL: (no mrg) the next buffer is too small for the
@@ -583,15 +686,15 @@ static int rx_take(struct vp_vq *q, int mrg, uint64_t need, struct vp_chain *cha
     }
     if (q->broken) return RX_BROKEN;
     if (overflow) {
-        q->last_avail_idx = (q->last_avail_idx - nc) & 0xFFFF;
+        unpop(q, chains, nc);
         return RX_OVERFLOW;
     }
     if (room < need) {
         if (!mrg && nc) {
-            q->last_avail_idx = (q->last_avail_idx - 1) & 0xFFFF;
+            unpop(q, chains, 1);
             return RX_SMALL;
         }
-        q->last_avail_idx = (q->last_avail_idx - nc) & 0xFFFF;
+        unpop(q, chains, nc);
         return nc >= q->size ? RX_WHOLE_RING : RX_WAIT;
     }
     *nc_out = nc;

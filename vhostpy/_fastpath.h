@@ -41,6 +41,25 @@ struct vp_vq {
     uint32_t seg_overflow;   /* vp_pop stopped because the segment array was full */
     uint64_t calls;          /* decisions that wanted an interrupt (whoever raised it) */
     char error[320];
+    /* Inflight I/O tracking (vhost-user INFLIGHT_SHMFD; inflight.py has the layout): this
+     * queue's QueueRegionSplit, or NULL when off. vp_pop marks each chain it takes (counter,
+     * then flag); vp_add_used links the batch (next, last_batch_head) before used->idx
+     * moves and clears the flags and sets used_idx after. */
+    uint8_t *inflight;
+    uint64_t inflight_counter;   /* the next chain's counter */
+    /* Heads a previous back-end took and never completed (resubmit[pos .. n), oldest
+     * first): vp_pop returns them before anything from the avail ring. */
+    const uint16_t *resubmit;
+    uint32_t resubmit_n;
+    uint32_t resubmit_pos;
+    /* The migration dirty log (SET_LOG_BASE; dirtylog.py has the layout), or NULL when off:
+     * vp_add_used sets the bits of every writable buffer of the chains it completes and,
+     * with log_used, of the used ring at log_used_gpa. Bits are set atomically. */
+    uint8_t *log;
+    uint64_t log_len;            /* bytes of bitmap */
+    uint64_t log_used_gpa;
+    uint32_t log_used;
+    uint64_t log_outside;        /* marks that reached past the log's end */
 };
 
 /* A buffer of a popped chain (guest-physical address, length, device-writable?). */
@@ -57,6 +76,7 @@ struct vp_chain {
     uint32_t nseg;
     uint32_t readable_len;
     uint32_t writable_len;
+    uint32_t resubmitted;    /* taken from the resubmit list, not the avail ring */
 };
 
 /* Frames in one flat buffer; each frame's bytes at buf[off[i] .. off[i]+len[i]), in
@@ -125,6 +145,11 @@ int vp_has_available(const struct vp_vq *q);
 int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
            uint32_t max_segs);
 void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n);
+/* Give back the most recently popped chain (`head`, `resubmitted` as vp_pop said) unused:
+ * the next vp_pop returns it again. Chains are given back newest first. */
+void vp_unpop(struct vp_vq *q, uint32_t head, uint32_t resubmitted);
+/* Mark guest-physical [gpa, gpa+len) dirty in q's log (nothing when the log is off). */
+void vp_log_mark(struct vp_vq *q, uint64_t gpa, uint64_t len);
 int vp_needs_notification(const struct vp_vq *q);
 int vp_signal(struct vp_vq *q, int call_fd);
 void vp_disable_notifications(struct vp_vq *q);

@@ -177,6 +177,10 @@ class SplitInflight:
             self.view[self._at(head)] = 0
         _U16.pack_into(self.view, _USED_IDX_AT, used_idx & 0xFFFF)
 
+    def given_back(self, head: int) -> None:
+        """The chain at `head`, just taken, was given back unused (`Virtqueue.rewind`)."""
+        self.view[self._at(self._check(head))] = 0
+
     # -- after a restart -----------------------------------------------------------------------
     def recover(self, ring_used_idx: int) -> list[int]:
         """Fix the last batch if the previous instance died while publishing it, then the

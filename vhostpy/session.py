@@ -34,12 +34,15 @@ is started, enabled and configured (`vring.RingState.ENABLED`).
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Callable
 from typing import ClassVar, Protocol, TypeVar
 
+from vhostpy import inflight
 from vhostpy import protocol as p
 from vhostpy.device import Device
+from vhostpy.dirtylog import DirtyLog
 from vhostpy.errors import FrontendError, ProtocolError, UnsupportedError, VhostError
 from vhostpy.memory import GuestMemory
 from vhostpy.notifier import EventFdNotifier, eventfd_notifier
@@ -54,8 +57,13 @@ PF = p.ProtocolFeature
 #: Protocol features this session implements completely.
 SUPPORTED_PROTOCOL_FEATURES = (
     PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE
+    | PF.INFLIGHT_SHMFD | PF.LOG_SHMFD
 )
 PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
+#: VHOST_F_LOG_ALL: the front-end turns dirty logging on (migration) by acking it.
+LOG_ALL_BIT = 1 << p.VHOST_F_LOG_ALL
+#: Feature bits that belong to vhost-user, never handed to the device.
+VHOST_BITS = PROTOCOL_FEATURES_BIT | LOG_ALL_BIT
 #: Memory slots offered with CONFIGURE_MEM_SLOTS.
 DEFAULT_MAX_MEM_SLOTS = 32
 
@@ -114,11 +122,19 @@ class Session:
         #: Extra ADD_MEM_REGs of an already mapped region, by (gpa, size, uva): QEMU before
         #: 8.0 sends ADD/REM_MEM_REG once per queue pair (one vhost_dev each) on one socket.
         self._region_dups: dict[tuple[int, int, int], int] = {}
+        #: The inflight region in force (GET/SET_INFLIGHT_FD): its fd and mapping.
+        self._inflight_fd: int | None = None
+        self._inflight_map: mmap.mmap | None = None
+        #: The dirty log (SET_LOG_BASE) and its mapping; logging runs while LOG_ALL is acked.
+        self._log: DirtyLog | None = None
+        self._log_map: mmap.mmap | None = None
 
     # -- offered features ------------------------------------------------------------------
     def offered_features(self) -> int:
-        """GET_FEATURES: the device's bits plus VHOST_USER_F_PROTOCOL_FEATURES."""
-        return self.device.features() | PROTOCOL_FEATURES_BIT
+        """GET_FEATURES: the device's bits plus VHOST_USER_F_PROTOCOL_FEATURES and
+        VHOST_F_LOG_ALL (every device writes guest memory only through its chains, which
+        the rings log)."""
+        return self.device.features() | VHOST_BITS
 
     def offered_protocol_features(self) -> PF:
         """GET_PROTOCOL_FEATURES: what this session implements for this device."""
@@ -142,6 +158,10 @@ class Session:
                                   "names": [f.name for f in PF if f in self.protocol_features
                                             and f.name]},
             "memory": {"regions": len(self.memory), "bytes": self.memory.total_size},
+            "inflight_region": self._inflight_map is not None,
+            "dirty_log": None if self._log is None else {
+                "logging": self._logging(), "bytes": len(self._log.view),
+                "pages_marked": self._log.pages_marked},
             "rings": [ring.status() for ring in self.rings],
         }
 
@@ -171,6 +191,8 @@ class Session:
                     _close(fd)
         if isinstance(result, _Later):
             return []
+        if isinstance(result, p.Message):
+            return [result]
         if result is not None:
             return [p.reply(req, result)]
         if self._wants_ack(msg.flags) and (spec is None or spec.reply is None):
@@ -261,13 +283,50 @@ class Session:
             pass    # logged by call_hook; the session is reset whatever the device did
         self.features = 0
         self.features_set = False
+        # The front-end makes a new inflight region after a reset (QEMU frees its own).
+        self._set_inflight(None, None)
+        self._update_logging()
 
     def close(self) -> None:
         """The front-end went away: stop rings, release every fd and mapping, reset the device."""
         self._fatal = False
         self._reset_device()
+        self._set_log(None, None)
         self.memory.clear()
         self._region_dups.clear()
+
+    # -- inflight region and dirty log ------------------------------------------------------
+    def _set_inflight(self, fd: int | None, region: mmap.mmap | None,
+                      info: p.InflightInfo | None = None) -> None:
+        """Make `region` (described by `info`) the inflight region: each ring it covers
+        tracks its chains there from its next start. The previous region's fd is closed;
+        its mapping goes once the rings let go of it."""
+        for i, ring in enumerate(self.rings):
+            view = None
+            if region is not None and info is not None and i < info.num_queues:
+                at = info.mmap_offset + inflight.queue_offset(i, info.queue_size)
+                view = memoryview(region)[at:at + inflight.queue_region_size(info.queue_size)]
+            ring.set_inflight(view)
+        _close(self._inflight_fd)
+        self._inflight_fd, self._inflight_map = fd, region
+
+    def _set_log(self, log: DirtyLog | None, region: mmap.mmap | None) -> None:
+        self._log, self._log_map = log, region
+        self._update_logging()
+
+    def _logging(self) -> bool:
+        return self._log is not None and bool(self.features & LOG_ALL_BIT)
+
+    def _update_logging(self) -> None:
+        """Hand each ring the dirty log while LOG_ALL is acked and a log is mapped (and the
+        used ring's log address when its SET_VRING_ADDR asked for it); else none."""
+        log_ = self._log if self._logging() else None
+        for i, ring in enumerate(self.rings):
+            addr = self._addrs[i]
+            used = None
+            if addr is not None and addr.flags & (1 << p.VHOST_VRING_F_LOG):
+                used = addr.log_guest_addr
+            ring.vq.set_dirty_log(log_, used)
 
     def _memory_changed(self) -> None:
         for i, ring in enumerate(self.rings):
@@ -292,13 +351,16 @@ class Session:
             log.info("%s: driver features %#x (%s); offered %#x", self.device.name, value,
                      " ".join(p.feature_names(value, self.device.device_id)),
                      self.offered_features())
-        call_hook(self.device, "set_features", self.device.set_features,
-                  value & ~PROTOCOL_FEATURES_BIT)
+        # Migration toggles LOG_ALL alone while the device runs: that is not a new driver.
+        if not self.features_set or (value ^ self.features) != LOG_ALL_BIT:
+            call_hook(self.device, "set_features", self.device.set_features,
+                      value & ~VHOST_BITS)
         self.features = value
         self.features_set = True
         for i, ring in enumerate(self.rings):
             ring.set_features(value)
             self._apply_enable(i)
+        self._update_logging()
 
     def _on_set_owner(self, msg: p.Message) -> None:
         self.owner = True
@@ -381,8 +443,8 @@ class Session:
     def _on_set_vring_addr(self, msg: p.Message) -> None:
         addr = _payload(msg, p.VringAddr)
         ring = self._ring(addr.index)
-        if addr.flags & (1 << p.VHOST_VRING_F_LOG):
-            raise UnsupportedError(f"vring {addr.index}: dirty logging was never offered")
+        if addr.flags & ~(1 << p.VHOST_VRING_F_LOG):
+            raise FrontendError(f"vring {addr.index}: unknown address flags {addr.flags:#x}")
         if ring.vq.size == 0:
             raise FrontendError(f"vring {addr.index}: SET_VRING_ADDR before SET_VRING_NUM")
         previous, self._addrs[addr.index] = self._addrs[addr.index], addr
@@ -391,6 +453,7 @@ class Session:
         except VhostError:
             self._addrs[addr.index] = previous
             raise
+        self._update_logging()
 
     def _on_set_vring_base(self, msg: p.Message) -> None:
         state = _payload(msg, p.VringState)
@@ -461,6 +524,64 @@ class Session:
         self._enabled[state.index] = bool(state.num)
         self._apply_enable(state.index)
 
+    def _on_get_inflight_fd(self, msg: p.Message) -> p.Message:
+        if PF.INFLIGHT_SHMFD not in self.protocol_features:
+            raise FrontendError("GET_INFLIGHT_FD without the INFLIGHT_SHMFD protocol feature")
+        info = _payload(msg, p.InflightInfo)
+        self._check_inflight_shape(info)
+        fd, region = inflight.create_region(info.num_queues, info.queue_size)
+        size = len(region)
+        self._set_inflight(fd, region, p.InflightInfo(size, 0, info.num_queues,
+                                                      info.queue_size))
+        log.info("%s: inflight region of %d bytes for %d queues of %d", self.device.name,
+                 size, info.num_queues, info.queue_size)
+        return p.reply(Request.GET_INFLIGHT_FD,
+                       p.InflightInfo(size, 0, info.num_queues, info.queue_size), fds=(fd,))
+
+    def _check_inflight_shape(self, info: p.InflightInfo) -> None:
+        if not 1 <= info.num_queues <= len(self.rings):
+            raise FrontendError(f"inflight region for {info.num_queues} queues; the device "
+                                f"has {len(self.rings)}")
+        size = info.queue_size
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise FrontendError(f"inflight region for queues of {size}: not a power of two "
+                                f"in 1..{MAX_QUEUE_SIZE}")
+
+    def _on_set_inflight_fd(self, msg: p.Message) -> None:
+        if PF.INFLIGHT_SHMFD not in self.protocol_features:
+            raise FrontendError("SET_INFLIGHT_FD without the INFLIGHT_SHMFD protocol feature")
+        info = _payload(msg, p.InflightInfo)
+        self._check_inflight_shape(info)
+        need = info.mmap_offset + inflight.region_size(info.num_queues, info.queue_size)
+        if info.mmap_size < inflight.region_size(info.num_queues, info.queue_size):
+            raise FrontendError(f"inflight region of {info.mmap_size} bytes for "
+                                f"{info.num_queues} queues of {info.queue_size}: needs "
+                                f"{inflight.region_size(info.num_queues, info.queue_size)}")
+        fd = msg.fds[0]
+        region = _map_shared(fd, need, "inflight region")
+        self._set_inflight(self._keep(fd), region, info)
+
+    def _on_set_log_base(self, msg: p.Message) -> p.Payload:
+        if PF.LOG_SHMFD not in self.protocol_features or not msg.fds:
+            raise UnsupportedError("SET_LOG_BASE without the LOG_SHMFD protocol feature and "
+                                   "its fd (a log in the front-end's address space) is not "
+                                   "supported")
+        info = _payload(msg, p.LogInfo)
+        if info.mmap_size == 0:
+            raise FrontendError("SET_LOG_BASE with an empty log")
+        region = _map_shared(msg.fds[0], info.mmap_offset + info.mmap_size, "dirty log")
+        view = memoryview(region)[info.mmap_offset:info.mmap_offset + info.mmap_size]
+        self._set_log(DirtyLog(view), region)
+        covers = info.mmap_size * 8 * 4096
+        end = max((r.guest_phys_addr + r.size for r in self.memory.regions), default=0)
+        if covers < end:
+            log.warning("%s: the dirty log covers %#x bytes of guest memory, which ends at "
+                        "%#x: writes above it cannot be logged", self.device.name, covers,
+                        end)
+        log.info("%s: dirty log of %d bytes (logging %s)", self.device.name, info.mmap_size,
+                 "on" if self._logging() else "off until LOG_ALL")
+        return p.U64(0)
+
     def _on_net_set_mtu(self, msg: p.Message) -> None:
         if PF.NET_MTU not in self.protocol_features:
             raise FrontendError("NET_SET_MTU without the NET_MTU protocol feature")
@@ -486,7 +607,8 @@ class Session:
 
 
     #: The dispatch table: every request this back-end implements. Absent means unsupported.
-    HANDLERS: ClassVar[dict[Request, Callable[[Session, p.Message], p.Payload | _Later | None]]] = {
+    HANDLERS: ClassVar[dict[Request, Callable[[Session, p.Message],
+                                              p.Payload | p.Message | _Later | None]]] = {
         Request.GET_FEATURES: _on_get_features,
         Request.SET_FEATURES: _on_set_features,
         Request.SET_OWNER: _on_set_owner,
@@ -508,6 +630,9 @@ class Session:
         Request.SET_CONFIG: _on_set_config,
         Request.RESET_DEVICE: _on_reset,
         Request.GET_MAX_MEM_SLOTS: _on_get_max_mem_slots,
+        Request.GET_INFLIGHT_FD: _on_get_inflight_fd,
+        Request.SET_INFLIGHT_FD: _on_set_inflight_fd,
+        Request.SET_LOG_BASE: _on_set_log_base,
         Request.ADD_MEM_REG: _on_add_mem_reg,
         Request.REM_MEM_REG: _on_rem_mem_reg,
     }
@@ -521,6 +646,18 @@ class _Later:
 
 
 _LATER = _Later()
+
+
+def _map_shared(fd: int, size: int, what: str) -> mmap.mmap:
+    """A shared read-write mapping of the first `size` bytes of `fd` (FrontendError when
+    the fd cannot be mapped that far)."""
+    try:
+        if os.fstat(fd).st_size < size:
+            raise FrontendError(f"{what}: the fd holds {os.fstat(fd).st_size} bytes, the "
+                                f"message says {size}")
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise FrontendError(f"{what}: cannot map {size} bytes of fd {fd}: {exc}") from exc
 
 
 def _payload(msg: p.Message, kind: type[_P]) -> _P:

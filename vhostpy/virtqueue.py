@@ -38,7 +38,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .dirtylog import DirtyLog
 from .errors import MemoryAccessError, RingError
+from .inflight import RegionError, SplitInflight
 from .memory import ADDRESS_LIMIT, GuestMemory
 
 __all__ = [
@@ -294,7 +296,16 @@ class Virtqueue(abc.ABC):
         self._signals = 0  # interrupt decisions that wanted an interrupt, ever
         #: Heads popped through `pop_many` and not yet returned by `add_used_many`, in pop
         #: order (compiled paths that pop and complete inside one C call never show here).
-        self._taken: dict[int, None] = {}
+        #: (The value: whether the chain came from the resubmit list.)
+        self._taken: dict[int, bool] = {}
+        #: Inflight tracking (`attach_inflight`): this queue's part of the shared region,
+        #: and the heads a previous back-end left in flight, served before the avail ring.
+        self._inflight: SplitInflight | None = None
+        self._resubmit: list[int] = []
+        self._resubmit_pos = 0
+        #: The migration dirty log (`set_dirty_log`) and the used ring's address in it.
+        self._log: DirtyLog | None = None
+        self._log_used: int | None = None
         self._cache_gen = -1
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
@@ -376,6 +387,7 @@ class Virtqueue(abc.ABC):
         self._signal_valid = False
         self._notify = True
         self._taken.clear()
+        self._set_resubmit([])
 
     def reset(self) -> None:
         """Forget size, addresses, indices and error (device reset, ring stop)."""
@@ -389,6 +401,7 @@ class Virtqueue(abc.ABC):
         self._unsignalled = 0
         self._signal_valid = False
         self._taken.clear()
+        self._detach_inflight()
         self._drop_views()
 
     @property
@@ -397,9 +410,10 @@ class Virtqueue(abc.ABC):
         oldest first: what a device still holds."""
         return tuple(self._taken)
 
-    def _took(self, chains: Sequence[DescriptorChain]) -> None:
-        for chain in chains:
-            self._taken[chain.head] = None
+    def _took(self, chains: Sequence[DescriptorChain], resubmitted: int = 0) -> None:
+        """Record chains just popped; the first `resubmitted` came from the resubmit list."""
+        for k, chain in enumerate(chains):
+            self._taken[chain.head] = k < resubmitted
 
     def _completed(self, items: Sequence[tuple[int, int]]) -> None:
         taken = self._taken
@@ -463,14 +477,15 @@ class Virtqueue(abc.ABC):
 
 
     def available(self) -> int:
-        """How many entries the driver published that were not popped yet (0 when the ring
-        is not ready; a count the ring could not hold reads as 0: `pop_many` reports it)."""
+        """How many entries the driver published that were not popped yet, plus the heads
+        left to resubmit (0 when the ring is not ready; a count the ring could not hold
+        reads as 0: `pop_many` reports it)."""
         rings = self._rings()
         if rings is None:
             return 0
         avail_idx: int = _U16.unpack_from(rings[1], 2)[0]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
-        return pending if pending <= self._size else 0
+        return (pending if pending <= self._size else 0) + self.resubmit_left
 
     def driver_depth(self) -> int | None:
         """With EVENT_IDX: how many requests the driver has published and not yet taken
@@ -500,13 +515,95 @@ class Virtqueue(abc.ABC):
 
         Safe because popping writes nothing the driver reads except the avail event, which
         the next pop rewrites. A device uses it when buffers turn out too few for a frame.
+        A chain served again from the resubmit list goes back to it; one from the avail ring
+        is no longer in flight in the inflight region.
         """
         if not 0 <= count <= self._size:
             raise ValueError(f"virtqueue {self.index}: cannot rewind {count} chains")
-        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
-        for _ in range(min(count, len(self._taken))):
-            self._taken.popitem()
+        for _ in range(count):
+            head, resubmitted = self._taken.popitem() if self._taken else (-1, False)
+            self._unpop(head, resubmitted)
 
+    @abc.abstractmethod
+    def _unpop(self, head: int, resubmitted: bool) -> None:
+        """Give back the most recently popped chain (see `rewind`)."""
+
+    # ---------------------------------------------------------------- crash recovery, migration
+
+    def attach_inflight(self, view: memoryview | None) -> list[int]:
+        """Track this ring's chains in `view` (its part of the INFLIGHT_SHMFD region,
+        `inflight`) from now on, or stop tracking (None).
+
+        Call it on a configured ring when it starts, before anything is popped. A region
+        a previous back-end left state in is recovered (`SplitInflight.recover` against the
+        used ring's idx): the heads it had taken and not completed are returned, oldest
+        first, and `pop_many` serves them again before the avail ring; the ring's indices
+        become the used ring's idx and that plus the heads in flight (whatever
+        SET_VRING_BASE said). RegionError when the region does not fit this queue (then
+        nothing is tracked) or the ring is not configured."""
+        self._detach_inflight()
+        self._set_resubmit([])
+        if view is None:
+            return []
+        rings = self._rings()
+        if rings is None:
+            raise RegionError(f"virtqueue {self.index}: inflight region attached to a ring "
+                              "that is not configured")
+        split = SplitInflight(view, self._size)
+        heads: list[int] = []
+        if split.attach():
+            ring_used: int = _U16.unpack_from(rings[2], 2)[0]
+            heads = split.recover(ring_used)
+            self.used_idx = ring_used
+            self.last_avail_idx = (ring_used + len(heads)) & 0xFFFF
+            self._taken.clear()
+        self._inflight = split
+        self._set_resubmit(heads)
+        self._native_inflight(split)
+        return heads
+
+    @property
+    def inflight_tracked(self) -> bool:
+        """Whether chains are tracked in an inflight region."""
+        return self._inflight is not None
+
+    @property
+    def resubmit_left(self) -> int:
+        """Heads of the resubmit list not served again yet."""
+        return len(self._resubmit) - self._resubmit_pos
+
+    def _detach_inflight(self) -> None:
+        self._inflight = None
+        self._native_inflight(None)
+
+    def _set_resubmit(self, heads: list[int]) -> None:
+        self._resubmit = heads
+        self._resubmit_pos = 0
+
+    def _native_inflight(self, split: SplitInflight | None) -> None:
+        """The compiled variant mirrors the tracking state into C."""
+
+    def set_dirty_log(self, log: DirtyLog | None, used_addr: int | None = None) -> None:
+        """Mark every page this ring writes in `log` (migration, VHOST_F_LOG_ALL): the
+        writable buffers of each chain as it is completed (after its data), and, unless
+        `used_addr` is None, the used ring at guest-physical `used_addr` (its
+        `log_guest_addr`). None: no logging. Kept across ring stops and resets."""
+        self._log = log
+        self._log_used = used_addr if log is not None else None
+
+    @property
+    def dirty_log(self) -> DirtyLog | None:
+        return self._log
+
+    def log_used_ring(self) -> None:
+        """Mark the whole used ring dirty (a ring stopping for migration: its flags and
+        avail event were written after the last completion)."""
+        if self._log_used is not None and self._size:
+            self._log_mark(self._log_used, used_ring_size(self._size))
+
+    def _log_mark(self, gpa: int, length: int) -> None:
+        if self._log is not None:
+            self._log.mark(gpa, length)
 
     def add_used(self, head: int, length: int) -> None:
         """Return one chain to the driver: write the used element, then publish used->idx."""
@@ -676,21 +773,28 @@ class PythonVirtqueue(Virtqueue):
         if rings is None:
             return False
         avail_idx: int = _U16.unpack_from(rings[1], 2)[0]
-        return avail_idx != self.last_avail_idx
+        return avail_idx != self.last_avail_idx or self._resubmit_pos < len(self._resubmit)
 
 
     def pop_many(self, limit: int) -> list[DescriptorChain]:
-        """Up to `limit` available chains (stops early if the ring breaks)."""
+        """Up to `limit` chains: those left to resubmit first, then available ones (stops
+        early if the ring breaks)."""
         rings = self._rings()
         if rings is None or limit <= 0:
             return []
         desc, avail, used = rings
+        out = self._pop_resubmitted(desc, limit)
+        again = len(out)
+        if again == limit or self.error is not None:
+            self._took(out, again)
+            return out
         pending = self._pending(avail)
         if not pending:
-            return []
+            self._took(out, again)
+            return out
         mask = self._size - 1
-        out: list[DescriptorChain] = []
-        for _ in range(min(limit, pending)):
+        inflight = self._inflight
+        for _ in range(min(limit - again, pending)):
             slot = self.last_avail_idx & mask
             head = _U16.unpack_from(avail, 4 + 2 * slot)[0]
             try:
@@ -699,12 +803,34 @@ class PythonVirtqueue(Virtqueue):
                 self.fail(f"chain at avail slot {slot} (avail idx {self.last_avail_idx}): {exc}")
                 break
             out.append(chain)
+            if inflight is not None:
+                inflight.popped(head)
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if out and self.event_idx and self._notify:
+        if len(out) > again and self.event_idx and self._notify:
             # Keep kicks coming: ask for one when the driver publishes the entry after these.
             _store_u16(used, 4 + USED_ELEM_SIZE * self._size, self.last_avail_idx)
-        self._took(out)
+        self._took(out, again)
         return out
+
+    def _pop_resubmitted(self, desc: memoryview, limit: int) -> list[DescriptorChain]:
+        out: list[DescriptorChain] = []
+        while len(out) < limit and self._resubmit_pos < len(self._resubmit):
+            head = self._resubmit[self._resubmit_pos]
+            try:
+                out.append(self._walk(desc, head))
+            except _Broken as exc:
+                self.fail(f"resubmitted chain at head {head}: {exc}")
+                break
+            self._resubmit_pos += 1
+        return out
+
+    def _unpop(self, head: int, resubmitted: bool) -> None:
+        if resubmitted and self._resubmit_pos:
+            self._resubmit_pos -= 1
+            return
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+        if self._inflight is not None and 0 <= head < self._size:
+            self._inflight.given_back(head)
 
 
     def _walk(self, desc: memoryview, head: int) -> DescriptorChain:
@@ -785,8 +911,12 @@ class PythonVirtqueue(Virtqueue):
         if rings is None:
             log.debug("virtqueue %d: add_used on a queue that is not ready: dropped", self.index)
             return
-        used = rings[2]
+        desc, used = rings[0], rings[2]
         self._check_used(items)
+        inflight = self._inflight
+        if inflight is not None:
+            heads = [head for head, _ in items]
+            inflight.completing(heads)
         mask = self._size - 1
         idx = self.used_idx
         for head, length in items:
@@ -797,6 +927,22 @@ class PythonVirtqueue(Virtqueue):
         self.used_idx = idx
         self._unsignalled += len(items)
         self._completed(items)
+        if inflight is not None:
+            inflight.completed(heads, idx)
+        if self._log is not None:
+            self._log_chains(desc, items)
+
+    def _log_chains(self, desc: memoryview, items: Sequence[tuple[int, int]]) -> None:
+        """Mark the writable buffers of completed chains (walked again from the table, as
+        the driver still owns them unchanged), then the used ring."""
+        for head, _ in items:
+            try:
+                chain = self._walk(desc, head)
+            except _Broken:
+                continue        # the driver rewrote a chain it handed over: its loss
+            for addr, length in chain.writable:
+                self._log_mark(addr, length)
+        self.log_used_ring()
 
 
     def needs_notification(self) -> bool:

@@ -19,7 +19,9 @@ import itertools
 from typing import Any
 
 from . import _accel
+from .dirtylog import DirtyLog
 from .errors import BackendError
+from .inflight import SplitInflight
 from .memory import GuestMemory
 from .virtqueue import (
     MAX_QUEUE_SIZE,
@@ -71,6 +73,10 @@ class CffiVirtqueue(Virtqueue):
         self._chains: Any = None
         self._segs: Any = ffi.new("struct vp_seg[]", _SEGS)
         self._nsegs = _SEGS
+        #: What C points into (kept alive here): the inflight part, the resubmit heads, the log.
+        self._c_inflight: Any = None
+        self._c_resubmit: Any = None
+        self._c_log: Any = None
         super().__init__(memory, index)
 
     # ---------------------------------------------------------------- C state
@@ -108,6 +114,50 @@ class CffiVirtqueue(Virtqueue):
         """For device fast paths: the synced `struct vp_vq *`, or None if not usable."""
         return self._sync()
 
+    # ---------------------------------------------------------------- crash recovery, migration
+
+    def _native_inflight(self, split: SplitInflight | None) -> None:
+        q = self._q
+        if split is None:
+            q.inflight, self._c_inflight = ffi.NULL, None
+            return
+        self._c_inflight = ffi.from_buffer("uint8_t[]", split.view, require_writable=True)
+        q.inflight = self._c_inflight
+        q.inflight_counter = split.counter
+
+    def _set_resubmit(self, heads: list[int]) -> None:
+        super()._set_resubmit(heads)
+        q = self._q
+        self._c_resubmit = ffi.new("uint16_t[]", heads) if heads else None
+        q.resubmit = self._c_resubmit if heads else ffi.NULL
+        q.resubmit_n, q.resubmit_pos = len(heads), 0
+
+    @property
+    def resubmit_left(self) -> int:
+        return int(self._q.resubmit_n - self._q.resubmit_pos)
+
+    def set_dirty_log(self, log: DirtyLog | None, used_addr: int | None = None) -> None:
+        super().set_dirty_log(log, used_addr)
+        q = self._q
+        if log is None:
+            q.log, q.log_len, q.log_used, self._c_log = ffi.NULL, 0, 0, None
+            return
+        self._c_log = ffi.from_buffer("uint8_t[]", log.view, require_writable=True)
+        q.log, q.log_len = self._c_log, len(log.view)
+        q.log_used = int(used_addr is not None)
+        q.log_used_gpa = used_addr or 0
+
+    def _log_mark(self, gpa: int, length: int) -> None:
+        lib.vp_log_mark(self._q, gpa, length)
+
+    @property
+    def log_outside(self) -> int:
+        """Marks C made past the log's end."""
+        return int(self._q.log_outside)
+
+    def _unpop(self, head: int, resubmitted: bool) -> None:
+        lib.vp_unpop(self._q, head if head >= 0 else 0xFFFFFFFF, int(resubmitted))
+
     def check_broken(self) -> None:
         """After a C call that walks the ring: report a ring C found hostile via `fail()`."""
         if self._q.broken and self.error is None:
@@ -136,8 +186,10 @@ class CffiVirtqueue(Virtqueue):
             n = lib.vp_pop(q, 1, chains, segs, self._nsegs)
         out: list[DescriptorChain] = []
         memory = self.memory
+        again = 0
         for k in range(n):
             ch = chains[k]
+            again += ch.resubmitted
             readable: list[tuple[int, int]] = []
             writable: list[tuple[int, int]] = []
             for j in range(ch.first, ch.first + ch.nseg):
@@ -146,7 +198,7 @@ class CffiVirtqueue(Virtqueue):
             out.append(DescriptorChain(memory, ch.head, readable, writable, ch.readable_len,
                                        ch.writable_len))
         self.check_broken()
-        self._took(out)
+        self._took(out, again)
         return out
 
     # ---------------------------------------------------------------- used ring

@@ -192,6 +192,11 @@ class Vring(Pacer):
         self.inflight = InFlight(vq.index, self._publish, self.fail)
         self.inflight.host = host
         self._stopping: Callable[[int], None] | None = None
+        #: This ring's part of the inflight region (`set_inflight`), attached at each start.
+        self._inflight_view: memoryview | None = None
+        self._attach_pending = False
+        #: Heads resubmitted at the last start (a previous back-end's chains in flight).
+        self.resubmitted = 0
         self._stop_token = 0
         self._async_timer = False
         self._last_completion = 0.0
@@ -405,7 +410,40 @@ class Vring(Pacer):
         """The ring is started (vhost-user: its kick arrived; lguest: the device started)."""
         self._started = True
         self._stopped = False
+        self._attach_pending = True
         self._settle()
+
+    def set_inflight(self, view: memoryview | None) -> None:
+        """This ring's part of the inflight region (INFLIGHT_SHMFD), or None: from its next
+        start the ring tracks its chains there, and first recovers what a previous back-end
+        left in it (`Virtqueue.attach_inflight`): those chains are served again before the
+        ring's new ones."""
+        self._inflight_view = view
+        if view is None:
+            self.vq.attach_inflight(None)
+
+    def _attach_inflight(self) -> None:
+        """At the ring's first ENABLED after a start: attach the region (recovering), then
+        serve once without waiting for a kick -- the driver's last kick may have gone to
+        the back-end that died, and resubmitted chains need no kick at all."""
+        self._attach_pending = False
+        self.resubmitted = 0
+        try:
+            heads = self.vq.attach_inflight(self._inflight_view)
+        except ValueError as exc:      # RegionError: serve without tracking
+            log.warning("vring %d: inflight region not used: %s", self.index, exc)
+            heads = []
+        if heads:
+            self.resubmitted = len(heads)
+            log.info("vring %d: serving again %d requests a previous back-end took and never "
+                     "completed (heads %s%s)", self.index, len(heads), heads[:8],
+                     "..." if len(heads) > 8 else "")
+        if self.host is not None:
+            self.host.call_later(0, self._self_kick)
+
+    def _self_kick(self) -> None:
+        if self.state is RingState.ENABLED:
+            self.kick()
 
     def enable(self, enabled: bool) -> None:
         """SET_VRING_ENABLE (or the implicit enable of a front-end without protocol
@@ -427,9 +465,11 @@ class Vring(Pacer):
                         self.index, len(held), held[:8])
         self._started = False
         self._stopped = True
+        self._attach_pending = False
         self._move(RingState.STOPPED)
         self._drop_kick()
         base = self.vq.last_avail_idx
+        self.vq.log_used_ring()      # flags and avail event written since the last batch
         self.vq.reset()
         self.error = None
         return base
@@ -473,7 +513,7 @@ class Vring(Pacer):
         self._stopping = None
         self.inflight.cancel("reset")
         self._stop_polling()
-        self._started = self._enabled = self._stopped = False
+        self._started = self._enabled = self._stopped = self._attach_pending = False
         self._move(RingState.UNCONFIGURED)
         self._drop_kick()
         self.set_call(None)
@@ -540,6 +580,8 @@ class Vring(Pacer):
 
     def _serve_start(self) -> None:
         self.vq.event_idx = self._event_idx
+        if self._attach_pending:
+            self._attach_inflight()
         log.debug("vring %d live (size %d, base %d)", self.index, self.vq.size,
                   self.vq.last_avail_idx)
         self._device_hook("queue_started", self.device.queue_started)
@@ -615,6 +657,8 @@ class Vring(Pacer):
         return {"index": self.index, "state": self.state.value, "size": vq.size,
                 "last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx,
                 "in_flight": len(self.in_flight), "deferred": len(self.inflight),
+                "inflight_tracked": vq.inflight_tracked, "resubmitted": self.resubmitted,
+                "dirty_logging": vq.dirty_log is not None,
                 "kicks": self.kicks,
                 "polling": self._polling,
                 "error": self.error}

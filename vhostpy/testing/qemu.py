@@ -47,13 +47,16 @@ class VhostUserDevice:
     ``kind`` is ``blk``, ``net``, ``rng`` or the name of a QEMU vhost-user device.
     ``properties`` are extra ``-device`` properties (``{"num-queues": 2}``,
     ``{"host_mtu": 9000}``); ``netdev_properties`` go to ``-netdev vhost-user`` (net only,
-    e.g. ``{"queues": 2}``).
+    e.g. ``{"queues": 2}``); ``chardev_properties`` go to its ``-chardev socket``
+    (``{"reconnect": 1}``: QEMU reconnects to a back-end that went away and restarts the
+    device on the new connection).
     """
 
     socket_path: str
     kind: str = "blk"
     properties: Mapping[str, object] = field(default_factory=dict)
     netdev_properties: Mapping[str, object] = field(default_factory=dict)
+    chardev_properties: Mapping[str, object] = field(default_factory=dict)
 
 
 def find_qemu() -> str:
@@ -132,7 +135,9 @@ def qemu_command(
         name = dev.kind if dev.kind in ("blk", "net", "rng") else "vu"
         i = counts[name] = counts.get(name, -1) + 1
         chardev = f"{name}{i}"
-        argv += ["-chardev", f"socket,id={chardev},path={_opt_value(dev.socket_path)}"]
+        socket_opts = (f"socket,id={chardev},path={_opt_value(dev.socket_path)}"
+                       f"{_props(dev.chardev_properties)}")
+        argv += ["-chardev", socket_opts]
         if dev.kind == "net":
             # vectors=0 (INTx): QEMU 7.2 (Debian 12) segfaults in vhost_net_start while wiring
             # MSI-X vector notifiers for vhost-user net, with any back-end (DPDK's too).
