@@ -712,3 +712,24 @@ def test_monitor_sees_only_frames_accepted_for_the_guest(rig: Rig) -> None:
     rig.post(1)
     assert rig.port.send([runt, good, too_big]) == 1
     assert seen == [good]
+
+
+def test_announce_sends_a_rarp_from_the_guest_mac_to_the_consumers() -> None:
+    """SEND_RARP after a migration: the port's consumers see a broadcast RARP "request
+    reverse" from the guest's MAC, as if the guest had sent it."""
+    from vhostpy.packets import rarp_announcement
+
+    dev = NetDevice()
+    seen: list[bytes] = []
+    dev.port.add_handler(lambda port, frames: seen.extend(frames))
+    mac = bytes.fromhex("525400abcdef")
+    dev.announce(mac)
+    assert seen == [rarp_announcement(mac)]
+    frame = seen[0]
+    assert len(frame) == 60 and frame[:6] == b"\xff" * 6 and frame[6:12] == mac
+    assert frame[12:14] == b"\x80\x35"                       # ETH_P_RARP
+    assert frame[14:22] == bytes.fromhex("0001080006040003")  # ethernet/IPv4, op 3
+    assert frame[22:28] == mac and frame[32:38] == mac
+    assert frame[28:32] == frame[38:42] == bytes(4)
+    with pytest.raises(ValueError):
+        rarp_announcement(b"\x01\x02")

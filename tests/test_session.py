@@ -62,6 +62,7 @@ class EchoDevice(Device):
     num_queues = 2
     max_queue_size = 64
     supports_mtu = True
+    supports_announce = True
     CONFIG = bytes(range(1, 11))
 
     def __init__(self) -> None:
@@ -87,6 +88,9 @@ class EchoDevice(Device):
 
     def set_mtu(self, mtu: int) -> None:
         self.events.append(("mtu", mtu))
+
+    def announce(self, mac: bytes) -> None:
+        self.events.append(("announce", mac))
 
     def queue_started(self, index: int, vq: Virtqueue) -> None:
         self.events.append(("started", index))
@@ -327,6 +331,8 @@ def test_every_handler_in_one_session(rig: Rig) -> None:
     ok(R.GET_PROTOCOL_FEATURES)
     ok(R.SET_PROTOCOL_FEATURES, p.U64(rig.u64(R.GET_PROTOCOL_FEATURES)))
     ok(R.NET_SET_MTU, p.U64(1500))
+    ok(R.SEND_RARP, p.U64(int.from_bytes(bytes.fromhex("525400123456"), "little")))
+    assert ("announce", bytes.fromhex("525400123456")) in rig.device.events
     ok(R.GET_QUEUE_NUM)
     ok(R.SET_OWNER)
     ok(R.SET_FEATURES, p.U64(rig.session.offered_features()))
@@ -392,7 +398,8 @@ def test_set_features_refuses_unoffered_bits(rig: Rig, bit: int) -> None:
 
 def test_protocol_features(rig: Rig) -> None:
     offered = rig.u64(R.GET_PROTOCOL_FEATURES)
-    assert offered == int(SUPPORTED_PROTOCOL_FEATURES | PF.NET_MTU)  # the echo device has an MTU
+    # the echo device has an MTU and announces itself
+    assert offered == int(SUPPORTED_PROTOCOL_FEATURES | PF.NET_MTU | PF.RARP)
     for need in (PF.MQ, PF.REPLY_ACK, PF.CONFIG):
         assert offered & need
     # XEN_MMAP is not modelled by the codec and must never be offered.
@@ -517,6 +524,7 @@ UNSUPPORTED = [r for r in p.Request if r not in HANDLERS]
 
 def test_unsupported_list_is_not_empty() -> None:
     assert R.SET_LOG_FD in UNSUPPORTED and R.SET_VRING_ENDIAN in UNSUPPORTED
+    assert R.SEND_RARP not in UNSUPPORTED
     assert R.SET_BACKEND_REQ_FD in UNSUPPORTED  # nothing in SUPPORTED_PROTOCOL_FEATURES needs it
 
 

@@ -185,6 +185,15 @@ class Device:
         """The front-end tells the device the MTU the driver was given (virtio-net)."""
         raise UnsupportedError(f"{self.name} has no MTU")
 
+    #: True when `announce` is implemented (vhost-user then offers the RARP protocol
+    #: feature: SEND_RARP after a migration).
+    supports_announce = False
+
+    def announce(self, mac: bytes) -> None:
+        """The guest with `mac` moved here (live migration) and cannot announce itself
+        (no VIRTIO_NET_F_GUEST_ANNOUNCE): tell the network on its behalf (virtio-net)."""
+        raise UnsupportedError(f"{self.name} cannot announce a MAC address")
+
 
 def batches(vq: Virtqueue, size: int = BATCH) -> Iterator[list[DescriptorChain]]:
     """Yield the ring's available chains, `size` at a time, with kicks suppressed meanwhile.

@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from vhostpy import _accel
 from vhostpy.device import BATCH, VIRTIO_ID_NET, Device, batches
 from vhostpy.errors import ConfigurationError, FrontendError
-from vhostpy.packets import complete_checksum, frame_bytes, parse_mac, swap_macs, to_scapy
+from vhostpy.packets import (
+    complete_checksum,
+    format_mac,
+    frame_bytes,
+    parse_mac,
+    rarp_announcement,
+    swap_macs,
+    to_scapy,
+)
 from vhostpy.virtqueue import VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, DescriptorChain, Virtqueue
 
 if TYPE_CHECKING:
@@ -512,6 +520,7 @@ class NetDevice(Device):
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
     supports_mtu = True
+    supports_announce = True
     #: QEMU's virtio-net builds its own config space: offering CONFIG only makes it warn.
     config_via_frontend = False
 
@@ -592,6 +601,15 @@ class NetDevice(Device):
             raise FrontendError(f"MTU {mtu} is outside 68..{MAX_FRAME - ETH_OVERHEAD}")
         self._publish(mtu=mtu)
         log.info("%s: MTU %d", self.port.name, mtu)
+
+    def announce(self, mac: bytes) -> None:
+        """SEND_RARP (a migrated guest without GUEST_ANNOUNCE): a broadcast RARP from `mac`
+        goes to the port's consumers as if the guest had sent it, so a switch, a tap's
+        bridge or a capture learns the guest is behind this port now."""
+        frame = rarp_announcement(mac)
+        log.info("%s: announcing %s after a migration (RARP)", self.port.name,
+                 format_mac(mac))
+        self.port.deliver([frame])
 
     def reset(self) -> None:
         super().reset()

@@ -42,6 +42,7 @@ __all__ = [
     "ones_complement_sum",
     "parse_mac",
     "prepare_partial_checksum",
+    "rarp_announcement",
     "swap_macs",
     "to_scapy",
     "verify_l4_checksums",
@@ -58,6 +59,7 @@ ETH_P_ARP = 0x0806
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
 ETH_P_IPV6 = 0x86DD
+ETH_P_RARP = 0x8035
 BROADCAST_MAC = b"\xff" * ETH_ALEN
 
 # IP protocol numbers (IANA).
@@ -269,6 +271,18 @@ def format_mac(mac: Buffer) -> str:
     if len(mac) != ETH_ALEN:
         raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
     return bytes(mac).hex(":")
+
+
+def rarp_announcement(mac: Buffer) -> bytes:
+    """The broadcast RARP "request reverse" (RFC 903) a host sends after it moved, so
+    that switches learn where `mac` is now (what QEMU's announce-self sends): sender and
+    target hardware address `mac`, protocol addresses zero, padded to ETH_ZLEN."""
+    mac = bytes(mac)
+    if len(mac) != ETH_ALEN:
+        raise ValueError(f"a MAC address is {ETH_ALEN} bytes, not {len(mac)}")
+    arp = struct.pack("!HHBBH", 1, ETH_P_IP, ETH_ALEN, 4, 3) + mac + bytes(4) + mac + bytes(4)
+    frame = b"\xff" * ETH_ALEN + mac + struct.pack("!H", ETH_P_RARP) + arp
+    return frame.ljust(ETH_ZLEN, b"\0")
 
 
 def is_multicast(mac: Buffer) -> bool:

@@ -141,6 +141,8 @@ class Session:
         offered = SUPPORTED_PROTOCOL_FEATURES
         if self.device.supports_mtu:
             offered |= PF.NET_MTU
+        if self.device.supports_announce:
+            offered |= PF.RARP
         if not self.device.config_via_frontend or not self.device.config():
             offered &= ~PF.CONFIG   # nothing the front-end reads (virtio-net, virtio-rng)
         return offered
@@ -587,6 +589,12 @@ class Session:
             raise FrontendError("NET_SET_MTU without the NET_MTU protocol feature")
         call_hook(self.device, "set_mtu", self.device.set_mtu, _payload(msg, p.U64).value)
 
+    def _on_send_rarp(self, msg: p.Message) -> None:
+        if PF.RARP not in self.protocol_features:
+            raise FrontendError("SEND_RARP without the RARP protocol feature")
+        mac = _payload(msg, p.U64).value.to_bytes(8, "little")[:6]
+        call_hook(self.device, "announce", self.device.announce, mac)
+
     def _on_get_config(self, msg: p.Message) -> p.Payload:
         cfg = _payload(msg, p.ConfigSpace)
         end = cfg.offset + cfg.size
@@ -626,6 +634,7 @@ class Session:
         Request.GET_QUEUE_NUM: _on_get_queue_num,
         Request.SET_VRING_ENABLE: _on_set_vring_enable,
         Request.NET_SET_MTU: _on_net_set_mtu,
+        Request.SEND_RARP: _on_send_rarp,
         Request.GET_CONFIG: _on_get_config,
         Request.SET_CONFIG: _on_set_config,
         Request.RESET_DEVICE: _on_reset,
