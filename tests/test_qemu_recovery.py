@@ -6,7 +6,13 @@ each on a chardev with ``reconnect=1``:
 * vdb: ``vhostpy blk --store slow_file_store:from_env``: an async store over an image that
   completes requests out of order, which only the inflight region recovers;
 * vdc: qemu-storage-daemon exporting an image the same way, killed and restarted the same
-  way, for comparison: what happens to it is printed (``-s`` shows it), not asserted.
+  way, for comparison: what happens to it is printed (``-s`` shows it), not asserted;
+* vdd: ``vhostpy blk --image`` with ext4 (made on the host) that the guest keeps writing
+  and fsyncing files on; after the run it unmounts it, and the host checks the image with
+  ``e2fsck -fn`` and every file (read with debugfs) against the guest's MD5s;
+* eth0: ``vhostpy net`` (its responder answers ping), also killed and restarted: the guest
+  pings through the restarts without doing anything about them (a few pings may be lost),
+  and a last round of pings after them must all come back.
 
 The guest runs `rwverify` (tests/guestprogs/rwverify.c, built static here) on each disk: 8
 processes writing and reading back 4 KiB blocks with O_DIRECT for 30 s, then checking every
@@ -18,6 +24,7 @@ back-end served again requests its predecessor had taken and not completed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -26,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from netguest import RESPONDER_IP, configure, ping_stats
 from qemu_guest import require_qemu, start_guest
 from tools import require_tool
 
@@ -40,17 +48,39 @@ SECONDS = 30
 WORKERS = 8
 KILL_AT = (9.0, 19.0)    # seconds into the run
 RECONNECT = {"reconnect": 1}
+MAX_FILES = 150
+PINGS = 60                 # at 2/s: through both restarts
+MAX_LOST = 12
 
-GUEST_SCRIPT = r"""
-for d in vda vdb vdc; do [ -b /dev/$d ] || echo "missing /dev/$d"; done
+GUEST_SCRIPT = configure() + r"""
+for d in vda vdb vdc vdd; do [ -b /dev/$d ] || echo "missing /dev/$d"; done
+mkdir -p /mnt && mount -t ext4 /dev/vdd /mnt || echo "ext4-mount-failed"
+ping -c 1 -W 5 {responder} > /dev/null
 /rwverify /dev/vda {blocks} {seconds} {workers} file > /tmp/vda.out 2>&1 &
 a=$!
 /rwverify /dev/vdb {blocks} {seconds} {workers} async > /tmp/vdb.out 2>&1 &
 b=$!
 /rwverify /dev/vdc {blocks} {seconds} {workers} qsd > /tmp/vdc.out 2>&1 &
+(
+  read up rest < /proc/uptime; end=$(( ${{up%.*}} + {seconds} )); i=0
+  while [ $i -lt {max_files} ]; do
+    read up rest < /proc/uptime; [ ${{up%.*}} -lt $end ] || break
+    i=$((i + 1))
+    dd if=/dev/urandom of=/mnt/f$i bs=1k count=$(( i % 48 + 1 )) conv=fsync 2>/dev/null       || echo "ext4-write-error=$i"
+  done
+  sync; (cd /mnt && md5sum f*) > /tmp/ext4.md5; umount /mnt && echo "ext4-umount=ok"
+  echo "ext4-files=$i"
+) > /tmp/ext4.out 2>&1 &
+e=$!
+ping -i 0.5 -c {pings} {responder} > /tmp/ping1.out 2>&1 &
+p=$!
 echo "rwverify-started"
 wait $a; echo "vda-rc=$?"
 wait $b; echo "vdb-rc=$?"
+wait $e; wait $p
+ping -i 0.2 -c 10 {responder} > /tmp/ping2.out 2>&1
+cat /tmp/ext4.out; sed 's/^/md5 /' /tmp/ext4.md5
+tail -n 2 /tmp/ping1.out; tail -n 2 /tmp/ping2.out
 # qemu-storage-daemon's disk: reported, never waited for past a deadline
 n=0; while [ ! -s /tmp/vdc.done ] && [ $n -lt 40 ]; do
   grep -q "^rwverify qsd" /tmp/vdc.out && echo 1 > /tmp/vdc.done; sleep 1; n=$((n+1)); done
@@ -91,6 +121,27 @@ class Qsd:
         self.proc.wait()
 
 
+def check_ext4(image: Path, console: str, out: Path) -> int:
+    """e2fsck -fn is clean and every file the guest listed matches its MD5; returns the
+    number of files."""
+    e2fsck = require_tool("e2fsck", "apt e2fsprogs")
+    debugfs = require_tool("debugfs", "apt e2fsprogs")
+    fsck = subprocess.run([e2fsck, "-fn", str(image)], check=False, capture_output=True,
+                          text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    sums = {name: digest for digest, name in
+            re.findall(r"^md5 ([0-9a-f]{32})  (f\d+)$", console, re.MULTILINE)}
+    assert sums, console
+    out.mkdir()
+    commands = out / "dump.cmds"
+    commands.write_text("".join(f"dump /{name} {out / name}\n" for name in sums))
+    subprocess.run([debugfs, "-f", str(commands), str(image)], check=True,
+                   capture_output=True)
+    for name, digest in sums.items():
+        assert hashlib.md5((out / name).read_bytes()).hexdigest() == digest, name
+    return len(sums)
+
+
 def marker(image: Path) -> bytes:
     with open(image, "rb") as f:
         return f.read(64).rstrip(b"\0")
@@ -99,25 +150,31 @@ def marker(image: Path) -> bytes:
 def test_blk_backends_killed_and_restarted_under_io(tmp_path: Path) -> None:
     require_qemu()
     exe = build_rwverify(tmp_path)
-    images = {name: tmp_path / f"{name}.img" for name in ("file", "async", "qsd")}
+    images = {name: tmp_path / f"{name}.img" for name in ("file", "async", "qsd", "ext4")}
     for image in images.values():
         with open(image, "wb") as f:
-            f.truncate(IMAGE_SIZE)
-    socks = {name: tmp_path / f"{name}.sock" for name in images}
+            f.truncate(IMAGE_SIZE if image != images["ext4"] else 64 * MiB)
+    subprocess.run([require_tool("mkfs.ext4", "apt e2fsprogs"), "-q", "-F",
+                    str(images["ext4"])], check=True)
+    socks = {name: tmp_path / f"{name}.sock" for name in (*images, "net")}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path]),
            "VHOSTPY_TEST_STORE_IMAGE": str(images["async"])}
 
     def start(name: str, generation: int) -> BackendProcess:
-        args = ["-v", "--image", str(images["file"])] if name == "file" else \
-            ["-v", "--store", "slow_file_store:from_env"]
-        return BackendProcess("blk", args, [str(socks[name])],
-                              tmp_path / f"{name}-{generation}.log", env=env)
+        log = tmp_path / f"{name}-{generation}.log"
+        if name == "net":
+            return BackendProcess("net", ["-v"], [str(socks[name])], log, env=env)
+        args = ["-v", "--store", "slow_file_store:from_env"] if name == "async" else \
+            ["-v", "--image", str(images[name])]
+        return BackendProcess("blk", args, [str(socks[name])], log, env=env)
 
-    backends = {name: start(name, 0) for name in ("file", "async")}
+    backends = {name: start(name, 0) for name in ("file", "async", "ext4", "net")}
     qsd = Qsd(images["qsd"], socks["qsd"], tmp_path / "qsd.log")
     devices = [VhostUserDevice(str(socks[name]), "blk", chardev_properties=RECONNECT)
-               for name in ("file", "async", "qsd")]
-    script = GUEST_SCRIPT.format(blocks=BLOCKS, seconds=SECONDS, workers=WORKERS)
+               for name in ("file", "async", "qsd", "ext4")]
+    devices.append(VhostUserDevice(str(socks["net"]), "net", chardev_properties=RECONNECT))
+    script = GUEST_SCRIPT.format(blocks=BLOCKS, seconds=SECONDS, workers=WORKERS,
+                                 responder=RESPONDER_IP, max_files=MAX_FILES, pings=PINGS)
     try:
         with start_guest(script, devices=devices, files={"rwverify": exe.read_bytes()},
                          timeout=300) as guest:
@@ -154,4 +211,16 @@ def test_blk_backends_killed_and_restarted_under_io(tmp_path: Path) -> None:
                       for n in re.findall(r"serving again (\d+) requests", log))
     assert resubmitted > 0, restarted
     print(f"vdb: {resubmitted} requests served again after the two restarts")
+    # ext4 on vdd: written and fsynced through both restarts, clean and byte-exact.
+    assert values.get("ext4-umount") == "ok" and "ext4-write-error" not in console, console
+    files = check_ext4(images["ext4"], console, tmp_path / "ext4-files")
+    assert files >= 20, files
+    print(f"vdd: {files} files on ext4, e2fsck -fn clean, every file byte-exact")
+    # eth0: the link came back by itself after each restart; nothing lost at the end.
+    stats = ping_stats(console)
+    assert len(stats) == 2, console
+    (sent1, got1), (sent2, got2) = stats
+    assert sent1 == PINGS and sent1 - got1 <= MAX_LOST, stats
+    assert (sent2, got2) == (10, 10), stats
+    print(f"eth0: {sent1 - got1} of {sent1} pings lost across the restarts, none after")
     print(f"qemu-storage-daemon: finished={values.get('qsd-finished')}")
