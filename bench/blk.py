@@ -100,9 +100,10 @@ JOB_KEYS = tuple(j.key for j in JOBS)
 #: Back-ends: vhostpy's compiled image path, qemu-storage-daemon, QEMU's own virtio-blk; the
 #: Python store path (a MemoryStore, and an async store over the same bytes); and an NBD
 #: export of the image by qemu-nbd, reached by vhostpy --nbd and by qemu-storage-daemon's NBD
-#: client. The default runs the first three.
+#: client; and the cost of the migration dirty log (the same device without and with a
+#: log, bench/vhostpy_dirtylog.py). The default runs the first three.
 BACKENDS = ("vhostpy", "qemu-storage-daemon", "qemu-builtin", "vhostpy-memory",
-            "vhostpy-async", "vhostpy-nbd", "qsd-nbd")
+            "vhostpy-async", "vhostpy-nbd", "qsd-nbd", "vhostpy-nolog", "vhostpy-dirty-log")
 DEFAULT_BACKENDS = BACKENDS[:3]
 QEMU_AFFINITIES = ("guest", "split", "vcpu", "none")
 #: The ``backend`` field of the null-engine reference records.
@@ -531,6 +532,13 @@ def backend_spec(name: str, image: Path, workdir: Path, cpu: int | None,
     vhostpy_blk = [*_taskset(cpu), sys.executable, "-m", "vhostpy", "blk", "--socket-path", sock]
     if name == "vhostpy":
         return Backend(name, [*vhostpy_blk, "--image", str(image)], sock)
+    if name in ("vhostpy-nolog", "vhostpy-dirty-log"):
+        # The cost of the migration dirty log: the same device with and without a log
+        # (bench/vhostpy_dirtylog.py).
+        argv = [*_taskset(cpu), sys.executable, "-m", "bench.vhostpy_dirtylog", "blk",
+                "--socket-path", sock, "--image", str(image)]
+        return Backend(name, argv + (["--dirty-log"] if name == "vhostpy-dirty-log" else []),
+                       sock)
     if name in ("vhostpy-memory", "vhostpy-async"):
         store = "memory_store" if name == "vhostpy-memory" else "async_store"
         return Backend(name, [*vhostpy_blk, "--store", f"bench.stores:{store}"], sock,

@@ -158,6 +158,18 @@ def _python_twin(key: str, text: str, module: tuple[str, ...]) -> list[Backend]:
                     quick=False, implementation="python", max_reps=PYTHON_REPS)]
 
 
+def _dirty_log_pair(size: int, *extra: str) -> list[Backend]:
+    """The cost of the migration dirty log at 64 B: one device without and with a log
+    (bench/vhostpy_dirtylog.py), not in --quick runs."""
+    if size != 64:
+        return []
+    module = ("bench.vhostpy_dirtylog", "net", *extra)
+    return [Backend("nolog", _vhostpy_label("NetDevice, no dirty log"), module=module,
+                    quick=False),
+            Backend("dirty-log", _vhostpy_label("NetDevice, dirty log on"),
+                    module=(*module, "--dirty-log"), quick=False)]
+
+
 def net_cases() -> list[Case]:
     cases: list[Case] = []
     for size in (64, 1500):
@@ -167,7 +179,8 @@ def net_cases() -> list[Case]:
                               Backend("vhostpy", _vhostpy_label("vhostpy net --no-respond"),
                                       module=("vhostpy", "net", "--no-respond")),
                               *_python_twin("vhostpy", "vhostpy net --no-respond",
-                                            ("vhostpy", "net", "--no-respond")))))
+                                            ("vhostpy", "net", "--no-respond")),
+                              *_dirty_log_pair(size))))
     for size in (64, 1500):
         cases.append(Case("net", f"b2g_{size}", f"back-end→guest, {size} B", size, "rxonly",
                           "rx_packets", (
@@ -187,6 +200,7 @@ def net_cases() -> list[Case]:
         backends.append(Backend("vhostpy", _vhostpy_label("vhostpy net --reflect"),
                                 module=("vhostpy", "net", "--reflect")))
         backends += _python_twin("vhostpy", "vhostpy net --reflect", ("vhostpy", "net", "--reflect"))
+        backends += _dirty_log_pair(size, "--reflect")
         cases.append(Case("net", f"loop_{size}", f"loop (io --tx-first), {size} B", size, "io",
                           "rx_packets", tuple(backends), tx_first=True))
     return cases
