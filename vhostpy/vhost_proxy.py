@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 PF = p.ProtocolFeature
 WANTED_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIG
 PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
+#: Bits a vhost-user back-end offers that are the protocol's, never the device's.
+VHOST_USER_BITS = PROTOCOL_FEATURES_BIT | 1 << p.VHOST_F_LOG_ALL
 
 
 class VhostUserProxy(Device):
@@ -82,8 +84,9 @@ class VhostUserProxy(Device):
 
     # -- Device interface ------------------------------------------------------------------
     def features(self) -> int:
-        """What the back-end offers, without the vhost-user-only bit."""
-        return self.backend_features & ~PROTOCOL_FEATURES_BIT
+        """What the back-end offers, without the vhost-user-only bits (the protocol
+        features bit, VHOST_F_LOG_ALL: this proxy never migrates)."""
+        return self.backend_features & ~VHOST_USER_BITS
 
     def device_features(self) -> int:
         return self.features()
