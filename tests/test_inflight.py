@@ -115,6 +115,8 @@ def test_batches_across_the_used_index_wrap() -> None:
 @pytest.mark.parametrize("damage, message", [
     (lambda v: struct.pack_into("<H", v, 8, 2), "version 2"),
     (lambda v: struct.pack_into("<H", v, 10, 16), "for 16 descriptors"),
+    # a counter no back-end reaches (the next one would not fit the 64-bit field)
+    (lambda v: struct.pack_into("<Q", v, 16 + 16 * 3 + 8, (1 << 64) - 1), "a counter of"),
 ])
 def test_regions_that_do_not_fit_are_refused(damage: object, message: str) -> None:
     q = fresh()

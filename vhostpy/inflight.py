@@ -39,13 +39,15 @@ import os
 import struct
 from collections.abc import Sequence
 
-__all__ = ["HEADER", "INFLIGHT_ALIGN", "STATE", "VERSION", "RegionError", "SplitInflight",
+__all__ = ["COUNTER_LIMIT", "HEADER", "INFLIGHT_ALIGN", "STATE", "VERSION", "RegionError", "SplitInflight",
            "create_region", "queue_offset", "queue_region_size", "region_size"]
 
 #: QueueRegionSplit without its array: features, version, desc_num, last_batch_head, used_idx.
 HEADER = struct.Struct("<QHHHH")
 #: DescStateSplit: inflight, padding, next, counter.
 STATE = struct.Struct("<B5xHQ")
+#: Counters at or above this are refused as garbage (2**63 requests are never taken).
+COUNTER_LIMIT = 1 << 63
 #: Each queue's part of the region starts on this boundary.
 INFLIGHT_ALIGN = 64
 VERSION = 1
@@ -151,8 +153,11 @@ class SplitInflight:
         if self.desc_num != self.queue_size:
             raise RegionError(f"inflight region for {self.desc_num} descriptors; the queue "
                               f"has {self.queue_size}")
-        self.counter = 1 + max((self.state(h)[2] for h in range(self.queue_size)),
-                               default=0)
+        highest = max((self.state(h)[2] for h in range(self.queue_size)), default=0)
+        if highest >= COUNTER_LIMIT:
+            raise RegionError(f"inflight region: a counter of {highest:#x}, which no "
+                              "back-end reaches (a counter is one per request taken)")
+        self.counter = 1 + highest
         return True
 
     # -- a chain's life ------------------------------------------------------------------------
