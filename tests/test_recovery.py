@@ -19,10 +19,10 @@ the extension is built; the suite also runs whole under each implementation).
   tracking off); a killed session's request served again after SET_INFLIGHT_FD by the
   ring's own kick, once.
 
-Two bugs are shown by strict xfails: a fresh region attached to a ring whose used idx is
-not 0 keeps used_idx 0, so a back-end killed before its first completion is recovered
-wrongly; and a `CffiVirtqueue` collected in a reference cycle with its region still
-attached crashes the interpreter (run in a subprocess).
+Also: a fresh region attached to a ring whose used idx is not 0 (after a migration) starts
+at that idx, so a back-end killed before its first completion is recovered exactly; a
+`CffiVirtqueue` collected in a reference cycle with its region still attached is collected
+safely (run in a subprocess).
 """
 
 from __future__ import annotations
@@ -254,11 +254,10 @@ def random_life(cls: type[Virtqueue], seed: int, steps: int = 300, base: int = 0
     vq = g.backend(cls)
     assert vq.attach_inflight(g.view) == []
     model = RegionModel(size, base)
-    # The spec leaves a fresh region's used_idx to the back-end: 0 (as the front-end zeroed
-    # it; what vhostpy keeps today) or the ring's idx (what a restart needs, see the xfail
-    # test_a_fresh_region_on_a_used_ring_...); from the first completion on it is the ring's.
+    # A fresh region starts at the ring's used idx (what a restart before the first
+    # completion needs: test_a_fresh_region_on_a_used_ring_...).
     model.used_idx = header_of(g.region)[4]
-    assert model.used_idx in (0, base)
+    assert model.used_idx == base
     avail: deque[int] = deque()        # published by the driver, not taken
     resubmit: list[int] = []           # to be served again, oldest first
     taken: dict[int, DescriptorChain] = {}
@@ -329,7 +328,7 @@ def random_life(cls: type[Virtqueue], seed: int, steps: int = 300, base: int = 0
             model.completed(batch)
             assert g.collect() == batch
             check("complete")
-        elif model.used_idx == model.ring_used:         # a restart (see the xfail below)
+        elif model.used_idx == model.ring_used:         # a restart
             last_avail = vq.last_avail_idx
             vq = g.backend(cls)
             heads = vq.attach_inflight(g.view)
@@ -536,10 +535,6 @@ def test_killed_again_while_serving_resubmitted_chains(cls: type[Virtqueue]) -> 
     g.each_once()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Virtqueue.attach_inflight leaves a fresh region's used_idx at 0 instead of the used "
-    "ring's idx: a back-end killed before its first completion on a ring that does not "
-    "start at 0 (after a migration) is then recovered wrongly"))
 @pytest.mark.parametrize("cls", VARIANTS, ids=ids)
 @pytest.mark.parametrize("base", [5, 0xFFF0])
 def test_a_fresh_region_on_a_used_ring_recovers_a_kill_before_any_completion(
@@ -690,11 +685,6 @@ def test_a_region_too_small_or_an_unconfigured_ring_is_refused(cls: type[Virtque
 
 
 @needs_cffi
-@pytest.mark.xfail(strict=True, reason=(
-    "CffiVirtqueue._native_inflight pins split.view, a memoryview, with ffi.from_buffer: "
-    "when the ring is garbage in a cycle (vq.runner <-> Vring.vq) with its region attached, "
-    "the collector may clear that memoryview before the pin is released, and CPython then "
-    "segfaults (the hazard GuestMemory.native_table avoids by pinning the owning object)"))
 def test_a_garbage_ring_with_an_inflight_region_is_collected_safely() -> None:
     result = collect_garbage_ring("inflight")
     assert result.returncode == 0, result.stderr[-2000:]

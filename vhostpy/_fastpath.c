@@ -269,6 +269,7 @@ void vp_log_mark(struct vp_vq *q, uint64_t gpa, uint64_t len) {
     }
     for (uint64_t pg = first; pg <= last; pg++)
         __atomic_fetch_or(q->log + (pg >> 3), (uint8_t)(1u << (pg & 7)), __ATOMIC_RELAXED);
+    q->log_marked += last - first + 1;
 }
 
 void vp_unpop(struct vp_vq *q, uint32_t head, uint32_t resubmitted) {

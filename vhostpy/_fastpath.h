@@ -60,6 +60,7 @@ struct vp_vq {
     uint64_t log_used_gpa;
     uint32_t log_used;
     uint64_t log_outside;        /* marks that reached past the log's end */
+    uint64_t log_marked;         /* pages marked (a page marked twice counts twice) */
 };
 
 /* A buffer of a popped chain (guest-physical address, length, device-writable?). */

@@ -406,21 +406,14 @@ class GuestMemory:
         pins: list[Any] = []
         for k, slot in enumerate(self._slots):
             r = slot.region
-            # Pin the object that owns the bytes (an mmap, a bytearray), not the region's
-            # memoryview: the garbage collector may clear a memoryview in a reference cycle
-            # before the pin on it is released, and CPython then crashes releasing the pin.
-            # Neither an mmap nor a bytearray takes part in cycles.
-            owner = slot.root.obj
-            pin = ffi.from_buffer("uint8_t[]", owner, require_writable=True)
-            with ffi.from_buffer("uint8_t[]", r.mapping) as view:
-                delta = int(ffi.cast("uintptr_t", view)) - int(ffi.cast("uintptr_t", pin))
-            if not 0 <= delta <= len(pin) - r.size:
-                raise AssertionError(f"region gpa={r.guest_phys_addr:#x} lies outside "
-                                     "the object it was mapped from")
+            try:
+                pin, host = pin_view(r.mapping, slot.root.obj)
+            except ValueError as exc:
+                raise AssertionError(f"region gpa={r.guest_phys_addr:#x}: {exc}") from exc
             pins.append(pin)
             regions[k].gpa = r.guest_phys_addr
             regions[k].size = r.size
-            regions[k].host = pin + delta
+            regions[k].host = host
         table = ffi.new("struct vp_mem *")
         table.n = len(self._slots)
         table.r = regions
@@ -594,3 +587,27 @@ class GuestMemory:
     def __repr__(self) -> str:
         parts = ", ".join(f"{r.guest_phys_addr:#x}+{r.size:#x}" for r in self.regions)
         return f"<GuestMemory [{parts}]>"
+
+
+def pin_view(view: memoryview, owner: Any = None) -> tuple[Any, Any]:
+    """For C code: `(pin, pointer)`, a cffi pin on the object that owns `view`'s bytes
+    (`owner`, by default `view.obj`: an mmap, a bytearray) and a `uint8_t *` to the view's
+    first byte inside it. C may use the pointer while `pin` is alive.
+
+    The owner is pinned, never a memoryview: the garbage collector may clear a memoryview
+    in a reference cycle before the pin on it is released, and CPython then crashes
+    releasing the pin; neither an mmap nor a bytearray takes part in cycles. ValueError when
+    the view is read-only or does not lie inside `owner`."""
+    ffi = _accel.ffi
+    if ffi is None:
+        raise RuntimeError("the compiled fast path is not in use")
+    owner = view.obj if owner is None else owner
+    try:
+        pin = ffi.from_buffer("uint8_t[]", owner, require_writable=True)
+        with ffi.from_buffer("uint8_t[]", view, require_writable=True) as probe:
+            delta = int(ffi.cast("uintptr_t", probe)) - int(ffi.cast("uintptr_t", pin))
+    except TypeError as exc:
+        raise ValueError(f"cannot pin a buffer for C: {exc}") from exc
+    if not 0 <= delta <= len(pin) - view.nbytes:
+        raise ValueError("the view lies outside the object it was taken from")
+    return pin, pin + delta

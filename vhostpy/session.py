@@ -163,7 +163,8 @@ class Session:
             "inflight_region": self._inflight_map is not None,
             "dirty_log": None if self._log is None else {
                 "logging": self._logging(), "bytes": len(self._log.view),
-                "pages_marked": self._log.pages_marked},
+                "pages_marked": self._log.pages_marked
+                + sum(ring.vq.pages_logged for ring in self.rings)},
             "rings": [ring.status() for ring in self.rings],
         }
 

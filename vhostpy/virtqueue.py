@@ -551,8 +551,10 @@ class Virtqueue(abc.ABC):
                               "that is not configured")
         split = SplitInflight(view, self._size)
         heads: list[int] = []
-        if split.attach():
-            ring_used: int = _U16.unpack_from(rings[2], 2)[0]
+        ring_used: int = _U16.unpack_from(rings[2], 2)[0]
+        if not split.attach():
+            split.completed((), ring_used)      # a fresh region starts where the ring is
+        else:
             heads = split.recover(ring_used)
             self.used_idx = ring_used
             self.last_avail_idx = (ring_used + len(heads)) & 0xFFFF
@@ -594,6 +596,12 @@ class Virtqueue(abc.ABC):
     @property
     def dirty_log(self) -> DirtyLog | None:
         return self._log
+
+    @property
+    def pages_logged(self) -> int:
+        """Pages this ring marked in its log that the log itself did not count (the
+        compiled ring marks in C); `DirtyLog.pages_marked` counts the Python marks."""
+        return 0
 
     def log_used_ring(self) -> None:
         """Mark the whole used ring dirty (a ring stopping for migration: its flags and

@@ -22,7 +22,7 @@ from . import _accel
 from .dirtylog import DirtyLog
 from .errors import BackendError
 from .inflight import SplitInflight
-from .memory import GuestMemory
+from .memory import GuestMemory, pin_view
 from .virtqueue import (
     MAX_QUEUE_SIZE,
     DescriptorChain,
@@ -121,8 +121,7 @@ class CffiVirtqueue(Virtqueue):
         if split is None:
             q.inflight, self._c_inflight = ffi.NULL, None
             return
-        self._c_inflight = ffi.from_buffer("uint8_t[]", split.view, require_writable=True)
-        q.inflight = self._c_inflight
+        self._c_inflight, q.inflight = pin_view(split.view)
         q.inflight_counter = split.counter
 
     def _set_resubmit(self, heads: list[int]) -> None:
@@ -142,8 +141,8 @@ class CffiVirtqueue(Virtqueue):
         if log is None:
             q.log, q.log_len, q.log_used, self._c_log = ffi.NULL, 0, 0, None
             return
-        self._c_log = ffi.from_buffer("uint8_t[]", log.view, require_writable=True)
-        q.log, q.log_len = self._c_log, len(log.view)
+        self._c_log, q.log = pin_view(log.view)
+        q.log_len = log.view.nbytes
         q.log_used = int(used_addr is not None)
         q.log_used_gpa = used_addr or 0
 
@@ -154,6 +153,10 @@ class CffiVirtqueue(Virtqueue):
     def log_outside(self) -> int:
         """Marks C made past the log's end."""
         return int(self._q.log_outside)
+
+    @property
+    def pages_logged(self) -> int:
+        return int(self._q.log_marked)
 
     def _unpop(self, head: int, resubmitted: bool) -> None:
         lib.vp_unpop(self._q, head if head >= 0 else 0xFFFFFFFF, int(resubmitted))
