@@ -482,3 +482,33 @@ def write_results(out_dir: str | os.PathLike[str], results: Iterable[Result],
 
 def now_utc() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+
+
+def print_counters(counters: dict[str, Any]) -> None:
+    """A bench back-end's last words: ``vhostpy-bench: counters {json}`` on stderr, with the
+    implementation that ran (`vhostpy.implementation`, else "pure-python")."""
+    import vhostpy
+
+    counters.setdefault("implementation",
+                        str(getattr(vhostpy, "implementation", "pure-python")))
+    print(f"vhostpy-bench: counters {json.dumps(counters, sort_keys=True)}", file=sys.stderr,
+          flush=True)
+
+
+def serve_until_signalled(device: Any, socket_path: str) -> None:
+    """Serve `device` on `socket_path` (an `EventLoop` and a `Server`) until SIGTERM or
+    SIGINT, then close both."""
+    import signal
+
+    from vhostpy.loop import EventLoop
+    from vhostpy.server import Server
+
+    loop = EventLoop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, loop.stop)
+    server = Server(device, loop, socket_path=socket_path)
+    try:
+        loop.run()
+    finally:
+        server.close()
+        loop.close()

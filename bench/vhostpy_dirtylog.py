@@ -21,18 +21,14 @@ blk: a `BlockDevice` over the raw image (the compiled path when it is in use). n
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
-import signal
 import sys
 from typing import Any
 
-import vhostpy
+from bench.common import print_counters, serve_until_signalled
 from vhostpy.blk import BlockDevice
 from vhostpy.dirtylog import DirtyLog, log_size
-from vhostpy.loop import EventLoop
 from vhostpy.net import NetDevice
-from vhostpy.server import Server
 from vhostpy.stores import FileStore
 from vhostpy.virtqueue import Virtqueue
 
@@ -86,23 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = logging_device(NetDevice, logging)(queue_size=1024, name="port0")
         device.port.set_consumer("reflect" if args.reflect else None)
-    loop = EventLoop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, loop.stop)
-    server = Server(device, loop, socket_path=args.socket_path)
     try:
-        loop.run()
+        serve_until_signalled(device, args.socket_path)
     finally:
-        server.close()
-        loop.close()
         close = getattr(device, "close", None)
         if close is not None:
             close()
-        counters = {"dirty_log": args.dirty_log,
-                    "dirty_pages": logging.dirty_pages() if logging else 0,
-                    "implementation": str(getattr(vhostpy, "implementation", "pure-python"))}
-        print(f"vhostpy-bench: counters {json.dumps(counters, sort_keys=True)}",
-              file=sys.stderr, flush=True)
+        print_counters({"dirty_log": args.dirty_log,
+                        "dirty_pages": logging.dirty_pages() if logging else 0})
     return 0
 
 

@@ -15,14 +15,10 @@ counters, the handler's frame and batch counts, the implementation) and exit 0.
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
 
-import vhostpy
-from vhostpy.loop import EventLoop
+from bench.common import print_counters, serve_until_signalled
 from vhostpy.net import NetDevice, NetPort
-from vhostpy.server import Server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=int, default=1024)
     args = parser.parse_args(argv)
 
-    loop = EventLoop()
     device = NetDevice(queue_size=args.queue_size, name="port0")
     seen = {"frames": 0, "batches": 0}
 
@@ -41,18 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         seen["batches"] += 1
 
     device.port.add_handler(count)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, loop.stop)
-    server = Server(device, loop, socket_path=args.socket_path)
     try:
-        loop.run()
+        serve_until_signalled(device, args.socket_path)
     finally:
-        server.close()
-        loop.close()
-        counters = {"ports": [device.port.counters()], "handler": seen,
-                    "implementation": str(getattr(vhostpy, "implementation", "pure-python"))}
-        print(f"vhostpy-bench: counters {json.dumps(counters, sort_keys=True)}",
-              file=sys.stderr, flush=True)
+        print_counters({"ports": [device.port.counters()], "handler": seen})
     return 0
 
 

@@ -17,13 +17,12 @@ SIGTERM/SIGINT: stop, then print one line ``vhostpy-bench: counters {json}`` on 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import struct
 import sys
 import time
 
-import vhostpy
+from bench.common import print_counters
 from vhostpy.net import FrameBatch
 from vhostpy.netapp import NetApp
 from vhostpy.packets import internet_checksum, parse_mac
@@ -78,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         counters = app.counters()
         app.close()
         counters.update(generator={"size": args.size, "sent": sent,
-                                   "seconds": round(time.monotonic() - started, 3)},
-                        implementation=str(getattr(vhostpy, "implementation", "pure-python")))
-        print(f"vhostpy-bench: counters {json.dumps(counters, sort_keys=True)}",
-              file=sys.stderr, flush=True)
+                                   "seconds": round(time.monotonic() - started, 3)})
+        print_counters(counters)
     return 0
 
 

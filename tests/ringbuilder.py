@@ -152,7 +152,13 @@ class RingBuilder:
             bufs.append((self.alloc(n), n, VIRTQ_DESC_F_WRITE))
         if not bufs:
             raise ValueError("a chain needs at least one buffer")
-        addrs = [b[0] for b in bufs]
+        head = self.add_chain_at(bufs, indirect=indirect, publish=publish)
+        return head, [b[0] for b in bufs]
+
+    def add_chain_at(self, bufs: Sequence[tuple[int, int, int]], *, indirect: bool = False,
+                     publish: bool = True) -> int:
+        """Add a chain of the buffers given as (address, length, flags), in the descriptor
+        table or through an indirect table; returns its head."""
         if indirect:
             table = self.alloc(16 * len(bufs))
             for k, (addr, n, flags) in enumerate(bufs):
@@ -171,7 +177,7 @@ class RingBuilder:
             self._chains[head] = ids
         if publish:
             self.publish(head)
-        return head, addrs
+        return head
 
     # -------------------------------------------------------------- used ring and events
 

@@ -103,25 +103,8 @@ def bits(log: bytes | bytearray | memoryview | mmap.mmap) -> set[int]:
 def put_chain(rb: RingBuilder, buffers: Sequence[Buffer], *, indirect: bool = False) -> int:
     """Publish a chain of `buffers` at the addresses given (readable ones first), directly
     in the descriptor table or through an indirect table; returns its head."""
-    if indirect:
-        table = rb.alloc(16 * len(buffers))
-        for k, (addr, length, writable) in enumerate(buffers):
-            more = NEXT if k + 1 < len(buffers) else 0
-            rb.write_desc(k, addr, length, (WRITE if writable else 0) | more, k + 1,
-                          table=table)
-        head = rb.alloc_desc()
-        rb.write_desc(head, table, 16 * len(buffers), INDIRECT)
-        rb._chains[head] = [head]
-    else:
-        descs = [rb.alloc_desc() for _ in buffers]
-        for k, (addr, length, writable) in enumerate(buffers):
-            last = k + 1 == len(buffers)
-            rb.write_desc(descs[k], addr, length, (WRITE if writable else 0)
-                          | (0 if last else NEXT), 0 if last else descs[k + 1])
-        head = descs[0]
-        rb._chains[head] = descs
-    rb.publish(head)
-    return head
+    return rb.add_chain_at([(addr, length, WRITE if writable else 0)
+                            for addr, length, writable in buffers], indirect=indirect)
 
 
 def writable_pages(buffers: Sequence[Buffer]) -> set[int]:
