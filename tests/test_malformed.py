@@ -609,6 +609,29 @@ def _kick_nofd(h: Hostile) -> list[str]:
             "VHOST_USER_SET_VRING_CALL", "0 fds where 1 expected"]
 
 
+@case("inflight-and-dirty-log-that-do-not-fit")
+def _inflight_and_log(h: Hostile) -> list[str]:
+    """Inflight regions and dirty logs of impossible shapes: refused, nothing mapped or kept."""
+    for queues, size in ((0, 64), (99, 64), (1, 3), (1, 65536 // 2 + 1)):
+        h.send(Request.GET_INFLIGHT_FD, p.InflightInfo(0, 0, queues, size).pack())
+        h.empty(Request.GET_INFLIGHT_FD)
+    small = memfd(4096)       # far less than a region for 1 queue of 256 needs
+    try:
+        for info in (p.InflightInfo(4096, 0, 1, 256),
+                     p.InflightInfo(1 << 20, 0, 1, 256),     # more than the fd holds
+                     p.InflightInfo(1 << 20, 1 << 40, 1, 256)):
+            h.send(Request.SET_INFLIGHT_FD, info.pack(), fds=[small])
+            h.nack(Request.SET_INFLIGHT_FD)
+        for info in (p.LogInfo(0, 0), p.LogInfo(1 << 20, 0)):  # empty; beyond the fd
+            h.send(Request.SET_LOG_BASE, info.pack(), fds=[small])
+            h.nack(Request.SET_LOG_BASE)
+    finally:
+        os.close(small)
+    return ["VHOST_USER_GET_INFLIGHT_FD", "inflight region for 0 queues",
+            "inflight region for queues of 3", "VHOST_USER_SET_INFLIGHT_FD", "needs",
+            "VHOST_USER_SET_LOG_BASE", "with an empty log", "the fd holds 4096 bytes"]
+
+
 @case("kick-fd-not-pollable")
 def _kick_regular_file(h: Hostile) -> list[str]:
     fd = memfd(4096)            # epoll refuses regular files
