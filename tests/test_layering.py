@@ -56,6 +56,8 @@ ALLOWED: dict[str, set[str] | None] = {
     # (each ring keeps its inflight region and dirty log: stdlib-only bookkeeping below it)
     "virtqueue": LAYER0 | {"memory", "inflight", "dirtylog", ROOT},
     "virtqueue_cffi": LAYER0 | {"memory", "virtqueue", "inflight", "dirtylog", ROOT},
+    # the packed ring (virtio 1.1+ 2.8): the split ring's base class and helpers, below it
+    "virtqueue_packed": LAYER0 | {"memory", "virtqueue", "inflight", "dirtylog", ROOT},
     # layer 2: the device interface
     "device": LAYER1 | {ROOT},
     # layer 2½: the runner of every served ring, shared by every transport

@@ -263,7 +263,11 @@ def check_fence_support(machine: str | None = None) -> None:
 
 
 class Virtqueue(abc.ABC):
-    """The device side of one split virtqueue: configuration, state and failure.
+    """The device side of one virtqueue: configuration, state and failure.
+
+    The layout is the split ring's unless a subclass overrides the layout hooks
+    (`RING_PARTS`, `part_lengths`, `_size_problem`, `set_base`/`base`; the packed ring,
+    `virtqueue_packed.PackedVirtqueue`, does).
 
     Configuration order (any order works; checks run when enough is known): `set_size`,
     `set_base`, `set_addresses`. Processing: `pop()` / `pop_many()`, then `add_used()` /
@@ -312,6 +316,21 @@ class Virtqueue(abc.ABC):
         self._used: memoryview | None = None
 
 
+    #: The three parts SET_VRING_ADDR places, in its order (desc, avail, used): the name
+    #: each has in messages and the alignment it needs (split: virtio 1.x 2.7).
+    RING_PARTS: tuple[tuple[str, int], tuple[str, int], tuple[str, int]] = (
+        ("descriptor table", DESC_ALIGN), ("avail ring", AVAIL_ALIGN), ("used ring", USED_ALIGN))
+
+    def part_lengths(self, size: int) -> tuple[int, int, int]:
+        """Bytes of the three parts (`RING_PARTS`' order) of a ring of `size` descriptors."""
+        return desc_table_size(size), avail_ring_size(size), used_ring_size(size)
+
+    def _size_problem(self, size: int) -> str | None:
+        """Why `size` cannot be this ring's size (split: a power of two), or None."""
+        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+            return f"size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}"
+        return None
+
     @property
     def size(self) -> int:
         """Number of descriptors; 0 means not configured."""
@@ -330,11 +349,10 @@ class Virtqueue(abc.ABC):
         return self._used_addr
 
     def set_size(self, size: int) -> None:
-        """Set the ring size (SET_VRING_NUM): a power of two in 1..MAX_QUEUE_SIZE."""
-        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
-            raise RingError(
-                f"virtqueue {self.index}: size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}"
-            )
+        """Set the ring size (SET_VRING_NUM): a power of two in 1..MAX_QUEUE_SIZE (split)."""
+        problem = self._size_problem(size)
+        if problem is not None:
+            raise RingError(f"virtqueue {self.index}: {problem}")
         self._size = size
         self._drop_views()
         if self._addresses_set:
@@ -343,14 +361,11 @@ class Virtqueue(abc.ABC):
     def set_addresses(self, desc: int, avail: int, used: int) -> None:
         """Set the guest-physical addresses of the three ring parts (SET_VRING_ADDR).
 
-        Each part must be aligned (16/2/4) and, once the size is known, lie wholly inside one
-        mapped region (as QEMU's vhost requires too), else RingError naming the values.
+        Each part must be aligned (`RING_PARTS`; split: 16/2/4) and, once the size is known,
+        lie wholly inside one mapped region (as QEMU's vhost requires too), else RingError
+        naming the values.
         """
-        for name, addr, align in (
-            ("descriptor table", desc, DESC_ALIGN),
-            ("avail ring", avail, AVAIL_ALIGN),
-            ("used ring", used, USED_ALIGN),
-        ):
+        for (name, align), addr in zip(self.RING_PARTS, (desc, avail, used), strict=True):
             if addr < 0 or addr >= ADDRESS_LIMIT or addr % align:
                 raise RingError(
                     f"virtqueue {self.index}: {name} address {addr:#x} is not a "
@@ -364,10 +379,8 @@ class Virtqueue(abc.ABC):
 
     def _check_mapped(self, desc: int, avail: int, used: int) -> None:
         size = self._size
-        for name, addr, length in (
-            ("descriptor table", desc, desc_table_size(size)),
-            ("avail ring", avail, avail_ring_size(size)),
-            ("used ring", used, used_ring_size(size)),
+        for (name, _align), addr, length in zip(
+            self.RING_PARTS, (desc, avail, used), self.part_lengths(size), strict=True
         ):
             try:
                 self.memory.view(addr, length)
@@ -383,11 +396,20 @@ class Virtqueue(abc.ABC):
             raise RingError(f"virtqueue {self.index}: base {idx} is not a 16-bit index")
         self.last_avail_idx = idx
         self.used_idx = idx
+        self._restart()
+
+    def _restart(self) -> None:
+        """Forget what the indices' previous owner left: SET_VRING_BASE's second half."""
         self._unsignalled = 0
         self._signal_valid = False
         self._notify = True
         self._taken.clear()
         self._set_resubmit([])
+
+    @property
+    def base(self) -> int:
+        """The ring's state as GET_VRING_BASE carries it (split: `last_avail_idx`)."""
+        return self.last_avail_idx
 
     def reset(self) -> None:
         """Forget size, addresses, indices and error (device reset, ring stop)."""
@@ -463,11 +485,11 @@ class Virtqueue(abc.ABC):
         if self._cache_gen == self.memory.generation and desc is not None:
             assert avail is not None and used is not None
             return desc, avail, used
-        size = self._size
+        desc_len, avail_len, used_len = self.part_lengths(self._size)
         try:
-            desc = self.memory.view(self._desc_addr, desc_table_size(size))
-            avail = self.memory.view(self._avail_addr, avail_ring_size(size))
-            used = self.memory.view(self._used_addr, used_ring_size(size))
+            desc = self.memory.view(self._desc_addr, desc_len)
+            avail = self.memory.view(self._avail_addr, avail_len)
+            used = self.memory.view(self._used_addr, used_len)
         except MemoryAccessError as exc:
             self.fail(f"ring no longer mapped: {exc}")
             return None
@@ -607,7 +629,7 @@ class Virtqueue(abc.ABC):
         """Mark the whole used ring dirty (a ring stopping for migration: its flags and
         avail event were written after the last completion)."""
         if self._log_used is not None and self._size:
-            self._log_mark(self._log_used, used_ring_size(self._size))
+            self._log_mark(self._log_used, self.part_lengths(self._size)[2])
 
     def _log_mark(self, gpa: int, length: int) -> None:
         if self._log is not None:
