@@ -36,9 +36,9 @@ from vhostpy.testing.qemu import VhostUserDevice
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
-SECONDS = 24
+SECONDS = 18
 MIGRATE_AFTER = 6.0        # seconds into the guest's run
-PINGS = 100                # 20 s at 5/s, the migration in the middle
+PINGS = 75                 # 15 s at 5/s, the migration in the middle
 MAX_LOST = 15
 
 GUEST_SCRIPT = configure() + r"""
