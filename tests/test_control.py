@@ -99,6 +99,11 @@ def test_a_connected_client_never_holds_up_another(tmp_path: Path, loop: EventLo
         last = socket.socket(socket.AF_UNIX)           # every place taken
         last.connect(path)
         idle.append(last)
+        # Served once, so it is surely accepted (and counted) before the extra one comes:
+        # the accept thread takes connections in its own time.
+        last.sendall(b'{"command": "ping"}\n')
+        last.settimeout(5)
+        assert json.loads(last.makefile().readline()) == {"ok": True, "result": "pong"}
         extra = socket.socket(socket.AF_UNIX)          # one more than MAX_CLIENTS
         extra.connect(path)
         extra.settimeout(5)
