@@ -753,10 +753,21 @@ class Virtqueue(abc.ABC):
         """Should the driver be interrupted for used entries added since the last decision?
         A query only; `decide_signal()` records that a decision was made."""
 
-    @abc.abstractmethod
     def decide_signal(self) -> bool:
         """Make the interrupt decision for the entries published since the last one: returns
         whether the driver wants an interrupt, and counts them as handled either way."""
+        need = self.needs_notification()
+        if need:
+            self._signals += 1
+        if self._unsignalled:
+            self._unsignalled = 0
+            self._signal_valid = True
+            self._signal_decided()
+        return need
+
+    def _signal_decided(self) -> None:
+        """A decision covered the entries published so far (the packed ring forgets how
+        far its used index moved)."""
 
     @abc.abstractmethod
     def disable_notifications(self) -> None:
@@ -996,15 +1007,6 @@ class PythonVirtqueue(Virtqueue):
         flags = _U16.unpack_from(avail, 0)[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
-
-    def decide_signal(self) -> bool:
-        need = self.needs_notification()
-        if need:
-            self._signals += 1
-        if self._unsignalled:
-            self._unsignalled = 0
-            self._signal_valid = True
-        return need
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (used->flags NO_NOTIFY, or avail_event under EVENT_IDX)."""

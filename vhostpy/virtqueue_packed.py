@@ -458,15 +458,8 @@ class PackedVirtqueue(Virtqueue):
         return packed_need_event(off_wrap, self.used_idx, self.used_wrap, self._used_advance,
                                  self._size)
 
-    def decide_signal(self) -> bool:
-        need = self.needs_notification()
-        if need:
-            self._signals += 1
-        if self._unsignalled:
-            self._unsignalled = 0
-            self._used_advance = 0
-            self._signal_valid = True
-        return need
+    def _signal_decided(self) -> None:
+        self._used_advance = 0
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (device area flags DISABLE)."""
