@@ -27,7 +27,7 @@ LAYER1 = LAYER0 | {"memory", "virtqueue"}
 LAYER2 = LAYER1 | {"device"}
 MODELS = {"blk", "net", "rng", "console"}
 #: Layer 2½: the vring runner (it builds the ring variant the visible rule picks).
-LAYER2H = LAYER2 | {"vring", "completion", "pacing", "virtqueue_cffi"}
+LAYER2H = LAYER2 | {"vring", "completion", "pacing", "virtqueue_cffi", "virtqueue_packed"}
 LAYER3 = LAYER2H | MODELS | {"packets"}
 LAYER5 = LAYER3 | {"session", "frontend", "loop"}
 #: What a device model may import: the table's "device, virtqueue, memory, errors", plus
@@ -55,13 +55,14 @@ ALLOWED: dict[str, set[str] | None] = {
     # the two ring variants are siblings: neither imports the other's module
     # (each ring keeps its inflight region and dirty log: stdlib-only bookkeeping below it)
     "virtqueue": LAYER0 | {"memory", "inflight", "dirtylog", ROOT},
-    "virtqueue_cffi": LAYER0 | {"memory", "virtqueue", "inflight", "dirtylog", ROOT},
+    "virtqueue_cffi": LAYER0 | {"memory", "virtqueue", "virtqueue_packed", "inflight", "dirtylog",
+                                ROOT},
     # the packed ring (virtio 1.1+ 2.8): the split ring's base class and helpers, below it
     "virtqueue_packed": LAYER0 | {"memory", "virtqueue", "inflight", "dirtylog", ROOT},
     # layer 2: the device interface
     "device": LAYER1 | {ROOT},
     # layer 2½: the runner of every served ring, shared by every transport
-    "vring": LAYER2 | {"virtqueue_cffi", "completion", "pacing", ROOT},
+    "vring": LAYER2 | {"virtqueue_cffi", "virtqueue_packed", "completion", "pacing", ROOT},
     # the runner's decision after a kick: polling and interrupt coalescing
     "pacing": LAYER2 | {ROOT},
     # the runner's book of chains completed later (asyncio only for its CancelledError)
@@ -309,7 +310,7 @@ def test_lower_layers_never_import_higher_ones() -> None:
         assert ALLOWED[module] <= {"errors", "_native"}  # type: ignore[operator]
     for module in ("memory", "virtqueue", "virtqueue_cffi"):
         assert ALLOWED[module] <= LAYER0 | {"memory", "virtqueue", "virtqueue_cffi", "inflight",  # type: ignore[operator]
-                                            "dirtylog", ROOT}
+                                            "virtqueue_packed", "dirtylog", ROOT}
     for module in MODELS:
         assert not ALLOWED[module] & {"protocol", "session", "server", "loop", "frontend"}  # type: ignore[operator]
     assert not ALLOWED["session"] & {"loop", "server", "frontend"}  # type: ignore[operator]

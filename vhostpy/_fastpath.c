@@ -1,5 +1,6 @@
-/* vhostpy compiled fast path: split-ring walking, used ring, notifications, and the
- * built-in virtio-net endpoints, one call per burst.
+/* vhostpy compiled fast path: split-ring walking (packed rings: _fastpath_packed.c, reached
+ * through the same entry points), used ring, notifications, and the built-in virtio-net
+ * endpoints, one call per burst.
  *
  * Every check of virtqueue.Virtqueue._walk is repeated here with the same messages, so a
  * hostile ring fails the same way under both implementations. Guest memory is reached only
@@ -15,6 +16,7 @@
 #include <unistd.h>
 #include <errno.h>
 #include "_fastpath.h"
+#include "_fastpath_packed.h"
 
 #define DESC_F_NEXT 1u
 #define DESC_F_WRITE 2u
@@ -127,6 +129,7 @@ int vp_pending(struct vp_vq *q) {
 }
 
 int vp_has_available(const struct vp_vq *q) {
+    if (q->packed) return q->resubmit_pos < q->resubmit_n || vp_packed_has_available(q);
     return q->resubmit_pos < q->resubmit_n || ld16(q->avail + 2) != (uint16_t)q->last_avail_idx;
 }
 
@@ -277,6 +280,10 @@ void vp_unpop(struct vp_vq *q, uint32_t head, uint32_t resubmitted) {
         q->resubmit_pos--;
         return;
     }
+    if (q->packed) {
+        vp_packed_unpop(q, head);
+        return;
+    }
     q->last_avail_idx = (q->last_avail_idx - 1) & 0xFFFF;
     if (q->inflight && head < q->size) inf_state(q, head)[0] = 0;
 }
@@ -304,6 +311,8 @@ int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_s
         count++;
     }
     if (count == limit) return (int)count;
+    if (q->packed) return (int)count + vp_packed_pop(q, limit - count, chains + count,
+                                                     segs + used_segs, max_segs - used_segs);
     int pending = vp_pending(q);
     if (pending <= 0) return (int)count;
     uint32_t n = count + ((uint32_t)pending < limit - count ? (uint32_t)pending : limit - count);
@@ -332,6 +341,10 @@ int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_s
 /* ---------------------------------------------------------------- used ring, notifications */
 
 void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
+    if (q->packed) {
+        vp_packed_add_used(q, items, n);
+        return;
+    }
     uint32_t mask = q->size - 1, idx = q->used_idx;
     uint8_t *inf = q->inflight;
     if (inf) {              /* the batch's list first: it says what the idx store covers */
@@ -371,6 +384,7 @@ void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
 
 int vp_needs_notification(const struct vp_vq *q) {
     if (!q->unsignalled) return 0;
+    if (q->packed) return vp_packed_needs_notification(q);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* used->idx store before the driver's field load */
     if (q->event_idx) {
         if (!q->signal_valid || q->unsignalled >= 0x10000) return 1;
@@ -386,6 +400,7 @@ int vp_signal(struct vp_vq *q, int call_fd) {
     if (q->unsignalled) {
         q->unsignalled = 0;
         q->signal_valid = 1;
+        q->used_advance = 0;
     }
     if (need) {
         q->calls++;
@@ -400,6 +415,10 @@ int vp_signal(struct vp_vq *q, int call_fd) {
 
 void vp_disable_notifications(struct vp_vq *q) {
     q->notify = 0;
+    if (q->packed) {
+        vp_packed_disable_notifications(q);
+        return;
+    }
     if (q->event_idx) {
         st16(q->used + 4 + 8 * q->size, (uint16_t)(q->last_avail_idx - 1));
     } else {
@@ -409,6 +428,7 @@ void vp_disable_notifications(struct vp_vq *q) {
 
 int vp_enable_notifications(struct vp_vq *q, int after_available) {
     q->notify = 1;
+    if (q->packed) return vp_packed_enable_notifications(q, after_available);
     uint16_t from = (uint16_t)q->last_avail_idx;
     if (after_available) from = ld16(q->avail + 2);
     if (q->event_idx) st16(q->used + 4 + 8 * q->size, from);

@@ -61,6 +61,16 @@ struct vp_vq {
     uint32_t log_used;
     uint64_t log_outside;        /* marks that reached past the log's end */
     uint64_t log_marked;         /* pages marked (a page marked twice counts twice) */
+    /* A packed ring (VIRTIO_F_RING_PACKED; _fastpath_packed.h) when `packed` is set: `desc`
+     * is then the descriptor ring, `avail` the driver event area and `used` the device
+     * event area; the indices are in [0, size), each with its wrap counter. */
+    uint32_t packed;
+    uint32_t avail_wrap;
+    uint32_t used_wrap;
+    uint32_t in_flight_slots;    /* ring slots of the buffer ids in flight */
+    uint32_t used_advance;       /* slots the used index moved since the last signal decision */
+    uint64_t desc_gpa;           /* the descriptor ring's guest address (dirty log) */
+    struct vp_pid *pid;          /* `size` records, one per buffer id */
 };
 
 /* A buffer of a popped chain (guest-physical address, length, device-writable?). */

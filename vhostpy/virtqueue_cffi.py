@@ -21,18 +21,12 @@ from typing import Any
 from . import _accel
 from .dirtylog import DirtyLog
 from .errors import BackendError
-from .inflight import SplitInflight
+from .inflight import RegionError, SplitInflight
 from .memory import GuestMemory, pin_view
-from .virtqueue import (
-    MAX_QUEUE_SIZE,
-    DescriptorChain,
-    Virtqueue,
-    avail_ring_size,
-    desc_table_size,
-    used_ring_size,
-)
+from .virtqueue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue
+from .virtqueue_packed import PackedVirtqueue
 
-__all__ = ["CffiVirtqueue"]
+__all__ = ["CffiPackedVirtqueue", "CffiVirtqueue"]
 
 ffi: Any = _accel.ffi
 lib: Any = _accel.lib
@@ -98,17 +92,22 @@ class CffiVirtqueue(Virtqueue):
             return None
         table = self.memory.native_table()
         q, size = self._q, self._size
+        self._set_c_size(size)
         q.mem = table
-        q.size = size
-        q.desc = lib.vp_mem_ptr(table, self._desc_addr, desc_table_size(size))
-        q.avail = lib.vp_mem_ptr(table, self._avail_addr, avail_ring_size(size))
-        q.used = lib.vp_mem_ptr(table, self._used_addr, used_ring_size(size))
+        desc_len, avail_len, used_len = self.part_lengths(size)
+        q.desc = lib.vp_mem_ptr(table, self._desc_addr, desc_len)
+        q.avail = lib.vp_mem_ptr(table, self._avail_addr, avail_len)
+        q.used = lib.vp_mem_ptr(table, self._used_addr, used_len)
         if ffi.NULL in (q.desc, q.avail, q.used):  # cannot happen after _rings(): be safe
             self.fail("ring not inside one region of the native table")
             return None
         self._table = table
         self._c_gen = self.memory.generation
         return q
+
+    def _set_c_size(self, size: int) -> None:
+        """C's idea of the size (the packed ring sizes its per-id records here too)."""
+        self._q.size = size
 
     def native(self) -> Any:
         """For device fast paths: the synced `struct vp_vq *`, or None if not usable."""
@@ -243,3 +242,78 @@ class CffiVirtqueue(Virtqueue):
         self._q.notify = 1
         q = self._sync()
         return q is not None and bool(lib.vp_enable_notifications(q, int(after_available)))
+
+
+class CffiPackedVirtqueue(CffiVirtqueue, PackedVirtqueue):
+    """The compiled packed ring: `PackedVirtqueue`'s contract (layout, 32-bit base, buffer
+    ids, event suppression, the same checks and messages), with its state in the C struct
+    (`packed` set) and its walks in `_fastpath_packed.c`, which the ring entry points
+    `CffiVirtqueue` calls dispatch to. So every compiled device path serves it unchanged.
+
+    Per buffer id in flight C keeps a record (`struct vp_pid`: slots, writable buffers for
+    the dirty log), sized with the ring. Inflight tracking (INFLIGHT_SHMFD) of packed rings
+    is not compiled yet: `attach_inflight` refuses a region (the ring runs untracked).
+    """
+
+    avail_wrap = _field("avail_wrap", bool)
+    used_wrap = _field("used_wrap", bool)
+    _in_flight_slots = _field("in_flight_slots")
+    _used_advance = _field("used_advance")
+
+    def __init__(self, memory: GuestMemory, index: int) -> None:
+        self._pids: Any = None
+        self._pids_n = 0
+        super().__init__(memory, index)
+        self._q.packed = 1
+
+    def _set_c_size(self, size: int) -> None:
+        q = self._q
+        if size != self._pids_n:
+            lib.vp_packed_forget(q)     # frees what the old records hold, q.size still theirs
+            n = size
+            pids = lib.vp_pids_new(n)
+            if pids == ffi.NULL:
+                raise MemoryError(f"virtqueue {self.index}: no memory for {n} buffer ids")
+            self._pids = ffi.gc(pids, lambda p: lib.vp_pids_free(p, n))
+            self._pids_n = n
+            q.pid = self._pids
+        q.size = size
+        q.desc_gpa = self._desc_addr
+
+    def _restart(self) -> None:
+        super()._restart()
+        self._forget_ids()
+
+    def reset(self) -> None:
+        super().reset()
+        self._forget_ids()
+
+    def _forget_ids(self) -> None:
+        if self._pids is not None:
+            lib.vp_packed_forget(self._q)
+        self._q.in_flight_slots = self._q.used_advance = 0
+
+    def attach_inflight(self, view: memoryview | None) -> list[int]:
+        """Inflight tracking of compiled packed rings is a later step: RegionError for a
+        region."""
+        if view is not None:
+            raise RegionError(f"virtqueue {self.index}: packed rings: inflight tracking not "
+                              "supported yet")
+        return Virtqueue.attach_inflight(self, None)
+
+    def add_used_many(self, items: Any) -> None:
+        """As `PackedVirtqueue.add_used_many`: ValueError (nothing written) for an id not in
+        flight or given twice."""
+        if not items or self._sync() is None:
+            return
+        self._check_used(items)
+        pids, seen = self._pids, set()
+        for buf_id, _ in items:
+            if pids is None or buf_id >= self._pids_n or not pids[buf_id].slots \
+                    or buf_id in seen:
+                raise ValueError(f"virtqueue {self.index}: add_used id {buf_id} is not in flight")
+            seen.add(buf_id)
+        super().add_used_many(items)
+
+    def __repr__(self) -> str:
+        return PackedVirtqueue.__repr__(self).replace("<PackedVirtqueue", "<CffiPackedVirtqueue")

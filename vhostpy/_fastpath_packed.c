@@ -1,0 +1,426 @@
+/* vhostpy compiled fast path: the device side of a PACKED ring (VIRTIO_F_RING_PACKED,
+ * virtio 1.1+ section 2.8), the compiled sibling of virtqueue_packed.PackedVirtqueue.
+ *
+ * _fastpath.c's ring entry points (vp_pop, vp_add_used, vp_unpop, vp_has_available and the
+ * notification calls) hand a ring with `packed` set to the functions here, so every compiled
+ * device path (blk, net) serves packed rings without knowing. Every check of
+ * PackedVirtqueue._walk is repeated with the same messages: a hostile ring fails the same
+ * way under both implementations.
+ *
+ * Layout (struct vp_vq of a packed ring): `desc` is the descriptor ring of `size` 16-byte
+ * descriptors {le64 addr, le32 len, le16 id, le16 flags}, `avail` the driver event
+ * suppression area, `used` the device event suppression area, each {le16 off_wrap,
+ * le16 flags}. `last_avail_idx`/`used_idx` are in [0, size), with `avail_wrap`/`used_wrap`.
+ *
+ * Memory ordering: a descriptor's flags are what the driver writes last, so they are read
+ * first, then an acquire fence, then the rest. Used descriptors go out as a batch: every id
+ * and len, every element's flags but the first, a release fence, then the first element's
+ * flags (the driver polls that one). Stores that must precede a load of the driver's area
+ * (asking for kicks, publishing used descriptors) are followed by a full fence.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "_fastpath.h"
+#include "_fastpath_packed.h"
+
+#define PDESC_F_NEXT 1u
+#define PDESC_F_WRITE 2u
+#define PDESC_F_INDIRECT 4u
+#define PDESC_F_AVAIL (1u << 7)
+#define PDESC_F_USED (1u << 15)
+#define EVENT_ENABLE 0u
+#define EVENT_DISABLE 1u
+#define EVENT_DESC 2u
+#define PMAX_QUEUE_SIZE 32768u
+
+typedef unsigned long long ull;
+
+static inline uint16_t pld16(const uint8_t *p) {
+    return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED);
+}
+
+static inline void pst16(uint8_t *p, uint16_t v) {
+    __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELAXED);
+}
+
+static inline uint16_t desc_flags(const struct vp_vq *q, uint32_t i) {
+    return pld16(q->desc + 16 * (uint64_t)i + 14);
+}
+
+static inline int is_avail(uint16_t flags, uint32_t wrap) {
+    return !!(flags & PDESC_F_AVAIL) == !!wrap && !!(flags & PDESC_F_USED) != !!wrap;
+}
+
+/* ---------------------------------------------------------------- per-id records */
+
+struct vp_pid *vp_pids_new(uint32_t n) {
+    return calloc(n ? n : 1, sizeof(struct vp_pid));
+}
+
+static void pid_clear(struct vp_pid *p) {
+    free(p->more);
+    memset(p, 0, sizeof *p);
+}
+
+void vp_pids_free(struct vp_pid *pids, uint32_t n) {
+    if (!pids) return;
+    for (uint32_t i = 0; i < n; i++) free(pids[i].more);
+    free(pids);
+}
+
+void vp_packed_forget(struct vp_vq *q) {
+    if (q->pid)
+        for (uint32_t i = 0; i < q->size; i++) pid_clear(&q->pid[i]);
+    q->in_flight_slots = 0;
+    q->used_advance = 0;
+}
+
+/* ---------------------------------------------------------------- walking a chain */
+
+struct pwalk {
+    uint32_t nseg, nw, slots;
+    uint64_t rl, wl;
+    uint16_t id;
+    uint64_t ind_addr;       /* the indirect table, when the chain is one */
+    uint32_t ind_len;
+};
+
+static void perr(char *err, size_t el, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+#include <stdarg.h>
+static void perr(char *err, size_t el, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, el, fmt, ap);
+    va_end(ap);
+}
+
+/* Check one buffer ("where" names it) and store it; 0, -1 broken, -2 segs full. */
+static int pbuffer(struct vp_vq *q, const char *where, uint64_t addr, uint32_t len, uint16_t flags,
+                   struct vp_seg *segs, uint32_t max_segs, struct pwalk *w, char *err, size_t el) {
+    char sub[200];
+    if (len && addr > UINT64_MAX - (len - 1)) {
+        perr(err, el, "%s addr 0x%llx + len 0x%x overflows 64 bits", where, (ull)addr, len);
+        return -1;
+    }
+    if (flags & PDESC_F_WRITE) {
+        w->wl += len;
+        w->nw++;
+    } else if (w->nw) {
+        perr(err, el, "device-readable %s (addr 0x%llx len 0x%x) after a device-writable one",
+             where, (ull)addr, len);
+        return -1;
+    } else {
+        w->rl += len;
+    }
+    if (w->rl + w->wl > 0xFFFFFFFFull) {
+        perr(err, el, "chain length 0x%llx overflows 32 bits at %s", (ull)(w->rl + w->wl), where);
+        return -1;
+    }
+    if (len && vp_mem_check(q->mem, addr, len, sub, sizeof sub)) {
+        perr(err, el, "%s buffer: %s", where, sub);
+        return -1;
+    }
+    if (w->nseg >= max_segs) return -2;
+    segs[w->nseg].addr = addr;
+    segs[w->nseg].len = len;
+    segs[w->nseg].write = (flags & PDESC_F_WRITE) ? 1 : 0;
+    w->nseg++;
+    return 0;
+}
+
+/* Every entry of the indirect table at addr (NEXT means nothing there). With segs NULL only
+ * the writable buffers are marked in the dirty log (a completed chain). */
+static int pindirect(struct vp_vq *q, uint64_t addr, uint32_t len, struct vp_seg *segs,
+                     uint32_t max_segs, struct pwalk *w, char *err, size_t el) {
+    char sub[200], where[48];
+    if (len == 0 || len % 16 || len > 16 * PMAX_QUEUE_SIZE) {
+        perr(err, el, "indirect table at 0x%llx has bad length 0x%x", (ull)addr, len);
+        return -1;
+    }
+    if (addr > UINT64_MAX - (len - 1)) {
+        perr(err, el, "indirect table addr 0x%llx + len 0x%x overflows 64 bits", (ull)addr, len);
+        return -1;
+    }
+    if (vp_mem_check(q->mem, addr, len, sub, sizeof sub)) {
+        perr(err, el, "indirect table: %s", sub);
+        return -1;
+    }
+    const uint8_t *table = vp_mem_ptr(q->mem, addr, len);
+    uint8_t *copy = NULL;
+    if (!table) {        /* spans regions: walk a copy, which also pins what we walk */
+        copy = malloc(len);
+        uint64_t done = 0;
+        while (copy && done < len) {
+            uint64_t room;
+            uint8_t *p = vp_mem_span(q->mem, addr + done, &room);
+            if (!p) break;
+            uint64_t take = room < len - done ? room : len - done;
+            memcpy(copy + done, p, take);
+            done += take;
+        }
+        if (!copy || done < len) {
+            free(copy);
+            perr(err, el, "indirect table at 0x%llx: cannot copy", (ull)addr);
+            return -1;
+        }
+        table = copy;
+    }
+    int rc = 0;
+    for (uint32_t k = 0; k < len / 16; k++) {
+        uint8_t d[16];
+        memcpy(d, table + 16 * (uint64_t)k, 16);
+        uint64_t baddr; uint32_t blen; uint16_t flags;
+        memcpy(&baddr, d, 8); memcpy(&blen, d + 8, 4); memcpy(&flags, d + 14, 2);
+        if (!segs) {
+            if (flags & PDESC_F_WRITE) vp_log_mark(q, baddr, blen);
+            continue;
+        }
+        if (flags & PDESC_F_INDIRECT) {
+            perr(err, el, "nested indirect descriptor %u at addr 0x%llx", k, (ull)baddr);
+            rc = -1;
+            break;
+        }
+        snprintf(where, sizeof where, "indirect descriptor %u", k);
+        rc = pbuffer(q, where, baddr, blen, flags, segs, max_segs, w, err, el);
+        if (rc) break;
+    }
+    free(copy);
+    return rc;
+}
+
+/* Walk the chain whose first descriptor is at ring slot `start`: 0, -1 broken, -2 segs full. */
+static int pwalk_chain(struct vp_vq *q, uint32_t start, struct vp_seg *segs, uint32_t max_segs,
+                       struct pwalk *w, char *err, size_t el) {
+    uint32_t size = q->size, budget = size - q->in_flight_slots, i = start;
+    char where[48];
+    memset(w, 0, sizeof *w);
+    for (;;) {
+        if (w->slots >= budget) {
+            if (q->in_flight_slots)
+                perr(err, el, "chain longer than the %u free descriptors (%u in flight, size %u)",
+                     budget, q->in_flight_slots, size);
+            else
+                perr(err, el, "descriptor loop: chain longer than size %u", size);
+            return -1;
+        }
+        uint8_t d[16];
+        memcpy(d, q->desc + 16 * (uint64_t)i, 16);
+        uint64_t addr; uint32_t len; uint16_t id, flags;
+        memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&id, d + 12, 2); memcpy(&flags, d + 14, 2);
+        w->slots++;
+        w->id = id;
+        if (flags & PDESC_F_INDIRECT) {
+            if (flags & PDESC_F_NEXT) {
+                perr(err, el, "descriptor %u has both INDIRECT and NEXT (flags 0x%x)", i, flags);
+                return -1;
+            }
+            if (w->slots > 1) {
+                perr(err, el, "indirect descriptor %u after %u direct ones", i, w->slots - 1);
+                return -1;
+            }
+            int rc = pindirect(q, addr, len, segs, max_segs, w, err, el);
+            if (rc) return rc;
+            w->ind_addr = addr;
+            w->ind_len = len;
+            break;
+        }
+        snprintf(where, sizeof where, "descriptor %u", i);
+        int rc = pbuffer(q, where, addr, len, flags, segs, max_segs, w, err, el);
+        if (rc) return rc;
+        if (!(flags & PDESC_F_NEXT)) break;
+        i = i + 1 < size ? i + 1 : 0;
+    }
+    if (w->id >= size) {
+        perr(err, el, "buffer id %u >= size %u", w->id, size);
+        return -1;
+    }
+    if (q->pid[w->id].slots) {
+        perr(err, el, "buffer id %u reused while in flight", w->id);
+        return -1;
+    }
+    return 0;
+}
+
+/* Remember what completing id needs: its slot count and its writable buffers. */
+static int precord(struct vp_vq *q, const struct pwalk *w, const struct vp_seg *segs) {
+    struct vp_pid *p = &q->pid[w->id];
+    p->slots = w->slots;
+    p->nw = 0;
+    p->ind_addr = w->ind_addr;
+    p->ind_len = w->ind_len;
+    if (w->ind_len) return 0;           /* the table stays put until the id is used */
+    struct vp_seg *dst = p->w;
+    if (w->nw > VP_PID_INLINE) {
+        p->more = malloc(sizeof(struct vp_seg) * w->nw);
+        if (!p->more) return -1;
+        dst = p->more;
+    }
+    for (uint32_t k = 0; k < w->nseg; k++)
+        if (segs[k].write) dst[p->nw++] = segs[k];
+    return 0;
+}
+
+static inline void padvance(uint32_t size, uint32_t *idx, uint32_t *wrap, uint32_t slots) {
+    *idx += slots;
+    if (*idx >= size) {
+        *idx -= size;
+        *wrap = !*wrap;
+    }
+}
+
+/* ---------------------------------------------------------------- the ring entry points */
+
+int vp_packed_has_available(const struct vp_vq *q) {
+    return is_avail(desc_flags(q, q->last_avail_idx), q->avail_wrap);
+}
+
+int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
+                  uint32_t max_segs) {
+    uint32_t count = 0, used_segs = 0;
+    char err[256];
+    while (count < limit) {
+        uint32_t idx = q->last_avail_idx, wrap = q->avail_wrap;
+        if (!is_avail(desc_flags(q, idx), wrap)) break;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);   /* flags before the rest of the chain */
+        struct pwalk w;
+        int rc = pwalk_chain(q, idx, segs + used_segs, max_segs - used_segs, &w, err, sizeof err);
+        if (rc == -2) { q->seg_overflow = 1; break; }
+        if (rc == 0 && precord(q, &w, segs + used_segs)) {
+            snprintf(err, sizeof err, "out of memory recording buffer id %u", w.id);
+            rc = -1;
+        }
+        if (rc) {
+            snprintf(q->error, sizeof q->error, "chain at descriptor %u (wrap %u): %s", idx,
+                     wrap, err);
+            q->broken = 1;
+            break;
+        }
+        struct vp_chain *ch = &chains[count];
+        ch->head = w.id;
+        ch->first = used_segs;
+        ch->nseg = w.nseg;
+        ch->readable_len = (uint32_t)w.rl;
+        ch->writable_len = (uint32_t)w.wl;
+        ch->resubmitted = 0;
+        used_segs += w.nseg;
+        q->in_flight_slots += w.slots;
+        padvance(q->size, &q->last_avail_idx, &q->avail_wrap, w.slots);
+        count++;
+    }
+    if (count && q->event_idx && q->notify)    /* a kick when the next one becomes available */
+        pst16(q->used, (uint16_t)(q->last_avail_idx | q->avail_wrap << 15));
+    return (int)count;
+}
+
+void vp_packed_unpop(struct vp_vq *q, uint32_t id) {
+    if (id >= q->size || !q->pid[id].slots) return;
+    uint32_t slots = q->pid[id].slots;
+    pid_clear(&q->pid[id]);
+    q->in_flight_slots -= slots;
+    if (q->last_avail_idx < slots) {
+        q->last_avail_idx += q->size - slots;
+        q->avail_wrap = !q->avail_wrap;
+    } else {
+        q->last_avail_idx -= slots;
+    }
+}
+
+void vp_packed_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
+    uint32_t idx = q->used_idx, wrap = q->used_wrap, start = idx, advanced = 0, done = 0;
+    uint8_t *first = NULL;
+    uint16_t first_flags = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t id = items[2 * k], len = items[2 * k + 1];
+        if (id >= q->size || !q->pid[id].slots) continue;   /* not in flight: callers check */
+        uint8_t *e = q->desc + 16 * (uint64_t)idx;
+        uint16_t id16 = (uint16_t)id, flags = wrap ? (uint16_t)(PDESC_F_AVAIL | PDESC_F_USED) : 0;
+        memcpy(e + 8, &len, 4);
+        memcpy(e + 12, &id16, 2);
+        if (!first) {
+            first = e;
+            first_flags = flags;
+        } else {
+            pst16(e + 14, flags);
+        }
+        uint32_t slots = q->pid[id].slots;
+        advanced += slots;
+        padvance(q->size, &idx, &wrap, slots);
+        done++;
+    }
+    if (!first) return;
+    __atomic_thread_fence(__ATOMIC_RELEASE);   /* the batch before the flags the driver polls */
+    pst16(first + 14, first_flags);
+    q->used_idx = idx;
+    q->used_wrap = wrap;
+    q->unsignalled += done;
+    q->used_advance += advanced;
+    q->in_flight_slots -= advanced;
+    for (uint32_t k = 0; k < n; k++) {      /* after the writes: the log, then forget the ids */
+        uint32_t id = items[2 * k];
+        if (id >= q->size || !q->pid[id].slots) continue;
+        struct vp_pid *p = &q->pid[id];
+        if (q->log) {
+            if (p->ind_len) {
+                struct pwalk w;
+                char err[64];
+                memset(&w, 0, sizeof w);
+                pindirect(q, p->ind_addr, p->ind_len, NULL, 0, &w, err, sizeof err);
+            } else {
+                const struct vp_seg *s = p->more ? p->more : p->w;
+                for (uint32_t j = 0; j < p->nw; j++) vp_log_mark(q, s[j].addr, s[j].len);
+            }
+        }
+        pid_clear(p);
+    }
+    if (q->log && q->log_used) {
+        uint64_t end = (uint64_t)start + advanced;
+        uint64_t first_part = end < q->size ? end : q->size;
+        vp_log_mark(q, q->desc_gpa + 16 * (uint64_t)start, 16 * (first_part - start));
+        if (end > q->size) vp_log_mark(q, q->desc_gpa, 16 * (end - q->size));
+    }
+}
+
+/* Whether the used index that moved `advanced` slots, ending at (new_, new_wrap), passed
+ * the driver's off_wrap (virtqueue_packed.packed_need_event has the reasoning). */
+static int need_event(uint16_t off_wrap, uint32_t new_, uint32_t new_wrap, uint32_t advanced,
+                      uint32_t size) {
+    uint64_t lap = 2 * (uint64_t)size;
+    if (advanced >= lap) return 1;
+    uint64_t event = (off_wrap & 0x7FFFu) + ((off_wrap & 0x8000u) ? 0 : size);
+    uint64_t end = new_ + (new_wrap ? 0 : size);
+    uint64_t old = (end + lap - advanced) % lap;
+    return (event + lap - old) % lap < advanced;
+}
+
+int vp_packed_needs_notification(const struct vp_vq *q) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* used flags stored before the driver's area */
+    uint16_t flags = pld16(q->avail + 2) & 3u;
+    if (flags == EVENT_DISABLE) return 0;
+    if (flags != EVENT_DESC || !q->event_idx) return 1;
+    if (!q->signal_valid) return 1;
+    return need_event(pld16(q->avail), q->used_idx, q->used_wrap, q->used_advance, q->size);
+}
+
+void vp_packed_disable_notifications(struct vp_vq *q) {
+    pst16(q->used + 2, EVENT_DISABLE);
+}
+
+int vp_packed_enable_notifications(struct vp_vq *q, int after_available) {
+    uint32_t idx = q->last_avail_idx, wrap = q->avail_wrap;
+    if (after_available) {
+        for (uint32_t k = q->in_flight_slots; k < q->size; k++) {
+            if (!is_avail(desc_flags(q, idx), wrap)) break;
+            padvance(q->size, &idx, &wrap, 1);
+        }
+    }
+    if (q->event_idx) {
+        pst16(q->used, (uint16_t)(idx | wrap << 15));   /* before the flags that point at it */
+        pst16(q->used + 2, EVENT_DESC);
+    } else {
+        pst16(q->used + 2, EVENT_ENABLE);
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* our store before re-reading the ring */
+    return is_avail(desc_flags(q, idx), wrap);
+}
