@@ -16,7 +16,7 @@ from ringbuilder import anon_memory
 import vhostpy.virtqueue_packed as packed_mod
 from vhostpy.dirtylog import LOG_PAGE, DirtyLog
 from vhostpy.errors import RingError
-from vhostpy.inflight import RegionError
+from vhostpy.inflight import RegionError, queue_region_size
 from vhostpy.memory import ADDRESS_LIMIT, GuestMemory
 from vhostpy.virtqueue import (
     MAX_QUEUE_SIZE,
@@ -340,9 +340,13 @@ def test_split_base_is_last_avail_idx(mem: GuestMemory) -> None:
     assert q.base == 0x1234
 
 
-def test_inflight_tracking_not_yet(vq: PackedVirtqueue) -> None:
-    with pytest.raises(RegionError, match="packed rings: inflight tracking not supported yet"):
-        vq.attach_inflight(memoryview(bytearray(4096)))
+def test_inflight_region_in_the_packed_layout(vq: PackedVirtqueue) -> None:
+    """(tests/test_recovery_packed.py tests tracking and recovery in depth.)"""
+    with pytest.raises(RegionError, match="needs"):
+        vq.attach_inflight(memoryview(bytearray(queue_region_size(SIZE))))   # split-sized
+    assert not vq.inflight_tracked
+    assert vq.attach_inflight(memoryview(bytearray(queue_region_size(SIZE, packed=True)))) == []
+    assert vq.inflight_tracked
     assert vq.attach_inflight(None) == [] and not vq.inflight_tracked
 
 

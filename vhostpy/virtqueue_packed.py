@@ -26,9 +26,19 @@ driver, reading from its last used position, sees the whole batch or none of it.
 store must precede a load (asking for kicks then re-checking the ring, publishing used
 descriptors then reading the driver's event area), `full_fence()` sits between them.
 
+Inflight tracking (INFLIGHT_SHMFD): `attach_inflight(view)` takes this ring's part of the
+region in the spec's packed layout (`inflight.PackedInflight`). Every chain taken is copied
+there before `pop_many` hands it out, every batch of used descriptors is linked there
+before its first flags are stored and committed after, and a chain given back by `rewind`
+is returned there. A region left by a back-end that died is recovered at attach: the
+chains it held are served again first, rebuilt from the region's copies of their
+descriptors (the ring's own slots may hold used descriptors by now) and checked like any
+chain, and the ring resumes from the region's used position, its avail position that plus
+the ring slots those chains hold -- not from SET_VRING_BASE, which after a crash carries
+whatever QEMU last read from GET_VRING_BASE.
+
 Not here yet (later steps): the compiled variant, offering the feature to front-ends and
-wiring it into the session, and the inflight region's packed layout (`attach_inflight`
-refuses a region).
+wiring it into the session.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import struct
 from collections.abc import Sequence
 
 from .errors import MemoryAccessError, RingError
-from .inflight import RegionError
+from .inflight import Descriptor, PackedInflight, RecoveredChain, RegionError
 from .memory import ADDRESS_LIMIT, GuestMemory
 from .virtqueue import (
     DESC_SIZE,
@@ -143,8 +153,12 @@ class PackedVirtqueue(Virtqueue):
         self.used_wrap = True
         #: Per buffer id in flight: (ring slots its chain used, its writable buffers).
         self._bufs: dict[int, tuple[int, list[tuple[int, int]]]] = {}
-        self._in_flight_slots = 0  # sum of the slots of the ids in flight
+        self._in_flight_slots = 0  # sum of the slots of the ids in flight (or to resubmit)
         self._used_advance = 0  # slots the used index moved since the last signal decision
+        #: This ring's part of the inflight region (`attach_inflight`), or None.
+        self._tracker: PackedInflight | None = None
+        #: Chains a previous back-end left in flight, by buffer id, until completed here.
+        self._recovered: dict[int, RecoveredChain] = {}
 
     # ---------------------------------------------------------------- layout and state
 
@@ -187,6 +201,7 @@ class PackedVirtqueue(Virtqueue):
     def _restart(self) -> None:
         super()._restart()
         self._bufs.clear()
+        self._recovered.clear()
         self._in_flight_slots = 0
         self._used_advance = 0
 
@@ -194,15 +209,72 @@ class PackedVirtqueue(Virtqueue):
         super().reset()
         self.avail_wrap = self.used_wrap = True
         self._bufs.clear()
+        self._recovered.clear()
+        self._set_resubmit([])
         self._in_flight_slots = 0
         self._used_advance = 0
 
+    # ---------------------------------------------------------------- inflight tracking
+
     def attach_inflight(self, view: memoryview | None) -> list[int]:
-        """Inflight tracking of packed rings is a later step: RegionError for a region."""
-        if view is not None:
-            raise RegionError(f"virtqueue {self.index}: packed rings: inflight tracking not "
-                              "supported yet")
-        return super().attach_inflight(None)
+        """Track this ring's chains in `view` (its part of the INFLIGHT_SHMFD region in the
+        packed layout: `inflight.queue_view(..., packed=True)`) from now on, or stop
+        tracking (None). Returns the buffer ids to serve again, oldest first.
+
+        Call it on a configured ring when it starts (after SET_VRING_BASE), before anything
+        is popped. A fresh region (version 0) is initialised at the ring's used position
+        and nothing is recovered. A region a previous back-end left state in is repaired
+        and read (`PackedInflight.recover`): the chains it had taken and not completed are
+        served by `pop_many` before the ring's new ones, the used position becomes the
+        region's and the avail position that plus the ring slots of those chains (whatever
+        SET_VRING_BASE said). RegionError when the region does not fit this queue or holds
+        an impossible state (then nothing is tracked, nothing in the region is written and
+        the ring keeps SET_VRING_BASE's position) or the ring is not configured."""
+        self._detach_inflight()
+        self._set_resubmit([])
+        self._recovered = {}
+        if view is None:
+            return []
+        rings = self._rings()
+        if rings is None:
+            raise RegionError(f"virtqueue {self.index}: inflight region attached to a ring "
+                              "that is not configured")
+        tracker = PackedInflight(view, self._size)
+        if not tracker.attach(self.used_idx, self.used_wrap):
+            self._tracker = tracker
+            return []
+        found = tracker.recover(rings[0])
+        self.used_idx, self.used_wrap = found.used_idx, found.used_wrap
+        self.last_avail_idx, self.avail_wrap = found.avail_idx, found.avail_wrap
+        self._bufs.clear()
+        self._taken.clear()
+        self._in_flight_slots = found.slots     # the resubmitted chains' slots, reserved
+        self._used_advance = 0
+        self._recovered = {chain.buf_id: chain for chain in found.chains}
+        ids = [chain.buf_id for chain in found.chains]
+        self._tracker = tracker
+        self._set_resubmit(ids)
+        return ids
+
+    @property
+    def inflight_tracked(self) -> bool:
+        """Whether chains are tracked in an inflight region."""
+        return self._tracker is not None
+
+    @property
+    def inflight(self) -> PackedInflight | None:
+        """The region part this ring tracks its chains in (what a compiled ring mirrors)."""
+        return self._tracker
+
+    def _detach_inflight(self) -> None:
+        self._tracker = None
+        super()._detach_inflight()
+
+    def _lose_tracking(self, exc: RegionError) -> None:
+        """The region changed under the ring (only the front-end can do that): stop
+        tracking, keep serving."""
+        log.warning("virtqueue %d: inflight tracking stopped: %s", self.index, exc)
+        self._tracker = None
 
     def driver_depth(self) -> int | None:
         """None: a packed driver publishes no index the depth could be read from."""
@@ -235,77 +307,121 @@ class PackedVirtqueue(Virtqueue):
         rings = self._rings()
         if rings is None:
             return False
+        if self.resubmit_left:
+            return True
         flags: int = _U16.unpack_from(rings[0], DESC_SIZE * self.last_avail_idx + _FLAGS_AT)[0]
         return _is_avail(flags, self.avail_wrap)
 
     def available(self) -> int:
-        """How many chains the driver made available that were not popped yet (0 when the
-        ring is not ready)."""
+        """How many chains the driver made available that were not popped yet, plus the
+        chains left to resubmit (0 when the ring is not ready)."""
         rings = self._rings()
-        return 0 if rings is None else self._scan(rings[0])[2]
+        return 0 if rings is None else self._scan(rings[0])[2] + self.resubmit_left
 
     def pop_many(self, limit: int) -> list[DescriptorChain]:
-        """Up to `limit` available chains (stops early if the ring breaks)."""
+        """Up to `limit` chains: those left to resubmit first, then available ones (stops
+        early if the ring breaks). With a region attached each chain taken from the ring is
+        recorded there before it is returned."""
         rings = self._rings()
         if rings is None or limit <= 0:
             return []
         desc, _driver, device = rings
-        out: list[DescriptorChain] = []
+        out = self._pop_resubmitted(limit)
+        again = len(out)
+        if again == limit or self.error is not None:
+            self._took(out, again)
+            return out
+        tracker = self._tracker
         while len(out) < limit:
             idx, wrap = self.last_avail_idx, self.avail_wrap
             flags: int = _U16.unpack_from(desc, DESC_SIZE * idx + _FLAGS_AT)[0]
             if not _is_avail(flags, wrap):
                 break
             try:
-                chain, slots = self._walk(desc, idx)
+                chain, descs = self._walk(desc, idx)
             except _Broken as exc:
                 self.fail(f"chain at descriptor {idx} (wrap {int(wrap)}): {exc}")
                 break
+            if tracker is not None:
+                try:
+                    tracker.popped(descs)
+                except RegionError as exc:
+                    self._lose_tracking(exc)
+                    tracker = None
             out.append(chain)
+            slots = len(descs)
             self._bufs[chain.head] = (slots, chain.writable)
             self._in_flight_slots += slots
             self.last_avail_idx, self.avail_wrap = self._advance(idx, wrap, slots)
-        if out and self.event_idx and self._notify:
+        if len(out) > again and self.event_idx and self._notify:
             # Keep kicks coming: ask for one when the driver makes the next descriptor available.
             _store_u16(device, _OFF_WRAP, self.last_avail_idx | self.avail_wrap << 15)
-        self._took(out)
+        self._took(out, again)
         return out
 
-    def _walk(self, desc: memoryview, start: int) -> tuple[DescriptorChain, int]:
-        """The chain whose first descriptor is at ring slot `start`, and its slot count."""
+    def _pop_resubmitted(self, limit: int) -> list[DescriptorChain]:
+        """Up to `limit` chains of the resubmit list, rebuilt from the region's copies (their
+        ring slots were counted in flight at attach)."""
+        out: list[DescriptorChain] = []
+        while len(out) < limit and self._resubmit_pos < len(self._resubmit):
+            buf_id = self._resubmit[self._resubmit_pos]
+            recovered = self._recovered[buf_id]
+            try:
+                chain = self._build(recovered.descs, None)
+            except _Broken as exc:
+                self.fail(f"resubmitted chain of buffer id {buf_id}: {exc}")
+                break
+            self._bufs[buf_id] = (len(recovered.descs), chain.writable)
+            self._resubmit_pos += 1
+            out.append(chain)
+        return out
+
+    def _walk(self, desc: memoryview, start: int) -> tuple[DescriptorChain, list[Descriptor]]:
+        """The chain whose first descriptor is at ring slot `start`, and its ring
+        descriptors as read (addr, len, id, flags): one per slot it uses."""
         size = self._size
-        memory = self.memory
-        readable: list[tuple[int, int]] = []
-        writable: list[tuple[int, int]] = []
-        lens = [0, 0]  # readable, writable bytes
         budget = size - self._in_flight_slots  # slots the driver may have made available
+        descs: list[Descriptor] = []
         i = start
-        slots = 0
         while True:
-            if slots >= budget:
+            if len(descs) >= budget:
                 if self._in_flight_slots:
                     raise _Broken(f"chain longer than the {budget} free descriptors "
                                   f"({self._in_flight_slots} in flight, size {size})")
                 raise _Broken(f"descriptor loop: chain longer than size {size}")
-            addr, length, buf_id, flags = _PDESC.unpack_from(desc, DESC_SIZE * i)
-            slots += 1
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                if flags & VIRTQ_DESC_F_NEXT:
-                    raise _Broken(f"descriptor {i} has both INDIRECT and NEXT (flags {flags:#x})")
-                if slots > 1:
-                    raise _Broken(f"indirect descriptor {i} after {slots - 1} direct ones")
-                self._walk_indirect(addr, length, readable, writable, lens)
-                break
-            self._buffer(f"descriptor {i}", addr, length, flags, readable, writable, lens)
-            if not flags & VIRTQ_DESC_F_NEXT:
+            one: Descriptor = _PDESC.unpack_from(desc, DESC_SIZE * i)
+            descs.append(one)
+            flags = one[3]
+            if flags & VIRTQ_DESC_F_INDIRECT or not flags & VIRTQ_DESC_F_NEXT:
                 break
             i = i + 1 if i + 1 < size else 0
+        chain = self._build(descs, start)
+        buf_id = chain.head
         if buf_id >= size:
             raise _Broken(f"buffer id {buf_id} >= size {size}")
-        if buf_id in self._bufs:
+        if buf_id in self._bufs or buf_id in self._recovered:
             raise _Broken(f"buffer id {buf_id} reused while in flight")
-        chain = DescriptorChain(memory, buf_id, readable, writable, lens[0], lens[1])
-        return chain, slots
+        return chain, descs
+
+    def _build(self, descs: Sequence[Descriptor], start: int | None) -> DescriptorChain:
+        """The chain made of `descs` (ring descriptors, in order; at ring slots from
+        `start`, or None for a resubmitted chain's copies), every buffer checked."""
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        lens = [0, 0]  # readable, writable bytes
+        size = self._size
+        for k, (addr, length, _id, flags) in enumerate(descs):
+            where = (f"descriptor {(start + k) % size}" if start is not None
+                     else f"descriptor {k} of {len(descs)}")
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise _Broken(f"{where} has both INDIRECT and NEXT (flags {flags:#x})")
+                if k:
+                    raise _Broken(f"indirect {where} after {k} direct ones")
+                self._walk_indirect(addr, length, readable, writable, lens)
+                break
+            self._buffer(where, addr, length, flags, readable, writable, lens)
+        return DescriptorChain(self.memory, descs[-1][2], readable, writable, lens[0], lens[1])
 
     def _walk_indirect(self, addr: int, length: int, readable: list[tuple[int, int]],
                        writable: list[tuple[int, int]], lens: list[int]) -> None:
@@ -354,6 +470,13 @@ class PackedVirtqueue(Virtqueue):
         entry = self._bufs.pop(head, None)
         if entry is None:
             return
+        if resubmitted:
+            # Back to the resubmit list: its slots stay counted, the region is unchanged.
+            if self._resubmit_pos:
+                self._resubmit_pos -= 1
+            return
+        if self._tracker is not None:
+            self._tracker.given_back(head)
         slots = entry[0]
         self._in_flight_slots -= slots
         idx = self.last_avail_idx - slots
@@ -370,6 +493,8 @@ class PackedVirtqueue(Virtqueue):
         ValueError (a device bug; nothing written) for an id not in flight, one given twice,
         or a length beyond 32 bits. Each used descriptor goes at the used index, which then
         moves by the slots that id's chain used; the first element's flags are stored last.
+        With a region attached the batch is linked there (and the region's used position
+        moved) just before that store, and committed there after it.
         """
         if not items:
             return
@@ -399,8 +524,17 @@ class PackedVirtqueue(Virtqueue):
             slots = bufs[buf_id][0]
             advanced += slots
             idx, wrap = self._advance(idx, wrap, slots)
+        tracker = self._tracker
+        if tracker is not None:
+            ids = [buf_id for buf_id, _ in items]
+            tracker.completing(ids, idx, wrap)
         # The driver polls the first element's flags: publish the batch with that store.
         _store_u16(desc, first_at + _FLAGS_AT, first_flags)
+        if tracker is not None:
+            tracker.completed(ids)
+        if self._recovered:
+            for buf_id, _ in items:
+                self._recovered.pop(buf_id, None)
         start = self.used_idx
         self.used_idx, self.used_wrap = idx, wrap
         self._unsignalled += len(items)
