@@ -45,6 +45,7 @@ UVA = 0x7F00_0000_0000          # where the "front-end process" has guest RAM ma
 RING_SIZE = 8
 RING_STRIDE = 0x40000           # ring i and its buffers live at (i + 1) * RING_STRIDE
 PROTOCOL_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
+PACKED_BIT = 1 << 34            # VIRTIO_F_RING_PACKED: acked only by tests that build packed rings
 DEVICE_BIT = 3                  # the echo device's one device-specific feature
 EMPTY = p.Empty()
 
@@ -220,12 +221,15 @@ class Rig:
         return payload.value
 
     # -- scripted set-up -------------------------------------------------------------------
-    def negotiate(self, *, protocol: bool = True, features: int | None = None) -> None:
+    def negotiate(self, *, protocol: bool = True, features: int | None = None,
+                  packed: bool = False) -> None:
         offered = self.u64(R.GET_FEATURES)
         if protocol:
             self.must(R.SET_PROTOCOL_FEATURES, p.U64(self.u64(R.GET_PROTOCOL_FEATURES)))
         self.must(R.SET_OWNER)
         chosen = offered if features is None else features
+        if not packed:
+            chosen &= ~PACKED_BIT
         if not protocol:
             chosen &= ~PROTOCOL_BIT
         self.must(R.SET_FEATURES, p.U64(chosen))
@@ -335,7 +339,7 @@ def test_every_handler_in_one_session(rig: Rig) -> None:
     assert ("announce", bytes.fromhex("525400123456")) in rig.device.events
     ok(R.GET_QUEUE_NUM)
     ok(R.SET_OWNER)
-    ok(R.SET_FEATURES, p.U64(rig.session.offered_features()))
+    ok(R.SET_FEATURES, p.U64(rig.session.offered_features() & ~PACKED_BIT))
     ok(R.GET_MAX_MEM_SLOTS)
     ok(R.SET_MEM_TABLE, p.MemTable((rig.region(),)), (os.dup(rig.ram),))
     ok(R.REM_MEM_REG, p.MemRegionMsg(rig.region()))
@@ -374,7 +378,7 @@ def test_every_handler_in_one_session(rig: Rig) -> None:
 
 def test_get_features(rig: Rig) -> None:
     offered = rig.u64(R.GET_FEATURES)
-    assert offered == rig.device.features() | PROTOCOL_BIT | 1 << p.VHOST_F_LOG_ALL
+    assert offered == rig.device.features() | PROTOCOL_BIT | 1 << p.VHOST_F_LOG_ALL | PACKED_BIT
     assert offered >> DEVICE_BIT & 1 and offered >> VIRTIO_F_VERSION_1 & 1
 
 
@@ -904,9 +908,9 @@ def test_set_features_without_protocol_bit_makes_rings_implicitly_enabled(rig: R
     rig.start()
     rig.setup_ring(0, enable=False)
     assert rig.device.lifecycle(0) == []
-    rig.must(R.SET_FEATURES, p.U64(rig.session.offered_features() & ~PROTOCOL_BIT))
+    rig.must(R.SET_FEATURES, p.U64(rig.session.offered_features() & ~PROTOCOL_BIT & ~PACKED_BIT))
     assert rig.device.lifecycle(0) == ["started"]
-    rig.must(R.SET_FEATURES, p.U64(rig.session.offered_features()))
+    rig.must(R.SET_FEATURES, p.U64(rig.session.offered_features() & ~PACKED_BIT))
     assert rig.device.lifecycle(0) == ["started", "stopped"]
 
 
@@ -1079,7 +1083,7 @@ def test_reset(rig: Rig, req: p.Request) -> None:
     rig.session.kick(0)
     assert rig.rings[0].rb.get_used() == []
     # The device can be brought up again on the same session.
-    rig.must(R.SET_FEATURES, p.U64(rig.session.offered_features()))
+    rig.must(R.SET_FEATURES, p.U64(rig.session.offered_features() & ~PACKED_BIT))
     rig.rings[0].rb.get_used()
     ring = rig.setup_ring(1)
     assert rig.echo(1, b"again")

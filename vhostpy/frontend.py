@@ -24,6 +24,8 @@ from vhostpy.errors import FrontendError, ProtocolError
 
 Request = p.Request
 PF = p.ProtocolFeature
+#: VIRTIO_F_RING_PACKED (virtio 1.1+): acked by `negotiate` only when asked for.
+_RING_PACKED = 34
 
 
 class BackendFailure(Exception):
@@ -236,10 +238,11 @@ class Frontend:
         self.call(Request.RESET_DEVICE)
 
     def negotiate(self, want_protocol: PF | int | None = None,
-                  features_mask: int | None = None) -> tuple[int, PF]:
+                  features_mask: int | None = None, *, packed: bool = False) -> tuple[int, PF]:
         """The usual opening: SET_OWNER, features and protocol features.
 
-        Accepts every offered feature (masked by `features_mask`) and every offered
+        Accepts every offered feature (masked by `features_mask`) but VIRTIO_F_RING_PACKED
+        unless `packed` (a front-end acks only the ring layout it builds), and every offered
         protocol feature in `want_protocol` (default: all offered). Returns both sets.
         """
         self.set_owner()
@@ -250,5 +253,7 @@ class Frontend:
             protocol = offered_pf if want_protocol is None else offered_pf & PF(want_protocol)
             self.set_protocol_features(protocol)
         chosen = offered if features_mask is None else offered & features_mask
+        if not packed:
+            chosen &= ~(1 << _RING_PACKED)
         self.set_features(chosen)
         return chosen, protocol

@@ -17,6 +17,10 @@ require. On little-endian hosts the split ring and the virtio-blk request are th
 both, so for block devices the proxy negotiates VERSION_1 on the driver's behalf
 (`assume_version_1=True`); the virtio-net header differs unless MRG_RXBUF is negotiated, so
 that is left to the caller.
+
+Ring layout: the proxy forwards split rings only (the transports that drive it, the lguest
+bridge, know no other). VIRTIO_F_RING_PACKED is stripped from what the back-end offers, and
+a driver acking it is refused: the proxy would hand a packed ring to a back-end as split.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ WANTED_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIG
 PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
 #: Bits a vhost-user back-end offers that are the protocol's, never the device's.
 VHOST_USER_BITS = PROTOCOL_FEATURES_BIT | 1 << p.VHOST_F_LOG_ALL
+#: VIRTIO_F_RING_PACKED (virtio 1.1+): never forwarded (see the module docstring).
+RING_PACKED_BIT = 1 << 34
 
 
 class VhostUserProxy(Device):
@@ -85,8 +91,9 @@ class VhostUserProxy(Device):
     # -- Device interface ------------------------------------------------------------------
     def features(self) -> int:
         """What the back-end offers, without the vhost-user-only bits (the protocol
-        features bit, VHOST_F_LOG_ALL: this proxy never migrates)."""
-        return self.backend_features & ~VHOST_USER_BITS
+        features bit, VHOST_F_LOG_ALL: this proxy never migrates) and without
+        VIRTIO_F_RING_PACKED (split rings only)."""
+        return self.backend_features & ~(VHOST_USER_BITS | RING_PACKED_BIT)
 
     def device_features(self) -> int:
         return self.features()
@@ -95,6 +102,11 @@ class VhostUserProxy(Device):
         return self._config
 
     def set_features(self, features: int) -> None:
+        """Forward the driver's features (BackendError for VIRTIO_F_RING_PACKED: this
+        proxy hands split rings to its back-end only)."""
+        if features & RING_PACKED_BIT:
+            raise BackendError(f"{self.name}: VIRTIO_F_RING_PACKED acked, but this proxy "
+                               "forwards split rings only")
         super().set_features(features)
         wire = features
         if self.assume_version_1 and self.backend_features >> VIRTIO_F_VERSION_1 & 1:
