@@ -32,7 +32,10 @@ QEMU sends SET_FEATURES before it configures rings, and QEMU 7.2's vhost-user-bl
 GET_INFLIGHT_FD); a reset goes back to split. For a packed ring SET_VRING_NUM takes any size
 in 1..32768, SET_VRING_ADDR's desc/avail/used are the descriptor ring, driver area and device
 area, and SET/GET_VRING_BASE carry the 32-bit form (bits 0-14 the avail index, 15 its wrap
-counter, 16-30 the used index, 31 its wrap counter); split rings keep 16-bit bases.
+counter, 16-30 the used index, 31 its wrap counter); split rings keep 16-bit bases. The
+inflight region (GET/SET_INFLIGHT_FD) is sized and sliced for the acked layout
+(`inflight.region_size(..., packed=)`); one made for the other layout is dropped (logged)
+when SET_FEATURES changes it.
 
 Ring states follow the spec: a ring is *started* by SET_VRING_KICK and stopped by
 GET_VRING_BASE; it is *enabled* by SET_VRING_ENABLE, or implicitly when
@@ -138,6 +141,8 @@ class Session:
         #: The inflight region in force (GET/SET_INFLIGHT_FD): its fd and mapping.
         self._inflight_fd: int | None = None
         self._inflight_map: mmap.mmap | None = None
+        #: The layout the region in force was sliced with (packed or split rings).
+        self._inflight_packed = False
         #: The dirty log (SET_LOG_BASE) and its mapping; logging runs while LOG_ALL is acked.
         self._log: DirtyLog | None = None
         self._log_map: mmap.mmap | None = None
@@ -320,14 +325,21 @@ class Session:
         """Make `region` (described by `info`) the inflight region: each ring it covers
         tracks its chains there from its next start. The previous region's fd is closed;
         its mapping goes once the rings let go of it."""
+        packed = self._packed()
         for i, ring in enumerate(self.rings):
             view = None
             if region is not None and info is not None and i < info.num_queues:
-                at = info.mmap_offset + inflight.queue_offset(i, info.queue_size)
-                view = memoryview(region)[at:at + inflight.queue_region_size(info.queue_size)]
+                view = inflight.queue_view(region, i, info.queue_size, packed=packed,
+                                           offset=info.mmap_offset)
             ring.set_inflight(view)
+        self._inflight_packed = packed
         _close(self._inflight_fd)
         self._inflight_fd, self._inflight_map = fd, region
+
+    def _packed(self) -> bool:
+        """Whether the driver acked VIRTIO_F_RING_PACKED (the rings' and the inflight
+        region's layout)."""
+        return bool(self.features & PACKED_BIT)
 
     def _set_log(self, log: DirtyLog | None, region: mmap.mmap | None) -> None:
         self._log, self._log_map = log, region
@@ -377,6 +389,10 @@ class Session:
                       value & ~VHOST_BITS)
         self.features = value
         self.features_set = True
+        if self._inflight_map is not None and self._inflight_packed != self._packed():
+            log.warning("%s: inflight region dropped: it was laid out for %s rings",
+                        self.device.name, "packed" if self._inflight_packed else "split")
+            self._set_inflight(None, None)
         for i, ring in enumerate(self.rings):
             ring.set_features(value)
             self._apply_enable(i)
@@ -583,12 +599,14 @@ class Session:
             raise FrontendError("GET_INFLIGHT_FD without the INFLIGHT_SHMFD protocol feature")
         info = _payload(msg, p.InflightInfo)
         self._check_inflight_shape(info)
-        fd, region = inflight.create_region(info.num_queues, info.queue_size)
+        fd, region = inflight.create_region(info.num_queues, info.queue_size,
+                                            packed=self._packed())
         size = len(region)
         self._set_inflight(fd, region, p.InflightInfo(size, 0, info.num_queues,
                                                       info.queue_size))
-        log.info("%s: inflight region of %d bytes for %d queues of %d", self.device.name,
-                 size, info.num_queues, info.queue_size)
+        log.info("%s: inflight region of %d bytes for %d %s queues of %d", self.device.name,
+                 size, info.num_queues, "packed" if self._packed() else "split",
+                 info.queue_size)
         return p.reply(Request.GET_INFLIGHT_FD,
                        p.InflightInfo(size, 0, info.num_queues, info.queue_size), fds=(fd,))
 
@@ -597,26 +615,26 @@ class Session:
             raise FrontendError(f"inflight region for {info.num_queues} queues; the device "
                                 f"has {len(self.rings)}")
         size = info.queue_size
-        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+        if self._packed():
+            if not 0 < size <= MAX_QUEUE_SIZE:
+                raise FrontendError(f"inflight region for packed queues of {size}: not in "
+                                    f"1..{MAX_QUEUE_SIZE}")
+        elif not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise FrontendError(f"inflight region for queues of {size}: not a power of two "
                                 f"in 1..{MAX_QUEUE_SIZE}")
-        if self.features & PACKED_BIT:
-            # The region is made and kept (QEMU's vhost-user-blk does not start without
-            # one), but packed rings refuse it at their start (logged once per start):
-            # their chains are not tracked.
-            log.warning("%s: inflight region for packed rings: kept, but their requests "
-                        "are not tracked (no packed inflight layout yet)", self.device.name)
 
     def _on_set_inflight_fd(self, msg: p.Message) -> None:
         if PF.INFLIGHT_SHMFD not in self.protocol_features:
             raise FrontendError("SET_INFLIGHT_FD without the INFLIGHT_SHMFD protocol feature")
         info = _payload(msg, p.InflightInfo)
         self._check_inflight_shape(info)
-        need = info.mmap_offset + inflight.region_size(info.num_queues, info.queue_size)
-        if info.mmap_size < inflight.region_size(info.num_queues, info.queue_size):
+        packed = self._packed()
+        want = inflight.region_size(info.num_queues, info.queue_size, packed=packed)
+        need = info.mmap_offset + want
+        if info.mmap_size < want:
             raise FrontendError(f"inflight region of {info.mmap_size} bytes for "
-                                f"{info.num_queues} queues of {info.queue_size}: needs "
-                                f"{inflight.region_size(info.num_queues, info.queue_size)}")
+                                f"{info.num_queues} {'packed' if packed else 'split'} queues "
+                                f"of {info.queue_size}: needs {want}")
         fd = msg.fds[0]
         region = _map_shared(fd, need, "inflight region")
         self._set_inflight(self._keep(fd), region, info)
