@@ -301,7 +301,16 @@ _P_USED_WRAP, _P_OLD_USED_WRAP = 20, 21
 # DescStatePacked fields
 _S_NEXT, _S_LAST, _S_NUM, _S_COUNTER, _S_COPY = 2, 4, 6, 8, 16
 _COPY = struct.Struct("<HHIQ")          # id, flags, len, addr (the descriptor's copy)
-_U32 = struct.Struct("<I")
+
+#: One ring descriptor as read: (addr, len, id, flags), the ring's own field order.
+Descriptor = tuple[int, int, int, int]
+
+
+# Every store into a packed region goes through these (one store each; tests stop a
+# back-end after any one of them).
+
+def _put8(view: memoryview, at: int, value: int) -> None:
+    view[at] = value
 
 
 def _put16(view: memoryview, at: int, value: int) -> None:
@@ -318,8 +327,13 @@ def _put64(view: memoryview, at: int, value: int) -> None:
     view[at:at + 8].cast("Q")[0] = value
 
 
-#: One ring descriptor as read: (addr, len, id, flags), the ring's own field order.
-Descriptor = tuple[int, int, int, int]
+def _put_copy(view: memoryview, at: int, desc: Descriptor) -> None:
+    """An entry's copy of ring descriptor `desc` (addr, len, id, flags): not yet part of any
+    committed state when it is written, so its four fields need not be one store."""
+    addr, length, buf_id, flags = desc
+    _COPY.pack_into(view, at + _S_COPY, buf_id, flags, length, addr)
+
+
 
 
 @dataclass(frozen=True)
@@ -465,6 +479,8 @@ class PackedInflight:
             view = self.view
             for entry in range(n):
                 PACKED_STATE.pack_into(view, self._at(entry), 0, entry + 1, 0, 0, 0, 0, 0, 0, 0)
+            end = queue_region_size(n, packed=True)
+            view[self._at(n):end] = bytes(end - self._at(n))      # the alignment padding
             PACKED_HEADER.pack_into(view, 0, 0, 0, n, 0, 0, used_idx, used_idx, used_wrap,
                                     used_wrap)
             _put16(view, _VERSION_AT, VERSION)      # last: a kill before it leaves version 0
@@ -551,10 +567,10 @@ class PackedInflight:
         else:
             _put16(view, _P_FREE_HEAD, old_free_head)
             _put16(view, _P_USED_IDX, old_used)
-            view[_P_USED_WRAP] = old_wrap
+            _put8(view, _P_USED_WRAP, old_wrap)
         for entry in range(n):
             if owner[entry] == -1 and states[entry][0]:
-                view[self._at(entry)] = 0
+                _put8(view, self._at(entry), 0)
         self.counter = highest + 1
         self._free_head = start_free
         self._used = (start_used, bool(start_wrap))
@@ -618,10 +634,10 @@ class PackedInflight:
         _put16(view, at + _S_NUM, 0)
         _put64(view, at + _S_COUNTER, self.counter)
         self.counter += 1
-        view[at] = 1
+        _put8(view, at, 1)
         free = head
         last = len(descs) - 1
-        for k, (addr, length, buf_id, flags) in enumerate(descs):
+        for k, one in enumerate(descs):
             if free >= n:
                 raise RegionError(f"inflight region: the free list ends after {k} entries "
                                   f"of a chain of {len(descs)} (entry {free})")
@@ -629,7 +645,7 @@ class PackedInflight:
                 _put16(view, at + _S_LAST, free)
             _put16(view, at + _S_NUM, k + 1)
             entry_at = self._at(free)
-            _COPY.pack_into(view, entry_at + _S_COPY, buf_id, flags, length, addr)
+            _put_copy(view, entry_at, one)
             last_entry = free
             free = _U16.unpack_from(view, entry_at + _S_NEXT)[0]
             _put16(view, _P_FREE_HEAD, free)
@@ -652,7 +668,7 @@ class PackedInflight:
             _put16(view, _P_FREE_HEAD, free)
         self._free_head = free
         _put16(view, _P_USED_IDX, used_idx)
-        view[_P_USED_WRAP] = int(used_wrap)
+        _put8(view, _P_USED_WRAP, int(used_wrap))
         self._used = (used_idx, bool(used_wrap))
 
     def completed(self, buf_ids: Sequence[int]) -> None:
@@ -661,7 +677,7 @@ class PackedInflight:
         view = self.view
         for buf_id in buf_ids:
             head, _last = self._chains.pop(buf_id)
-            view[self._at(head)] = 0
+            _put8(view, self._at(head), 0)
         _put16(view, _P_OLD_FREE_HEAD, self._free_head)
         used_idx, used_wrap = self._used
         _put32(view, _P_OLD_USED_IDX, used_idx | used_wrap << 16 | used_wrap << 24)
@@ -675,4 +691,4 @@ class PackedInflight:
         self._free_head = head
         _put16(view, _P_FREE_HEAD, head)
         _put16(view, _P_OLD_FREE_HEAD, head)      # the commit
-        view[self._at(head)] = 0
+        _put8(view, self._at(head), 0)
