@@ -264,8 +264,9 @@ class SplitInflight:
 # descriptors (linked by `next` in order; the first, its head entry, holds inflight, num,
 # last and counter), and the `old_*` fields are the state as of the last finished operation.
 #
-# Which stores, in which order (each one store; a SIGKILL between any two leaves a state
-# `PackedInflight.recover` repairs exactly):
+# Which stores, in which order (each field one store, through the `_put*` helpers; a
+# SIGKILL between any two leaves a state `PackedInflight.recover` repairs exactly --
+# tests/test_recovery_packed.py stops a back-end after every one of them):
 #
 # * a chain taken (`popped`), H = free_head (== old_free_head): desc[H].num = 0,
 #   desc[H].counter = counter++, desc[H].inflight = 1; then per ring descriptor d, with
@@ -290,7 +291,13 @@ class SplitInflight:
 # still in flight are the chains to serve again, oldest first by counter. (The spec compares
 # used_idx alone and "the flags": the wrap counter is compared too, since a batch of a whole
 # ring's worth moves the index back where it was, and only the AVAIL and USED bits, since an
-# available descriptor also carries NEXT, WRITE or INDIRECT.)
+# available descriptor also carries NEXT, WRITE or INDIRECT.) A given-back chain whose
+# commit did not happen is still in flight and is served again.
+#
+# DPDK's lib/vhost reads the same structs differently (entries indexed by ring slot, the
+# batch decided by desc[old_used_idx].inflight): a region one of its back-ends wrote is
+# not this one's to recover, and `recover` refuses what does not partition into a free
+# list and chains.
 
 #: Ring descriptor flags the recovery reads (virtio 1.1+ 2.8.1) and checks copies with.
 _F_NEXT, _F_INDIRECT, _F_AVAIL, _F_USED = 1, 4, 1 << 7, 1 << 15

@@ -262,7 +262,7 @@ class PackedVirtqueue(Virtqueue):
         return self._tracker is not None
 
     @property
-    def inflight(self) -> PackedInflight | None:
+    def inflight_tracker(self) -> PackedInflight | None:
         """The region part this ring tracks its chains in (what a compiled ring mirrors)."""
         return self._tracker
 
