@@ -127,8 +127,9 @@ def testpmd(tmp_path: Path, sock: str, cpus: tuple[int, int]) -> Iterator[StartF
     on `sock`, pinned to testpmd's CPU; all are stopped (runtime dirs removed) afterwards."""
     started: list[Testpmd] = []
 
-    def start(name: str, *, mac: str = FE_MAC, **kw: object) -> Testpmd:
-        vdev = virtio_user_vdev(sock, queue_size=QUEUE_SIZE, mac=mac)
+    def start(name: str, *, mac: str = FE_MAC, packed_vq: bool = False,
+              **kw: object) -> Testpmd:
+        vdev = virtio_user_vdev(sock, queue_size=QUEUE_SIZE, mac=mac, packed_vq=packed_vq)
         tp = Testpmd(vdev, cpu=cpus[1], log_path=tmp_path / f"testpmd-{name}.log",
                      **kw)  # type: ignore[arg-type]
         started.append(tp)
@@ -241,15 +242,24 @@ def reflect_batches(records: list[tuple[float, bytes]]) -> list[tuple[list[bytes
 # ---------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("txpkts", [64, 1500])
+def check_layout(out: str, packed: bool) -> None:
+    """vhostpy's log says which ring layout virtio-user acked (VIRTIO_F_RING_PACKED)."""
+    acked = [line for line in out.splitlines() if "driver features" in line]
+    assert acked, out
+    assert all(("RING_PACKED" in line) == packed for line in acked), acked
+
+
+@pytest.mark.parametrize(("txpkts", "packed"), [(64, False), (1500, False), (64, True)],
+                         ids=["64", "1500", "64-packed"])
 def test_txonly_every_frame_captured(vhostpy: Callable[..., Vhostpy], testpmd: StartFn,
-                                     tmp_path: Path, txpkts: int,
+                                     tmp_path: Path, txpkts: int, packed: bool,
                                      record_property: Callable[[str, object], None]) -> None:
-    """txonly -> `vhostpy net --pcap F --no-respond`: nothing lost, nothing changed."""
+    """txonly -> `vhostpy net --pcap F --no-respond`: nothing lost, nothing changed (split
+    rings, and packed ones: virtio-user packed_vq=1)."""
     require_dpdk()
     pcap = tmp_path / "txonly.pcap"
     vh = vhostpy("--pcap", str(pcap), "--no-respond")
-    fe = testpmd("txonly", forward_mode="txonly", txpkts=txpkts)
+    fe = testpmd("txonly", forward_mode="txonly", txpkts=txpkts, packed_vq=packed)
     # Rounds come every 1-2 s; 1500-byte frames make a large pcap, so measure less.
     rounds = wait_rounds(fe, 3 if txpkts == 64 else 2, "tx_packets")
     tx = fe.stop()
@@ -257,8 +267,10 @@ def test_txonly_every_frame_captured(vhostpy: Callable[..., Vhostpy], testpmd: S
     counters = vh.stop_and_count()
 
     pps = rate(rounds, "tx_packets", skip=0)
-    record_property(f"vhostpy_txonly_{txpkts}B_mpps", round(pps / 1e6, 4))
-    print(f"\nvirtio-user txonly {txpkts} B -> vhostpy net --pcap: {pps / 1e6:.3f} Mpps "
+    layout = "packed" if packed else "split"
+    record_property(f"vhostpy_txonly_{txpkts}B_{layout}_mpps", round(pps / 1e6, 4))
+    print(f"\nvirtio-user txonly {txpkts} B ({layout}) -> vhostpy net --pcap: "
+          f"{pps / 1e6:.3f} Mpps "
           f"({tx.tx_packets} frames, {tx.tx_dropped} refused by the full ring)")
 
     # Every captured frame is the template, byte for byte and whole ...
@@ -283,24 +295,28 @@ def test_txonly_every_frame_captured(vhostpy: Callable[..., Vhostpy], testpmd: S
     out = vh.output()
     assert "front-end connected" in out and "front-end disconnected" in out, out
     assert "WARNING" not in out and "ERROR" not in out, out
+    check_layout(out, packed)
     pcap.unlink()  # up to ~700 MB; pytest keeps the last three runs' tmp_path
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_io_reflect_counters_agree(vhostpy: Callable[..., Vhostpy], testpmd: StartFn,
-                                   tmp_path: Path,
+                                   tmp_path: Path, packed: bool,
                                    record_property: Callable[[str, object], None]) -> None:
-    """`io --tx-first` <-> `vhostpy net --reflect --pcap F`: 32 frames circulate."""
+    """`io --tx-first` <-> `vhostpy net --reflect --pcap F`: 32 frames circulate (split
+    rings, and packed ones)."""
     require_dpdk()
     pcap = tmp_path / "reflect.pcap"
     vh = vhostpy("--reflect", "--pcap", str(pcap))
-    fe = testpmd("io", forward_mode="io", tx_first=True)
+    fe = testpmd("io", forward_mode="io", tx_first=True, packed_vq=packed)
     rounds = wait_rounds(fe, 3, "rx_packets")
     st = fe.stop()
     assert fe.returncode == 0 and st.final, fe.output()
     counters = vh.stop_and_count()
 
     pps = rate(rounds, "rx_packets", skip=0)
-    record_property("vhostpy_reflect_64B_mpps", round(pps / 1e6, 4))
+    record_property(f"vhostpy_reflect_64B_{'packed' if packed else 'split'}_mpps",
+                    round(pps / 1e6, 4))
     print(f"\nvirtio-user io --tx-first <-> vhostpy net --reflect --pcap: "
           f"{pps / 1e6:.3f} Mpps each way ({st.rx_packets} frames back)")
 
@@ -336,6 +352,7 @@ def test_io_reflect_counters_agree(vhostpy: Callable[..., Vhostpy], testpmd: Sta
     kinds = collections.Counter(frame for _, frame in records)
     assert set(kinds) == {template, swap_macs(template)}, kinds.most_common(4)
     assert abs(kinds[template] - kinds[swap_macs(template)]) <= BURST, kinds.values()
+    check_layout(vh.output(), packed)
     pcap.unlink()
 
 
