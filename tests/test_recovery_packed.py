@@ -23,17 +23,24 @@ either implementation; the suite runs under both).
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fakeloop import FakeLoop
 from ringbuilder import anon_memory
+from test_session import EchoDevice, R
+from test_session import Rig as SessionRig
+from test_session_packed import echo as session_echo
+from test_session_packed import packed_ring, state_of
 from test_virtqueue_packed import PackedDriver, packed_layout
 
 import vhostpy.inflight as inflight_mod
 import vhostpy.virtqueue_packed as packed_mod
+from vhostpy import protocol as p
 from vhostpy.inflight import (
     PACKED_HEADER,
     PACKED_STATE,
@@ -45,7 +52,8 @@ from vhostpy.inflight import (
     queue_view,
     region_size,
 )
-from vhostpy.virtqueue import DescriptorChain
+from vhostpy.session import Session
+from vhostpy.virtqueue import DescriptorChain, Virtqueue
 from vhostpy.virtqueue_packed import PackedVirtqueue
 
 SIZE = 8
@@ -290,7 +298,6 @@ def test_queue_view_and_create_region() -> None:
         q.view.release()
     finally:
         region.close()
-        import os
         os.close(fd)
 
 
@@ -758,3 +765,83 @@ def test_resubmitted_copies_are_checked_like_a_rings_chain() -> None:
     assert [c.head for c in got] == [chains[0].head]
     assert second.error is not None and "resubmitted chain of buffer id" in second.error
     assert second.pop_many(SIZE) == []
+
+
+# ------------------------------------------------------------------ a killed session
+
+
+class HoldSome(EchoDevice):
+    """The echo device that writes every reply but never completes requests starting with
+    b"hold" (it is about to die)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[object] = []
+
+    def handle_chain(self, index: int, vq: Virtqueue, chain: DescriptorChain) -> Any:
+        data = chain.read()
+        written = chain.write(data)
+        if not data.startswith(b"hold"):
+            return written
+        handle = vq.defer(chain)
+        self.held.append(handle)
+        return handle
+
+
+def test_a_killed_sessions_requests_are_served_again_once() -> None:
+    """Through the session: a packed ring of 6 (not a power of two) that has wrapped, two
+    requests held out of order when the back-end dies; the next back-end gets QEMU's stale
+    SET_VRING_BASE (the fresh ring's: no GET_VRING_BASE happened) and the same region, and
+    serves both again at its start, in order, once; then the ring goes on."""
+    rig = SessionRig()
+    try:
+        rig.device = HoldSome()
+        rig.session = Session(rig.device, rig.host)
+        features = rig.u64(R.GET_FEATURES) & ~(1 << p.VHOST_F_LOG_ALL)
+        rig.negotiate(features=features, packed=True)
+        rig.mem_table()
+        [answer] = rig.send(R.GET_INFLIGHT_FD, p.InflightInfo(0, 0, 1, 6))
+        info = answer.payload
+        assert isinstance(info, p.InflightInfo)
+        assert info.mmap_size == region_size(1, 6, packed=True)
+        region_fd = os.dup(answer.fds[0])           # the front-end keeps it across back-ends
+        rig.ours.append(region_fd)
+        rig.must(R.SET_INFLIGHT_FD, info, fds=[os.dup(region_fd)])
+        drv = packed_ring(rig, 0, 6)
+        rig.host.run_timers()
+        if not rig.session.rings[0].vq.inflight_tracked:
+            pytest.skip(f"{type(rig.session.rings[0].vq).__name__} does not track packed "
+                        "rings yet")
+        for k in range(7):                          # 14 slots: the ring has wrapped
+            session_echo(rig, drv, 0, [b"ok%d" % k])
+        held = []
+        for data in (b"hold-1", b"done", b"hold-2"):
+            buf_id, addrs = drv.add_chain([data], [len(data)])
+            held.append((buf_id, addrs[-1], data))
+        assert rig.session.kick(0) > 0
+        assert drv.get_used() == [(held[1][0], 4)]
+        del held[1]
+        rig.session.close()                         # the back-end is gone
+        for _, out, data in held:
+            rig.driver.write(out, bytes(len(data)))  # (its replies must come again)
+
+        rig.host = FakeLoop()
+        rig.device = EchoDevice()
+        rig.session = Session(rig.device, rig.host)
+        rig.negotiate(features=features, packed=True)
+        rig.mem_table()
+        rig.must(R.SET_INFLIGHT_FD, info, fds=[os.dup(region_fd)])
+        packed_ring(rig, 0, 6, drv=drv)             # SET_VRING_BASE: the fresh ring's
+        rig.host.run_timers()
+        assert drv.get_used() == [(buf_id, len(data)) for buf_id, _, data in held]
+        for _, out, data in held:
+            assert rig.driver.read(out, len(data)) == data
+        assert rig.session.rings[0].resubmitted == 2
+        state = os.pread(region_fd, region_size(1, 6, packed=True), 0)
+        assert [state[HDR + ST * e] for e in range(6)] == [0] * 6
+        assert rig.session.kick(0) == 0             # nothing served twice
+        session_echo(rig, drv, 0, [b"after"])       # and the ring goes on
+        reply = rig.get(R.GET_VRING_BASE, p.VringState(0, 0))
+        assert isinstance(reply, p.VringState) and reply.num == state_of(drv)
+    finally:
+        rig.close()
