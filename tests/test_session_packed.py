@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_session import (
@@ -33,6 +34,7 @@ from vhostpy import protocol as p
 from vhostpy.blk import BlockDevice
 from vhostpy.device import Device
 from vhostpy.dirtylog import LOG_PAGE
+from vhostpy.errors import BackendError
 from vhostpy.net import NetDevice, NetPort
 from vhostpy.session import Session
 from vhostpy.virtqueue_packed import PackedVirtqueue
@@ -337,3 +339,25 @@ def test_dirty_log_of_a_packed_ring(rig: Rig) -> None:
     os.pwrite(log_fd, bytes(pages // 8), 0)
     rig.get(R.GET_VRING_BASE, p.VringState(0, 0))
     assert marked() == {lay.desc // LOG_PAGE, lay.device // LOG_PAGE}
+
+
+# ------------------------------------------------------------------ the proxy stays split
+
+
+def test_vhost_proxy_never_forwards_packed(backend: Any, tmp_path: Path) -> None:
+    """A vhostpy back-end offers bit 34; the proxy (split rings only) strips it from what it
+    offers on and refuses a driver that acks it, with a clear error."""
+    from test_vhost_proxy import LegacyDriver
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    be = backend("blk", "--image", str(image))
+    drv = LegacyDriver(be.path)
+    try:
+        assert drv.proxy.backend_features & PACKED_BIT
+        assert not drv.proxy.features() & PACKED_BIT
+        with pytest.raises(BackendError, match="forwards split rings only"):
+            drv.proxy.set_features(drv.proxy.features() | PACKED_BIT)
+        assert not drv.proxy.acked_features & PACKED_BIT
+    finally:
+        drv.close()
