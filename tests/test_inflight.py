@@ -12,6 +12,7 @@ import pytest
 from vhostpy.inflight import (
     HEADER,
     STATE,
+    PackedInflight,
     RegionError,
     SplitInflight,
     create_region,
@@ -155,3 +156,42 @@ def test_create_region_is_a_shared_zeroed_memfd() -> None:
         os.close(fd)
     with pytest.raises(ValueError, match="out of range"):
         create_region(0, 16)
+
+
+# ------------------------------------------------------------------ packed: the API's edges
+
+
+def packed_fresh(size: int = QSIZE) -> PackedInflight:
+    q = PackedInflight(memoryview(bytearray(queue_region_size(size, packed=True))), size)
+    assert q.attach(0, True) is False
+    return q
+
+
+def test_packed_operations_on_chains_not_in_flight_write_nothing() -> None:
+    q = packed_fresh()
+    q.popped([(0x1000, 8, 3, 0x80)])
+    assert q.entry_of(3) == (0, 0) and q.in_flight == {3: (0, 0)} and q.counter == 1
+    region = bytes(q.view)
+    with pytest.raises(KeyError):
+        q.completing([3, 5], 1, True)           # 5 is not in flight: nothing linked
+    with pytest.raises(KeyError):
+        q.given_back(5)
+    with pytest.raises(RegionError, match="no free entry for a chain of 0"):
+        q.popped([])
+    assert bytes(q.view) == region
+    q.completing([3], 1, True)
+    q.completed([3])
+    assert (q.free_head, q.old_free_head, q.used_idx, q.old_used_idx) == (0, 0, 1, 1)
+    assert q.state(0)[0] == 0 and q.in_flight == {}
+
+
+def test_packed_recover_needs_the_whole_descriptor_ring() -> None:
+    q = packed_fresh()
+    again = PackedInflight(q.view, QSIZE)
+    assert again.attach(0, True) is True
+    with pytest.raises(RegionError, match="descriptor ring of 16 bytes"):
+        again.recover(memoryview(bytearray(16)))
+    found = again.recover(memoryview(bytearray(16 * QSIZE)))
+    assert found.chains == () and (found.used_idx, found.used_wrap, found.slots) == (0, True, 0)
+    with pytest.raises(RegionError, match="entry 8 outside"):
+        again.state(QSIZE)

@@ -384,6 +384,11 @@ class PackedInflight:
     `given_back` for a chain returned unused. The module's section comment says which
     stores each makes, in which order. Single-threaded: the ring's thread calls them.
 
+    After `attach` or `recover` the region is consistent (free_head == old_free_head, the
+    used position == its old copy): a compiled ring mirroring this state takes free_head and
+    the used position from the header, `counter`, and `in_flight` (buffer id -> head and
+    last entry), and must then make the same stores in the same order.
+
     The header fields this instance writes (free_head, the used position) and the chains in
     flight (buffer id -> head and last entry) are kept here too and never read back from the
     region while it runs; the one thing read back is an entry's `next` when a chain is

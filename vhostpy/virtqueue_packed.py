@@ -244,6 +244,12 @@ class PackedVirtqueue(Virtqueue):
             self._tracker = tracker
             return []
         found = tracker.recover(rings[0])
+        if (found.avail_idx, found.avail_wrap, found.used_idx, found.used_wrap) != (
+                self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap):
+            log.info("virtqueue %d: resuming from the inflight region at avail %d/%d, used "
+                     "%d/%d (SET_VRING_BASE said avail %d/%d, used %d/%d)", self.index,
+                     found.avail_idx, found.avail_wrap, found.used_idx, found.used_wrap,
+                     self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap)
         self.used_idx, self.used_wrap = found.used_idx, found.used_wrap
         self.last_avail_idx, self.avail_wrap = found.avail_idx, found.avail_wrap
         self._bufs.clear()
