@@ -28,7 +28,8 @@ from vhostpy.netapp import NetApp
 from vhostpy.packets import internet_checksum, parse_mac
 
 PORT_MAC = "52:54:00:12:34:56"      # NetApp's first port
-BURST = 512                          # frames offered per loop turn (more than the ring holds)
+BURST = 1 << 20                      # frames offered per loop turn at most
+WAIT = 0.001                         # seconds one offer may keep up with the driver
 
 
 def udp_frame(size: int, dst: str, src: str = PORT_MAC) -> bytes:
@@ -52,19 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dst-mac", default="02:dd:00:00:00:01")
     parser.add_argument("--queue-size", type=int, default=1024)
     parser.add_argument("--burst", type=int, default=BURST,
-                        help=f"frames offered per loop turn ({BURST})")
+                        help=f"frames offered per loop turn at most ({BURST})")
+    parser.add_argument("--wait", type=float, default=WAIT,
+                        help=f"seconds one offer keeps placing while the driver posts "
+                             f"buffers ({WAIT}; 0: only what the ring takes at once)")
     args = parser.parse_args(argv)
 
     app = NetApp(socket_paths=[args.socket_path], respond_ip=None, queue_size=args.queue_size)
     port = app.ports[0]
     batch = FrameBatch([udp_frame(args.size, args.dst_mac)])
     burst = args.burst
+    wait = args.wait
     sent = 0
     loop = app.loop
 
     def tick() -> None:
         nonlocal sent
-        sent += port.offer(batch, burst)
+        sent += port.offer(batch, burst, wait=wait)
         loop.call_later(0, tick)
 
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -10,10 +10,17 @@
  * to Python per round trip), after `max_bursts`, when the receive ring cannot
  * take a whole reflected burst (what did not fit is left in `out` for Python's backlog), or
  * when a ring turned out hostile.
+ *
+ * The other direction: vp_net_rx_offer places frames (a generator's template, offered
+ * cyclically) into a receive ring chunk after chunk with vp_net_rx_place, signalling after
+ * each chunk, and may keep doing so while the driver posts buffers (NetPort.offer's `wait`);
+ * vp_net_read_frames reads a burst of frames from a tap's fd into a frames buffer.
  */
 #include <stdint.h>
 #include <stddef.h>
 #include <time.h>
+#include <errno.h>
+#include <unistd.h>
 #include "_fastpath.h"
 #include "_fastpath_net.h"
 
@@ -69,4 +76,118 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
         if (q->broken) return VP_POLL_BROKEN;
     }
     return VP_POLL_BUDGET;
+}
+
+/* ------------------------------------------------------------- frames toward the guest */
+
+
+static uint64_t realtime_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Whether `cap` takes `n` more records of up to `max_len` bytes (record() in _fastpath.c
+ * skips a record that does not fit: never let it). */
+static int cap_room(const struct vp_frames *cap, uint32_t n, uint32_t max_len) {
+    return cap->max - cap->n >= n && cap->cap - cap->used >= (uint64_t)n * (16u + max_len);
+}
+
+int vp_net_rx_offer(struct vp_vq *q, struct vp_net_offer *o) {
+    o->taken = 0;
+    o->chunks = 0;
+    o->stuck = 0;
+    if (o->hdr_len != 10 && o->hdr_len != 12) return VP_ERR_HDR_LEN;
+    if (!o->nsrc || !o->chunk || o->chunk > VP_OFFER_MAX_CHUNK || o->pos >= o->nsrc ||
+        o->nsrc > o->src->n)
+        return VP_ERR_OFFER_ARGS;
+    int waiting = o->budget_ns != 0;
+    int rearm = waiting && q->notify;
+    /* While we keep up with the driver it need not kick us for each refill (a syscall on
+     * its side, a wake-up on ours): as DPDK's back-end, which never asks for rx kicks. */
+    if (rearm) vp_disable_notifications(q);
+    uint64_t start = waiting ? monotonic_ns() : 0, idle_since = 0;
+    int reason;
+    for (;;) {
+        if (o->taken >= o->count) { reason = VP_OFFER_DONE; break; }
+        if (q->broken) { reason = VP_OFFER_BROKEN; break; }
+        uint32_t n = o->chunk;
+        if (o->count - o->taken < n) n = (uint32_t)(o->count - o->taken);
+        uint32_t sec = 0, usec = 0;
+        if (o->cap) {
+            if (!cap_room(o->cap, n, o->max_len)) { reason = VP_OFFER_CAPTURE; break; }
+            uint64_t us = (realtime_ns() + 500) / 1000;   /* as pcap.PcapWriter rounds */
+            sec = (uint32_t)(us / 1000000u);
+            usec = (uint32_t)(us % 1000000u);
+        }
+        int k = vp_net_rx_place(q, o->hdr_len, o->mrg, o->max_len, o->src, o->idx + o->pos, n,
+                                0, o->st, o->backlog, o->cap, sec, usec);
+        if (k < 0) { reason = k; break; }   /* not reached: hdr_len was checked above */
+        o->chunks++;
+        o->taken += (uint32_t)k;
+        o->pos = (uint32_t)((o->pos + (uint32_t)k) % o->nsrc);
+        if (k && o->signal) vp_signal(q, o->call_fd);
+        if ((uint32_t)k == n) {
+            idle_since = 0;
+            if (waiting && monotonic_ns() - start >= o->budget_ns) {
+                reason = o->taken >= o->count ? VP_OFFER_DONE : VP_OFFER_TIME;
+                break;
+            }
+            continue;
+        }
+        if (q->broken) { reason = VP_OFFER_BROKEN; break; }
+        /* the next frame found no buffers it can use */
+        if (!waiting) {
+            o->stuck = (uint32_t)vp_has_available(q);
+            reason = VP_OFFER_EMPTY;
+            break;
+        }
+        uint64_t now = monotonic_ns();
+        if (now - start >= o->budget_ns) {
+            o->stuck = (uint32_t)vp_has_available(q);
+            reason = VP_OFFER_TIME;
+            break;
+        }
+        if (k) idle_since = now;
+        else if (!idle_since) idle_since = now;
+        else if (now - idle_since >= o->idle_ns) {
+            o->stuck = (uint32_t)vp_has_available(q);
+            reason = VP_OFFER_EMPTY;
+            break;
+        }
+        /* Wait for the driver's next buffers without hammering the line it writes. */
+        for (int spin = 0; spin < 64 && !vp_has_available(q); spin++) cpu_relax();
+    }
+    if (rearm && !q->broken) vp_enable_notifications(q, 0);
+    return reason;
+}
+
+int vp_net_read_frames(int fd, struct vp_frames *out, uint32_t max, uint32_t max_len,
+                       uint64_t *truncated) {
+    uint32_t got = 0;
+    if (max > out->max) max = out->max;
+    out->n = 0;
+    out->used = 0;
+    while (got < max) {
+        uint64_t at = out->used + 16;
+        /* one byte more than max_len: a longer frame shows as a read of max_len + 1 */
+        if (at + (uint64_t)max_len + 1 > out->cap) break;
+        ssize_t n = read(fd, out->buf + at, (size_t)max_len + 1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK || got) break;
+            return -errno;
+        }
+        if (n == 0) break;
+        if ((uint64_t)n > max_len) {
+            (*truncated)++;
+            continue;
+        }
+        out->off[got] = at;
+        out->len[got] = (uint32_t)n;
+        out->used = at + (uint64_t)n;
+        got++;
+        out->n = got;
+    }
+    return (int)got;
 }

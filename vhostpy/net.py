@@ -24,6 +24,7 @@ import inspect
 import itertools
 import logging
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -74,6 +75,10 @@ ETH_OVERHEAD = ETH_HLEN + 4  # header and one VLAN tag on top of the MTU
 DEFAULT_MTU = 1500
 DEFAULT_MAC = "52:54:00:12:34:56"
 RX_BACKLOG = 1024            # frames waiting for receive buffers before new ones drop
+#: The longest `NetPort.offer(wait=...)` (seconds): the event loop serves nothing else then.
+MAX_OFFER_WAIT = 1.0
+#: How long `NetPort.offer` with a `wait` goes on without a usable receive buffer (default).
+OFFER_IDLE = 50e-6
 
 #: handler(port, frames) -> None, frames to send back (an iterable, or one frame), or an
 #: awaitable (an `async def` handler) whose result is such frames.
@@ -213,6 +218,17 @@ class NetPort:
         faults = self.faults
         return bool(self._handlers or self._monitors) or (
             capture is not None and not capture.native_ok) or (
+            faults is not None and faults.active)
+
+    @property
+    def python_observers(self) -> bool:
+        """Whether Python code must see the frames this port sends to its guest: a monitor
+        is attached, a capture the compiled path cannot write to, or fault rules (handlers
+        see only frames from the guest: they never keep the compiled path from placing
+        frames toward it)."""
+        capture = self.capture
+        faults = self.faults
+        return bool(self._monitors) or (capture is not None and not capture.native_ok) or (
             faults is not None and faults.active)
 
     def set_faults(self, faults: NetFaults | None) -> None:
@@ -401,16 +417,36 @@ class NetPort:
         """Queue frames (bytes or scapy packets) for the guest; returns how many were taken."""
         return self.device.transmit_to_guest([frame_bytes(f) for f in frames])
 
-    def offer(self, batch: FrameBatch, count: int | None = None) -> int:
+    def offer(self, batch: FrameBatch, count: int | None = None, *, wait: float = 0.0,
+              idle: float = OFFER_IDLE) -> int:
         """Write frames of `batch` into the guest's receive buffers now, cycling through it
         until `count` frames (default: the batch) are taken or the ring has no buffer left.
         Nothing is queued: unlike `send`, what the ring cannot take now is not taken.
         Returns how many frames were taken (placed, or refused and counted like `send`'s:
         runts, larger than the MTU, larger than a buffer). Frames still in the backlog go
-        first; while any remain, nothing is taken. With fault rules (`set_faults`) frames
-        go through them a few at a time (`netfaults.OFFER_CHUNK`), and what the ring cannot
-        take of the last few is queued."""
-        return self.device.offer_to_guest(batch, len(batch) if count is None else count)
+        first; while any remain, nothing is taken.
+
+        `wait` (seconds, 0..`MAX_OFFER_WAIT`): a generator's way to keep up with the driver.
+        When the ring runs out of buffers the call goes on placing frames as the driver
+        posts more, until `count` frames are taken or `wait` seconds passed, and gives up
+        earlier once no usable buffer came for `idle` seconds (default `OFFER_IDLE`, 50 µs:
+        a driver that keeps up refills sooner; a slow one gets the loop back). Meanwhile the
+        driver's
+        kicks for this receive ring are off (back on when the call returns) and the event
+        loop serves nothing else: keep `wait` short (a millisecond) to leave other rings and
+        fds their turn. Under the compiled path the whole call is one C call placing
+        `OFFER_CHUNK` (32) frames at a time, each chunk published and signalled as it is
+        done, with no Python per frame or per chunk.
+
+        With fault rules (`set_faults`) frames go through them a few at a time
+        (`netfaults.OFFER_CHUNK`), and what the ring cannot take of the last few is
+        queued. ValueError for a `wait` outside 0..`MAX_OFFER_WAIT` or a negative `idle`."""
+        if not 0.0 <= wait <= MAX_OFFER_WAIT:
+            raise ValueError(f"offer: wait must be 0..{MAX_OFFER_WAIT} s, not {wait}")
+        if not idle >= 0.0:
+            raise ValueError(f"offer: idle must be 0 or more seconds, not {idle}")
+        return self.device.offer_to_guest(batch, len(batch) if count is None else count, wait,
+                                          idle)
 
     def send_threadsafe(self, frames: Iterable[Any]) -> None:
         """`send` from any thread: the frames are queued on the loop's thread. The way onto
@@ -494,6 +530,12 @@ def _close(awaitable: Any) -> None:
     """Close a coroutine that will never run (no "never awaited" warning)."""
     if inspect.iscoroutine(awaitable):
         awaitable.close()
+
+
+def _cycle_from(frames: Sequence[bytes], start: int, count: int) -> Iterator[bytes]:
+    """`count` frames of `frames` taken cyclically, from the one at position `start`."""
+    n = len(frames)
+    return itertools.islice(itertools.cycle(frames), start % n, start % n + count)
 
 
 def _heads(queue: collections.deque[bytes]) -> Iterator[bytes]:
@@ -722,12 +764,17 @@ class NetDevice(Device):
 
     def transmit_now(self, frames: Sequence[bytes]) -> int:
         """`transmit_to_guest` past the port's fault rules (where their lane sends)."""
-        if self._fast is not None and frames and not self.backlog:
-            taken = self._fast.send_bytes(frames)   # straight into the ring, in C
-            if taken:
-                accepted_now = taken - self._fast.rejected
+        accepted_now = 0
+        placed_all_it_could = False
+        fast = self._fast
+        if fast is not None and frames and not self.backlog:
+            taken = fast.send_bytes(frames)   # straight into the ring, in C
+            if taken is not None:
+                accepted_now = taken - fast.rejected
                 frames = frames[taken:]
-                return accepted_now + (self.transmit_now(frames) if frames else 0)
+                # C stopped for want of buffers (not at a frame only Python places): the
+                # rest waits in the backlog for the driver's next buffers and kick.
+                placed_all_it_could = not fast.stuck
         accepted: list[bytes] = []
         for frame in frames:
             if self._refused(frame):
@@ -739,11 +786,15 @@ class NetDevice(Device):
         if accepted:
             self.port.observe("to_guest", accepted)
             self.backlog.extend(accepted)
-            self._flush_rx()
-        return len(accepted)
+            if not placed_all_it_could:
+                self._flush_rx()
+        return accepted_now + len(accepted)
 
-    def offer_to_guest(self, batch: FrameBatch, count: int) -> int:
-        """`NetPort.offer`: frames of `batch` (cyclically) straight into receive buffers."""
+    def offer_to_guest(self, batch: FrameBatch, count: int, wait: float = 0.0,
+                       idle: float = OFFER_IDLE) -> int:
+        """`NetPort.offer`: frames of `batch` (cyclically) straight into receive buffers,
+        for up to `wait` seconds while the driver posts more (giving up after `idle`
+        seconds without a usable buffer)."""
         frames = batch.frames
         if not frames or count <= 0:
             return 0
@@ -752,14 +803,47 @@ class NetDevice(Device):
             if self.backlog:
                 return 0
         lanes = self.port.fault_lanes
-        if lanes is not None and lanes[0].active:
-            return lanes[0].offer(itertools.islice(itertools.cycle(frames), count), count,
-                                  lambda out: self._place_frames(out, fresh=True))
-        if self._fast is not None:
-            taken = self._fast.offer(batch, count)
+        faults = lanes is not None and lanes[0].active
+        if self._fast is not None and not faults:
+            taken = self._fast.offer(batch, count, wait, idle)
             if taken is not None:
-                return int(taken)
-        return self._place_frames(itertools.islice(itertools.cycle(frames), count), fresh=True)
+                if self._fast.stuck:
+                    # Buffers were there, yet C placed nothing more: too few for the next
+                    # frame yet, or more than C takes at once: Python tries that frame.
+                    taken += self._place_frames(_cycle_from(frames, taken, 1), fresh=True)
+                return taken
+        deadline = time.monotonic() + wait
+        rings = [vq for vq in self._rx_queues.values() if not vq.polling] if wait > 0 else []
+        for vq in rings:   # kicks off while we keep up (as the compiled path does)
+            vq.disable_notifications()
+        taken = 0
+        idle_since: float | None = None
+        try:
+            while True:
+                if lanes is not None and faults:
+                    n = lanes[0].offer(_cycle_from(frames, taken, count - taken), count - taken,
+                                       lambda out: self._place_frames(out, fresh=True))
+                else:
+                    n = self._place_frames(_cycle_from(frames, taken, count - taken),
+                                           fresh=True)
+                taken += n
+                if taken >= count or wait <= 0 or self.backlog or any(
+                        vq.error is not None for vq in self._rx_queues.values()):
+                    break
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if n:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= idle:
+                    break
+        finally:
+            for vq in rings:
+                if vq.ready and not vq.polling:
+                    vq.enable_notifications()
+        return taken
 
     def _refused(self, frame: bytes) -> bool:
         """Whether `frame` may never go to the driver: a runt, or longer than the MTU plus
@@ -785,13 +869,16 @@ class NetDevice(Device):
 
     def _flush_rx(self) -> None:
         """Move backlog frames into receive buffers until either runs out."""
-        if self._fast is not None and self.backlog:
-            frames = list(self.backlog)
+        ring = self._path_config.rx_ring
+        if self._fast is not None and self.backlog and ring is not None:
+            # No ring takes more frames than it has buffers: copy no more than that to C.
+            frames = list(itertools.islice(self.backlog, max(1, ring.size)))
             taken = self._fast.send_bytes(frames, backlog=True)
-            if taken:
-                rest = list(itertools.islice(self.backlog, taken, None))
-                self.backlog.clear()
-                self.backlog.extend(rest)
+            if taken is not None:
+                for _ in range(taken):
+                    self.backlog.popleft()
+                if not self._fast.stuck:
+                    return   # the ring has no buffers for the next frame yet
         backlog = self.backlog
         self._place_frames(_heads(backlog), fresh=False, on_taken=backlog.popleft)
 

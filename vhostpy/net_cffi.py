@@ -65,6 +65,11 @@ POLL_BURSTS = 32
 #: empty before returning: a loop whose frames come back within this long stays in C.
 POLL_SPIN_NS = 20_000
 RECORD = 16  # the pcap record header C leaves room for before each frame
+#: Frames per placement of `NetFastPath.offer` (each publishes its used entries and is
+#: signalled): the front-end's own burst, so it finds buffers as soon as a chunk is done.
+OFFER_CHUNK = 32
+#: Capture records one `vp_net_rx_offer` call may collect before Python writes them.
+OFFER_CAPTURE_FRAMES = 8 * OFFER_CHUNK
 
 
 class Counters(Protocol):
@@ -118,6 +123,8 @@ class NetHostPort(Protocol):
     def capture(self) -> Capture | None: ...
     @property
     def python_consumers(self) -> bool: ...
+    @property
+    def python_observers(self) -> bool: ...
     def deliver(self, frames: list[bytes]) -> None: ...
 
 
@@ -146,6 +153,9 @@ def _refused(rc: int, config: PathConfig) -> ValueError:
     if rc == lib.VP_ERR_HDR_LEN:
         return ValueError(f"virtio-net header length {config.hdr_len} refused by the compiled "
                           f"path (only 10 and 12 exist)")
+    if rc == lib.VP_ERR_OFFER_ARGS:
+        return ValueError("vp_net_rx_offer refused its arguments (no frames, a bad chunk or "
+                          "position)")
     return ValueError(f"the compiled net path refused its arguments (error {rc})")
 
 
@@ -207,8 +217,8 @@ class NetFastPath:
         self._plans: dict[int, tuple[tuple[object, ...], Any]] = {}   # pair -> (key, plan)
         self._plan_rxq: CffiVirtqueue | None = None
         self._dest = ffi.new("int32_t[]", BURST)
-        self._offer_idx: Any = None
-        self._offer_n = 0
+        self._offer_args = ffi.new("struct vp_net_offer *")
+        self.stuck = False
 
     @staticmethod
     def serves(vq: Virtqueue | None) -> TypeGuard[CffiVirtqueue]:
@@ -389,7 +399,7 @@ class NetFastPath:
         config = self.device.path_config
         vq = self._rx_queue(config)
         q = None
-        if vq is not None and not self.device.backlog and not self.port.python_consumers:
+        if vq is not None and not self.device.backlog and not self.port.python_observers:
             q = vq.native()
         if vq is None or q is None:
             self.device.transmit_to_guest(frames_to_bytes(src, idx, n, swap))
@@ -400,19 +410,24 @@ class NetFastPath:
                 idx = ffi.new("uint32_t[]", list(range(n)))
             self.device.transmit_to_guest(frames_to_bytes(src, idx + done, n - done, swap))
 
-    def send_bytes(self, frames: Sequence[bytes], *, backlog: bool = False) -> int:
-        """Place as many of `frames` as the receive ring takes now; returns how many were
-        taken (placed, or dropped and counted; `rejected` says how many of those were
-        refused before placement: runts, larger than the MTU). The caller queues the rest.
-        `backlog=True`: the frames are the backlog's head (already checked and captured)."""
+    def send_bytes(self, frames: Sequence[bytes], *, backlog: bool = False) -> int | None:
+        """Place as many of `frames` as the receive ring takes now, in one C call; returns
+        how many were taken (placed, or dropped and counted; `rejected` says how many of
+        those were refused before placement: runts, larger than the MTU), or None when
+        Python must place them (no single compiled receive ring, a backlog to go first,
+        Python code to see them). The caller queues the rest; `stuck` says whether C
+        stopped at a frame while the ring had buffers (Python may try it) rather than for
+        want of buffers. `backlog=True`: the frames are the backlog's head (already checked
+        and captured)."""
         self.rejected = 0
+        self.stuck = False
         config = self.device.path_config
         vq = self._rx_queue(config)
-        if vq is None or (self.device.backlog and not backlog) or self.port.python_consumers:
-            return 0
+        if vq is None or (self.device.backlog and not backlog) or self.port.python_observers:
+            return None
         q = vq.native()
         if q is None:
-            return 0
+            return None
         n = len(frames)
         if n > self._flat_max:
             self._flat, self._flat_keep = new_frames(n, 0)
@@ -421,33 +436,88 @@ class NetFastPath:
         lens = ffi.new("uint32_t[]", list(map(len, frames)))
         pin = ffi.from_buffer("uint8_t[]", data)
         lib.vp_frames_from_flat(self._flat, pin, lens, n)
-        return self._place(vq, q, config, self._flat, None, n, False, record=not backlog)
+        done = self._place(vq, q, config, self._flat, None, n, False, record=not backlog)
+        self.stuck = done < n and not q.broken and bool(lib.vp_has_available(q))
+        return done
 
-    def offer(self, batch: Any, count: int) -> int | None:
-        """`NetPort.offer` in one C call: frames of `batch` (cyclically, `count` at most)
-        into the receive ring; how many were taken, or None when Python must do it."""
+    def offer(self, batch: Any, count: int, wait: float = 0.0, idle: float = 50e-6
+              ) -> int | None:
+        """`NetPort.offer` in C: frames of `batch` (cyclically, `count` at most) into the
+        receive ring, `OFFER_CHUNK` per placement, each chunk's used entries published and
+        signalled at once (`vp_net_rx_offer`). With `wait` > 0 C keeps placing while the
+        driver posts buffers, for up to `wait` seconds in all, giving up after `idle` seconds
+        with no usable buffer; the driver's kicks are off meanwhile. Returns how many frames
+        were taken (placed, or refused or dropped and counted), or None when Python must do
+        it (no single compiled receive ring, or Python code must see the frames).
+        Afterwards `stuck` says whether placement stopped at a frame while buffers were
+        there (too few for it yet, or too many for C: Python may try that frame)."""
+        self.stuck = False
         config = self.device.path_config
         vq = self._rx_queue(config)
-        if vq is None or self.port.python_consumers:
+        if vq is None or self.port.python_observers:
             return None
         q = vq.native()
         if q is None:
             return None
-        flat = batch.native
-        if flat is None:
-            n = len(batch.frames)
-            flat, keep = new_frames(n, 0)
-            data = ffi.new("uint8_t[]", b"".join(batch.frames))
-            lens = ffi.new("uint32_t[]", [len(f) for f in batch.frames])
-            lib.vp_frames_from_flat(flat, data, lens, n)
-            batch.native = flat = (flat, keep, data, lens)
-        frames = flat[0]
-        idx = self._offer_idx
-        if idx is None or len(idx) < count or self._offer_n != frames.n:
-            nframes = frames.n
-            idx = self._offer_idx = ffi.new("uint32_t[]", [k % nframes for k in range(count)])
-            self._offer_n = nframes
-        return self._place(vq, q, config, frames, idx, count, False)
+        native = batch.native
+        if not isinstance(native, _NativeBatch):
+            native = batch.native = _NativeBatch(batch.frames)
+        o = self._offer_args
+        o.src, o.idx, o.nsrc, o.pos = native.frames, native.idx, native.n, 0
+        o.chunk, o.hdr_len, o.mrg, o.max_len = OFFER_CHUNK, config.hdr_len, config.mrg, \
+            config.max_frame
+        st = self.rx_stats[vq.index // 2]
+        o.st, o.backlog = st, self.backlog_stats
+        target = vq.signal_target()
+        # A call only Python can make: one pass per C call, signalled between them.
+        o.signal, o.call_fd = (0, -1) if target is None else target
+        capture = self.port.capture
+        counters = self.device.rx_counters[vq.index // 2]
+        deadline = time.monotonic() + wait if wait > 0 else 0.0
+        idle_since: float | None = None
+        idle_ns = int(idle * 1e9)
+        taken = 0
+        while True:
+            o.count = count - taken
+            if capture is not None:
+                cap = self._capture_buffer(OFFER_CAPTURE_FRAMES, config.max_frame)
+                cap.n = cap.used = 0
+                o.cap = cap
+            else:
+                o.cap = ffi.NULL
+            left = deadline - time.monotonic() if wait > 0 else 0.0
+            o.budget_ns = max(1, int(left * 1e9)) if left > 0 and target is not None else 0
+            o.idle_ns = min(idle_ns, o.budget_ns)
+            rc = lib.vp_net_rx_offer(q, o)
+            if rc < 0:
+                raise _refused(rc, config)
+            vq.check_broken()
+            taken += o.taken
+            _fold(st, counters)
+            _fold(self.backlog_stats, self.device.backlog_counters, frames=False)
+            vq.signal_used()
+            if capture is not None and o.cap.n:
+                cap = o.cap
+                capture.write_records(ffi.buffer(cap.buf, cap.used), cap.n,
+                                      cap.used - RECORD * cap.n)
+            if taken >= count or rc in (lib.VP_OFFER_BROKEN, lib.VP_OFFER_TIME):
+                break
+            if rc == lib.VP_OFFER_CAPTURE:
+                continue
+            # VP_OFFER_EMPTY: C waited already, unless only Python can signal the ring
+            if target is not None or wait <= 0 or o.stuck:
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if o.taken:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= idle:
+                break
+        self.stuck = bool(o.stuck) and taken < count and not q.broken
+        return taken
 
     def _place(self, vq: CffiVirtqueue, q: Any, config: PathConfig, src: Any, idx: Any, n: int,
                swap: bool, *, record: bool = True) -> int:
@@ -480,6 +550,20 @@ class NetFastPath:
         if self._cap is None or self._cap.max < n or self._cap.cap < need:
             self._cap, self._cap_keep = new_frames(n, need)
         return self._cap
+
+
+class _NativeBatch:
+    """A `FrameBatch` as C offers it: its frames laid end to end in one buffer, and the
+    cyclic index table `vp_net_rx_offer` reads (`idx[j] = j % n`, n + `OFFER_CHUNK` long)."""
+
+    def __init__(self, frames: Sequence[bytes]) -> None:
+        n = len(frames)
+        self.n = n
+        self.frames, self._keep = new_frames(n, 0)
+        self._data = ffi.new("uint8_t[]", b"".join(frames) or b"\0")
+        self._lens = ffi.new("uint32_t[]", [len(f) for f in frames])
+        lib.vp_frames_from_flat(self.frames, self._data, self._lens, n)
+        self.idx = ffi.new("uint32_t[]", [j % n for j in range(n + OFFER_CHUNK)])
 
 
 def _solo(port: NetHostPort) -> tuple[Any, int, float, float] | None:

@@ -135,9 +135,7 @@ class NetApp:
 
     # -- frame paths -----------------------------------------------------------------------
     def _from_tap(self, tap: TapPort) -> None:
-        frames = tap.read_batch()
-        if frames:
-            self.switch.forward(tap, frames)
+        tap.forward_to(self.switch)
 
     def ping(self, ip: str, *, seq: int = 1, payload_size: int = 56) -> None:
         """Send one ICMP echo request from the responder to `ip` (loop thread only)."""
@@ -187,7 +185,7 @@ class NetApp:
             out["responder"] = self.responder.counters()
         if self.tap is not None:
             out["tap"] = {"sent": self.tap.sent, "received": self.tap.received,
-                          "drops": self.tap.drops}
+                          "drops": self.tap.drops, "truncated": self.tap.truncated}
         if self.pcap is not None:
             out["pcap"] = {"frames": self.pcap.frames}
         return out
