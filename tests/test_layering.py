@@ -27,7 +27,8 @@ LAYER1 = LAYER0 | {"memory", "virtqueue"}
 LAYER2 = LAYER1 | {"device"}
 MODELS = {"blk", "net", "rng", "console"}
 #: Layer 2½: the vring runner (it builds the ring variant the visible rule picks).
-LAYER2H = LAYER2 | {"vring", "completion", "pacing", "virtqueue_cffi", "virtqueue_packed"}
+LAYER2H = LAYER2 | {"vring", "completion", "pacing", "virtqueue_cffi", "virtqueue_packed",
+                    "native_kick"}
 LAYER3 = LAYER2H | MODELS | {"packets"}
 LAYER5 = LAYER3 | {"session", "frontend", "loop"}
 #: What a device model may import: the table's "device, virtqueue, memory, errors", plus
@@ -62,7 +63,10 @@ ALLOWED: dict[str, set[str] | None] = {
     # layer 2: the device interface
     "device": LAYER1 | {ROOT},
     # layer 2½: the runner of every served ring, shared by every transport
-    "vring": LAYER2 | {"virtqueue_cffi", "virtqueue_packed", "completion", "pacing", ROOT},
+    "vring": LAYER2 | {"virtqueue_cffi", "virtqueue_packed", "completion", "pacing",
+                       "native_kick", ROOT},
+    # kicks served in C: the runner's hand-off to the loop's waiter
+    "native_kick": LAYER1 | {ROOT},
     # the runner's decision after a kick: polling and interrupt coalescing
     "pacing": LAYER2 | {ROOT},
     # the runner's book of chains completed later (asyncio only for its CancelledError)

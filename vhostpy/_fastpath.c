@@ -133,6 +133,13 @@ int vp_has_available(const struct vp_vq *q) {
     return q->resubmit_pos < q->resubmit_n || ld16(q->avail + 2) != (uint16_t)q->last_avail_idx;
 }
 
+uint32_t vp_available(const struct vp_vq *q) {
+    uint32_t left = q->resubmit_n - q->resubmit_pos;
+    if (q->packed) return left + vp_packed_available(q);
+    uint32_t pending = (uint16_t)(ld16(q->avail + 2) - q->last_avail_idx);
+    return left + (pending <= q->size ? pending : 0);
+}
+
 /* Walk one chain into segs; 0 ok, -1 broken (reason in err), -2 segs full. With segs NULL
  * nothing is stored: the chain's writable buffers are marked in q's dirty log instead. */
 static int walk(struct vp_vq *q, uint32_t head, struct vp_seg *segs, uint32_t max_segs,

@@ -153,6 +153,9 @@ uint8_t *vp_mem_span(const struct vp_mem *m, uint64_t gpa, uint64_t *room);
 
 int vp_pending(struct vp_vq *q);
 int vp_has_available(const struct vp_vq *q);
+/* Chains available and not popped yet (resubmitted ones included), as Virtqueue.available
+ * counts them: a split avail idx the ring cannot hold counts none (vp_pop reports it). */
+uint32_t vp_available(const struct vp_vq *q);
 int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
            uint32_t max_segs);
 void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n);

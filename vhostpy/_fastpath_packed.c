@@ -276,6 +276,17 @@ int vp_packed_has_available(const struct vp_vq *q) {
     return is_avail(desc_flags(q, q->last_avail_idx), q->avail_wrap);
 }
 
+uint32_t vp_packed_available(const struct vp_vq *q) {
+    uint32_t idx = q->last_avail_idx, wrap = q->avail_wrap, chains = 0;
+    for (uint32_t k = q->in_flight_slots; k < q->size; k++) {
+        uint16_t flags = desc_flags(q, idx);
+        if (!is_avail(flags, wrap)) break;
+        if (!(flags & PDESC_F_NEXT)) chains++;
+        padvance(q->size, &idx, &wrap, 1);
+    }
+    return chains;
+}
+
 int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
                   uint32_t max_segs) {
     uint32_t count = 0, used_segs = 0;

@@ -2,10 +2,11 @@
 
 Run by setuptools at install (`cffi_modules` in setup.py) or by hand with
 `python vhostpy/_native_build.py`, which builds the extension next to this file. The C code
-is `_fastpath.c` (rings, net, switch), `_fastpath_packed.c` (packed rings), `_fastpath_blk.c` (virtio-blk), `_fastpath_net.c`
-(the net polling loop) and `_guard.c` (the SIGBUS guard over guest memory);
-`_fastpath.h`, `_fastpath_packed.h`, `_fastpath_net.h` and `_guard.h` hold the declarations cffi parses (plain C
-only). This module is never imported by the package at run time.
+is `_fastpath.c` (rings, net, switch), `_fastpath_packed.c` (packed rings), `_fastpath_blk.c`
+(virtio-blk), `_fastpath_kick.c` (kicks served in C), `_fastpath_net.c` (the net polling
+loop) and `_guard.c` (the SIGBUS guard over guest memory); the headers in `HEADERS` hold
+the declarations cffi parses (plain C only). This module is never imported by the package at
+run time.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from cffi import FFI  # type: ignore[import-untyped]
 HERE = Path(__file__).resolve().parent
 
 #: The C files compiled into the extension, in the package directory.
-SOURCES = ("_fastpath.c", "_fastpath_packed.c", "_fastpath_blk.c", "_fastpath_net.c", "_guard.c")
-HEADERS = ("_fastpath.h", "_fastpath_packed.h", "_fastpath_net.h", "_guard.h")
+SOURCES = ("_fastpath.c", "_fastpath_packed.c", "_fastpath_blk.c", "_fastpath_kick.c",
+           "_fastpath_net.c", "_guard.c")
+HEADERS = ("_fastpath.h", "_fastpath_packed.h", "_fastpath_kick.h", "_fastpath_net.h", "_guard.h")
 
 
 def make_builder(package_dir: str) -> FFI:

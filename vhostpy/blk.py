@@ -267,6 +267,15 @@ class BlockDevice(Device):
     def _store_reset(self) -> None:
         reset_store(self.store)
 
+    def native_server(self, index: int, vq: Virtqueue) -> Any:
+        """The compiled path serves kicks alone when it serves the ring at all and
+        `process_queue` is this one (a subclass may do more per kick)."""
+        fast = self._fast
+        if fast is None or not fast.serves(vq) \
+                or type(self).process_queue is not BlockDevice.process_queue:
+            return None
+        return fast
+
     def process_queue(self, index: int, vq: Virtqueue) -> None:
         fast = self._fast
         if fast is not None and fast.serves(vq):

@@ -68,20 +68,55 @@ class BlkFastPath:
         q = vq.native()
         if q is None:
             return
-        dev = self.device
-        b, bu, items = self.blk, self.burst, self._items
+        self._sync_device()
+        self.burst.count = self.burst.pos = 0
+        self._run(index, vq, q, None, 1 if vq.polling else 0)
+
+    def resume(self, index: int, vq: Virtqueue, rc: int) -> int:
+        """Finish a drain a kick served in C handed back with `rc` (`native_kick`): the
+        burst goes on from where C left it; returns the chains published meanwhile."""
+        served = self.burst.served
+        if not isinstance(vq, CffiVirtqueue):
+            return 0
+        q = vq.native()
+        if q is None:
+            return 0
+        self._run(index, vq, q, rc, 0)
+        return int(self.burst.served - served)
+
+    def kick_parts(self) -> tuple[Any, Any]:
+        """For `native_kick`: the device and burst structs C serves kicks with."""
+        return self.blk, self.burst
+
+    def prepare(self, vq: Virtqueue) -> bool:
+        """For `native_kick`: C's view of the device made current before a wait."""
+        self._sync_device()
+        self._fold()
+        return True
+
+    def fold(self) -> None:
+        """For `native_kick`: C's counters into `BlkStats`."""
+        self._fold()
+
+    def _sync_device(self) -> None:
+        dev, b = self.device, self.blk
         b.fd, b.read_only, b.capacity = dev.fd, dev.read_only, dev.capacity
-        bu.count = bu.pos = 0
+
+    def _run(self, index: int, vq: CffiVirtqueue, q: Any, rc: int | None, polling: int) -> None:
+        """Call C until the ring is drained, doing in between what C hands back (`rc`: a
+        return of C's to handle first, None: call C first)."""
+        dev = self.device
+        bu, items = self.burst, self._items
         target = vq.signal_target()
         if target is None:
             call_fd = _PY_CALL
         else:
             call_fd = target[1] if target[0] else _NO_SIGNAL
-        polling = 1 if vq.polling else 0
         drain = lib.vp_blk_drain
         try:
             while True:
-                rc = drain(b, q, bu, BURST, polling, call_fd)
+                if rc is None:
+                    rc = drain(self.blk, q, bu, BURST, polling, call_fd)
                 if rc == 0:  # VP_BLK_DONE
                     break
                 if rc == 1:  # VP_BLK_PYTHON
@@ -96,6 +131,7 @@ class BlkFastPath:
                 else:  # VP_BLK_SEGS
                     self._segs = ffi.new("struct vp_seg[]", vq.size + MAX_QUEUE_SIZE + 1)
                     bu.segs, bu.max_segs = self._segs, len(self._segs)
+                rc = None
         finally:
             vq.check_broken()
             self._fold()

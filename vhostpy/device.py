@@ -149,6 +149,12 @@ class Device:
     def queue_stopped(self, index: int, vq: Virtqueue) -> None:
         """Ring `index` stopped; the device must not touch `vq` any more."""
 
+    def native_server(self, index: int, vq: Virtqueue) -> Any:
+        """The compiled data path that may serve ring `index`'s kicks in C by itself, with
+        no Python per kick (a `native_kick.NativeServer`), or None: kicks go through
+        `process_queue` (the default). Asked each time the ring goes live."""
+        return None
+
     def process_queue(self, index: int, vq: Virtqueue) -> None:
         """Serve every available chain of ring `index` (called on each kick)."""
         drain(vq, lambda chain: self.handle_chain(index, vq, chain))

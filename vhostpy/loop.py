@@ -58,6 +58,20 @@ class Host(Protocol):
     def run_coroutine(self, coro: Awaitable[Any], done: Outcome) -> Callable[[], bool]: ...
 
 
+class Waiter(Protocol):
+    """Something that waits in an `EventLoop`'s place (`set_waiter`): while `active()`, the
+    loop calls `wait` instead of selecting; it must return once the selector's own fd
+    (`selector_fd`, an epoll fd) is readable or `timeout` seconds (None: no limit) passed,
+    and may do work of its own meanwhile (`native_kick.KickWaiter` serves rings' kicks in
+    C). The callbacks it returns run on the loop's thread before the ready fds'."""
+
+    def active(self) -> bool: ...
+
+    def wait(self, selector_fd: int, timeout: float | None) -> list[Callback]: ...
+
+    def close(self) -> None: ...
+
+
 class EventLoop:
     """Runs reader callbacks, timers and signal handlers until `stop()`."""
 
@@ -76,6 +90,18 @@ class EventLoop:
         self.add_reader(self._wake_fd, self._run_soon)
         self._companion: _Companion | None = None
         self._closing = threading.Lock()
+        self._waiter: Waiter | None = None
+
+    # -- a waiter ----------------------------------------------------------------------------
+    def set_waiter(self, waiter: Waiter | None) -> None:
+        """Let `waiter` wait in the selector's place while it is active (see `Waiter`); the
+        loop closes it when it closes."""
+        self._waiter = waiter
+
+    @property
+    def waiter(self) -> Waiter | None:
+        """The waiter `set_waiter` installed, or None."""
+        return self._waiter
 
     # -- readers and writers -----------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -197,6 +223,16 @@ class EventLoop:
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            waiter = self._waiter
+            if waiter is not None and waiter.active():
+                try:
+                    callbacks = waiter.wait(self._selector.fileno(), timeout)
+                except Exception:   # a bug: select as usual this turn (no busy loop)
+                    log.exception("event loop waiter %r failed", waiter)
+                else:
+                    for callback in callbacks:
+                        self._dispatch(callback)
+                    timeout = 0.0
             for key, events in self._selector.select(timeout):
                 if not self._running:
                     break
@@ -226,6 +262,9 @@ class EventLoop:
         companion, self._companion = self._companion, None
         if companion is not None:
             companion.close()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()
         for signum, previous in self._previous_handlers.items():
             signal.signal(signum, previous)  # type: ignore[arg-type]
         if self._old_wakeup_fd is not None:

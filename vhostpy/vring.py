@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from . import _accel
+from . import _accel, native_kick
 from .completion import Completion, InFlight
 from .device import Device
 from .errors import BackendError, FrontendError, VhostError
@@ -175,6 +175,8 @@ class Vring(Pacer):
         self.host = host
         self.state = RingState.UNCONFIGURED
         self.kicks = 0
+        #: Of those, the kicks C served alone (`native_kick`).
+        self.kicks_in_c = 0
         self.error: str | None = None
         self._started = False
         self._enabled = False
@@ -205,6 +207,8 @@ class Vring(Pacer):
         self._stop_token = 0
         self._async_timer = False
         self._last_completion = 0.0
+        #: This ring's kicks served in C (`native_kick`), while that is possible.
+        self._native: native_kick.NativeKick | None = None
         vq.runner = self
 
     # ------------------------------------------------------------------ what devices see
@@ -391,8 +395,10 @@ class Vring(Pacer):
                 self.host.remove_reader(fd)
                 raise FrontendError(f"vring {self.index}: kick fd {fd} cannot be watched: "
                                     f"{getattr(exc, 'strerror', None) or exc}") from exc
+        self._native_remove()
         self._drop_kick()
         self._kick = notifier
+        self._native_install()
 
     def set_call(self, notifier: Notifier | None) -> None:
         """Install the call endpoint (None: no interrupts); the old one is closed."""
@@ -619,7 +625,9 @@ class Vring(Pacer):
         log.debug("vring %d: %s -> %s", self.index, old.value, new.value)
         if new is RingState.ENABLED:
             self._serve_start()
+            self._native_install()
         elif old is RingState.ENABLED:
+            self._native_remove()
             self._stop_polling()
             self._device_hook("queue_stopped", self.device.queue_stopped)
 
@@ -661,6 +669,17 @@ class Vring(Pacer):
         self._held = streaming or (held is not None and self._polling)
         signals, waiting = self.vq.signals, self.vq.available()
         served = self.serve()
+        # A kick that found several requests waiting: the driver streams. One that found a
+        # single request may still serve many (a depth-1 driver keeping up with a long
+        # drain: a completion, its interrupt, the next request): count completions per
+        # interrupt then.
+        batch = served if waiting >= 2 else served // max(1, self.vq.signals - signals)
+        return self._paced(served, batch, streaming)
+
+    def _paced(self, served: int, batch: int, streaming: bool) -> int:
+        """What comes after a kick that served `served` chains (`batch`: the completions
+        each interrupt covered, for coalescing): hold its interrupt, poll, or neither."""
+        held = self.coalescing
         if held is not None and self._held:
             if self.vq.unsignalled:
                 if held.since is None:
@@ -671,15 +690,107 @@ class Vring(Pacer):
             if not self._polling:
                 self._held = False
         elif held is not None and served:
-            # A kick that found several requests waiting: the driver streams. One that found
-            # a single request may still serve many (a depth-1 driver keeping up with a long
-            # drain: a completion, its interrupt, the next request): count completions per
-            # interrupt then.
-            held.last_batch = served if waiting >= 2 else \
-                served // max(1, self.vq.signals - signals)
+            held.last_batch = batch
         if self.device.poll_after and served >= self.device.poll_after and not self._polling:
             self._start_polling()
         return served
+
+    # ------------------------------------------------------------------ kicks served in C
+
+    def native_target(self) -> int | None:
+        """For `native_kick`: C's call_fd when C may serve this ring's next kick alone --
+        the ring is live and the runner would do nothing but serve the kick and decide its
+        interrupt (not polling, not holding interrupts, not stopping, no completions
+        pending, the driver not streaming into coalescing) -- else None."""
+        if self.state is not RingState.ENABLED or self._polling or self._held \
+                or self._stopping is not None or self.inflight or self.inflight.queued:
+            return None
+        held = self.coalescing
+        if held is not None and (held.engaged or held.last_batch >= 2):
+            return None
+        target = self.signal_target()
+        if target is None:
+            return None
+        return target[1] if target[0] else native_kick.NO_SIGNAL
+
+    def native_served(self, kicks: int, chains: int) -> None:
+        """For `native_kick`: C served `kicks` kicks to the end (each at most
+        `_native_max()` chains, `chains` in all), as `kick()` would have."""
+        self.kicks += kicks
+        self.kicks_in_c += kicks
+        held = self.coalescing
+        if held is not None and chains:
+            held.last_batch = 1
+        lost = self.vq.memory.faulted()
+        if lost is not None:
+            self.fail(f"guest memory lost: {lost}")
+            if self.on_memory_lost is not None:
+                self.on_memory_lost(lost)
+
+    def native_handback(self, rc: int, served: int, batch: int) -> None:
+        """For `native_kick`: finish a kick C handed back: one C did not serve
+        (`native_kick.NOT_SERVED`) goes the Python way; otherwise the device finishes the
+        drain C started (its hook under the usual containment), then the runner paces as
+        after any kick."""
+        native = self._native
+        if rc == native_kick.NOT_SERVED or native is None:
+            self.kick()
+            return
+        self.kicks += 1
+        if self.state is not RingState.ENABLED:
+            return
+        more = 0
+
+        def finish(index: int, vq: Virtqueue) -> None:
+            nonlocal more
+            more = native.server.resume(index, vq, rc)
+        self._device_hook("process_queue", finish)
+        if self.state is RingState.ENABLED:
+            self._paced(served + more, batch + more, False)
+
+    def _native_max(self) -> int:
+        """The most chains a kick served in C may publish before the runner must see it: one
+        fewer than starts polling, and one with coalescing (two would engage it)."""
+        most = self.device.poll_after - 1 if self.device.poll_after else 1 << 30
+        if self.coalescing is not None:
+            most = min(most, 1)
+        return max(most, 0)
+
+    def _native_install(self) -> None:
+        """Have C serve this live ring's kicks when its device's compiled path can
+        (`Device.native_server`) and the host lets a `KickWaiter` wait for it."""
+        kick, host = self._kick, self.host
+        if self._native is not None or host is None or not isinstance(kick, EventFdNotifier) \
+                or kick.fd is None or self.state is not RingState.ENABLED:
+            return
+        waiter = native_kick.waiter_for(host)
+        if waiter is None:
+            return
+        try:
+            server = call_hook(self.device, "native_server", self.device.native_server,
+                               self.index, self.vq, ring=self.index)
+        except VhostError:
+            return
+        if server is None:
+            return
+        self._native = native_kick.NativeKick(self, server, self.vq, kick.fd,
+                                              self._native_max())
+        host.remove_reader(kick.fd)
+        waiter.add(self._native)
+        log.debug("vring %d: kicks served in C", self.index)
+
+    def _native_remove(self) -> None:
+        """Serve kicks in Python again (the kick fd goes back to the host's selector)."""
+        native, self._native = self._native, None
+        if native is None:
+            return
+        waiter = native_kick.waiter_for(self.host)
+        if waiter is not None:
+            waiter.remove(native.fd)
+        native.close()
+        kick = self._kick
+        if kick is not None and kick.fd == native.fd and self.host is not None:
+            self.host.add_reader(native.fd, self._on_kick_fd)
 
     def serve(self) -> int:
         """Run the device over the ring once (no kick counted); returns how many chains it
@@ -712,12 +823,13 @@ class Vring(Pacer):
                 "in_flight": len(self.in_flight), "deferred": len(self.inflight),
                 "inflight_tracked": vq.inflight_tracked, "resubmitted": self.resubmitted,
                 "dirty_logging": vq.dirty_log is not None,
-                "kicks": self.kicks,
+                "kicks": self.kicks, "kicks_in_c": self.kicks_in_c,
                 "polling": self._polling,
                 "error": self.error}
 
     def __repr__(self) -> str:
         return f"<Vring {self.index} {self.state.value} kicks={self.kicks}>"
+
 
 def _position(vq: Virtqueue) -> int:
     """Where the ring's next avail index is, as a number whose difference across one
