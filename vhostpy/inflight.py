@@ -404,7 +404,7 @@ class PackedInflight:
         if not 1 <= queue_size <= 32768:
             raise RegionError(f"inflight region for a packed queue of {queue_size}: not in "
                               "1..32768")
-        self.view = view
+        self.view = memoryview(view).cast("B")     # (the single stores cast slices of it)
         self.queue_size = queue_size
         self.counter = 0          # the next chain's counter
         self._free_head = 0
