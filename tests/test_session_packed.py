@@ -24,6 +24,7 @@ from test_session import (
     RING_STRIDE,
     UVA,
     DriverRing,
+    EchoDevice,
     R,
     Rig,
 )
@@ -361,3 +362,56 @@ def test_vhost_proxy_never_forwards_packed(backend: Any, tmp_path: Path) -> None
         assert not drv.proxy.acked_features & PACKED_BIT
     finally:
         drv.close()
+
+
+# ------------------------------------------------------------------ a killed back-end
+
+
+def test_a_killed_sessions_packed_chain_is_served_again(rig: Rig) -> None:
+    """The inflight region on packed rings, end to end through two sessions: queue 1 (its
+    part of the packed region after queue 0's) holds a chain when its back-end goes; the
+    next session, given the same region and the ring's state as the front-end kept it,
+    serves that chain again, once, and goes on."""
+    from test_recovery import Holding
+
+    use_device(rig, Holding())
+    rig.negotiate(packed=True)
+    rig.mem_table()
+    [answer] = rig.send(R.GET_INFLIGHT_FD, p.InflightInfo(0, 0, 2, 6))
+    info = answer.payload
+    assert isinstance(info, p.InflightInfo)
+    region_fd = os.dup(answer.fds[0])         # the front-end keeps it across back-ends
+    rig.ours.append(region_fd)
+    rig.must(R.SET_INFLIGHT_FD, info, fds=[os.dup(region_fd)])
+    drv = packed_ring(rig, 1, 6)
+    rig.host.run_timers()
+    for k in range(4):                        # completed ones first: the state moved on
+        buf_id, _ = drv.add_chain([b"x" * k], [k])
+        rig.session.kick(1)
+        for handle in rig.device.held:        # type: ignore[attr-defined]
+            handle.complete(k)
+        rig.device.held.clear()               # type: ignore[attr-defined]
+        rig.host.run_timers()
+        assert drv.get_used() == [(buf_id, k)]
+    if not rig.session.rings[1].vq.inflight_tracked:
+        pytest.skip(f"{type(rig.session.rings[1].vq).__name__} does not track packed chains "
+                    "in the inflight region yet")
+    buf_id, addrs = drv.add_chain([b"only once"], [9])
+    assert rig.session.kick(1) and drv.get_used() == []    # (kick counts slots: 2)
+    kept = state_of(drv)                      # what the front-end's vring state says
+    rig.session.close()                       # the back-end is gone
+    rig.driver.write(addrs[1], bytes(9))      # (its reply must come again)
+
+    rig.device = EchoDevice()
+    rig.session = Session(rig.device, rig.host)
+    rig.negotiate(packed=True)
+    rig.mem_table()
+    rig.must(R.SET_INFLIGHT_FD, info, fds=[os.dup(region_fd)])
+    # QEMU hands the last state it has: here the used half it saw, avail where it was
+    drv = packed_ring(rig, 1, 6, base=kept, drv=drv)
+    rig.host.run_timers()
+    assert drv.get_used() == [(buf_id, 9)]
+    assert rig.driver.read(addrs[1], 9) == b"only once"
+    assert rig.session.rings[1].resubmitted == 1
+    assert rig.session.kick(1) == 0           # served once only
+    echo(rig, drv, 1, [b"and on"])

@@ -660,7 +660,7 @@ class Vring(Pacer):
 
     def kick(self) -> int:
         """The driver kicked this ring; serve it and decide what comes next (see the module
-        docstring). Returns how many chains the device took (truthy on progress)."""
+        docstring). Returns how many chains the device took (`serve`; truthy on progress)."""
         self.kicks += 1
         if self.state is not RingState.ENABLED:
             return 0
@@ -794,7 +794,9 @@ class Vring(Pacer):
 
     def serve(self) -> int:
         """Run the device over the ring once (no kick counted); returns how many chains it
-        popped, or 1 if it only published used entries (0: no progress)."""
+        popped (a packed ring: how many descriptor slots, as many as chains when each is one
+        descriptor or an indirect table), or 1 if it only published used entries (0: no
+        progress)."""
         if self.state is not RingState.ENABLED:
             return 0
         vq = self.vq
