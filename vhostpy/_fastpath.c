@@ -283,12 +283,12 @@ void vp_log_mark(struct vp_vq *q, uint64_t gpa, uint64_t len) {
 }
 
 void vp_unpop(struct vp_vq *q, uint32_t head, uint32_t resubmitted) {
-    if (resubmitted && q->resubmit_pos) {
-        q->resubmit_pos--;
+    if (q->packed) {
+        vp_packed_unpop(q, head, resubmitted);
         return;
     }
-    if (q->packed) {
-        vp_packed_unpop(q, head);
+    if (resubmitted && q->resubmit_pos) {
+        q->resubmit_pos--;
         return;
     }
     q->last_avail_idx = (q->last_avail_idx - 1) & 0xFFFF;
@@ -301,6 +301,7 @@ int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_s
            uint32_t max_segs) {
     q->seg_overflow = 0;
     if (q->broken || !limit) return 0;
+    if (q->packed) return vp_packed_pop(q, limit, chains, segs, max_segs);
     uint32_t used_segs = 0, count = 0;
     char err[256];
     while (count < limit && q->resubmit_pos < q->resubmit_n) {
@@ -318,8 +319,6 @@ int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_s
         count++;
     }
     if (count == limit) return (int)count;
-    if (q->packed) return (int)count + vp_packed_pop(q, limit - count, chains + count,
-                                                     segs + used_segs, max_segs - used_segs);
     int pending = vp_pending(q);
     if (pending <= 0) return (int)count;
     uint32_t n = count + ((uint32_t)pending < limit - count ? (uint32_t)pending : limit - count);

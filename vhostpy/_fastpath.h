@@ -71,6 +71,12 @@ struct vp_vq {
     uint32_t used_advance;       /* slots the used index moved since the last signal decision */
     uint64_t desc_gpa;           /* the descriptor ring's guest address (dirty log) */
     struct vp_pid *pid;          /* `size` records, one per buffer id */
+    uint32_t pinf_free_head;     /* packed inflight tracking (_fastpath_packed.h) */
+    uint32_t inflight_lost;
+    /* Packed: the resubmitted chains' descriptors as the region recorded them (16 bytes
+     * each, ring format); entry k of `resubmit` has resubmit_first[k] .. [k + 1]. */
+    const uint8_t *resubmit_descs;
+    const uint32_t *resubmit_first;
 };
 
 /* A buffer of a popped chain (guest-physical address, length, device-writable?). */

@@ -190,34 +190,31 @@ static int pindirect(struct vp_vq *q, uint64_t addr, uint32_t len, struct vp_seg
     return rc;
 }
 
-/* Walk the chain whose first descriptor is at ring slot `start`: 0, -1 broken, -2 segs full. */
-static int pwalk_chain(struct vp_vq *q, uint32_t start, struct vp_seg *segs, uint32_t max_segs,
-                       struct pwalk *w, char *err, size_t el) {
-    uint32_t size = q->size, budget = size - q->in_flight_slots, i = start;
+/* Check and store the chain made of the `nd` descriptors table[k] (16 bytes each, ring
+ * format; k < nd, index `wrap` goes back to 0), named after ring slots from `start`
+ * (`resub` 0) or as "descriptor k of nd" (a resubmitted chain's copies). 0, -1, -2. */
+static int pbuild(struct vp_vq *q, const uint8_t *table, uint32_t wrap, uint32_t start,
+                  uint32_t nd, int resub, struct vp_seg *segs, uint32_t max_segs,
+                  struct pwalk *w, char *err, size_t el) {
     char where[48];
     memset(w, 0, sizeof *w);
-    for (;;) {
-        if (w->slots >= budget) {
-            if (q->in_flight_slots)
-                perr(err, el, "chain longer than the %u free descriptors (%u in flight, size %u)",
-                     budget, q->in_flight_slots, size);
-            else
-                perr(err, el, "descriptor loop: chain longer than size %u", size);
-            return -1;
-        }
+    w->slots = nd;
+    for (uint32_t k = 0; k < nd; k++) {
+        uint32_t i = (start + k) % wrap;
         uint8_t d[16];
-        memcpy(d, q->desc + 16 * (uint64_t)i, 16);
+        memcpy(d, table + 16 * (uint64_t)i, 16);
         uint64_t addr; uint32_t len; uint16_t id, flags;
         memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&id, d + 12, 2); memcpy(&flags, d + 14, 2);
-        w->slots++;
+        if (resub) snprintf(where, sizeof where, "descriptor %u of %u", k, nd);
+        else snprintf(where, sizeof where, "descriptor %u", i);
         w->id = id;
         if (flags & PDESC_F_INDIRECT) {
             if (flags & PDESC_F_NEXT) {
-                perr(err, el, "descriptor %u has both INDIRECT and NEXT (flags 0x%x)", i, flags);
+                perr(err, el, "%s has both INDIRECT and NEXT (flags 0x%x)", where, flags);
                 return -1;
             }
-            if (w->slots > 1) {
-                perr(err, el, "indirect descriptor %u after %u direct ones", i, w->slots - 1);
+            if (k) {
+                perr(err, el, "indirect %s after %u direct ones", where, k);
                 return -1;
             }
             int rc = pindirect(q, addr, len, segs, max_segs, w, err, el);
@@ -226,12 +223,33 @@ static int pwalk_chain(struct vp_vq *q, uint32_t start, struct vp_seg *segs, uin
             w->ind_len = len;
             break;
         }
-        snprintf(where, sizeof where, "descriptor %u", i);
         int rc = pbuffer(q, where, addr, len, flags, segs, max_segs, w, err, el);
         if (rc) return rc;
-        if (!(flags & PDESC_F_NEXT)) break;
+    }
+    return 0;
+}
+
+/* Walk the chain whose first descriptor is at ring slot `start`: its slots first (flags
+ * only, within the free descriptors), then every descriptor; 0, -1 broken, -2 segs full. */
+static int pwalk_chain(struct vp_vq *q, uint32_t start, struct vp_seg *segs, uint32_t max_segs,
+                       struct pwalk *w, char *err, size_t el) {
+    uint32_t size = q->size, budget = size - q->in_flight_slots, i = start, nd = 0;
+    for (;;) {
+        if (nd >= budget) {
+            if (q->in_flight_slots)
+                perr(err, el, "chain longer than the %u free descriptors (%u in flight, size %u)",
+                     budget, q->in_flight_slots, size);
+            else
+                perr(err, el, "descriptor loop: chain longer than size %u", size);
+            return -1;
+        }
+        uint16_t flags = desc_flags(q, i);
+        nd++;
+        if ((flags & PDESC_F_INDIRECT) || !(flags & PDESC_F_NEXT)) break;
         i = i + 1 < size ? i + 1 : 0;
     }
+    int rc = pbuild(q, q->desc, size, start, nd, 0, segs, max_segs, w, err, el);
+    if (rc) return rc;
     if (w->id >= size) {
         perr(err, el, "buffer id %u >= size %u", w->id, size);
         return -1;
@@ -246,7 +264,10 @@ static int pwalk_chain(struct vp_vq *q, uint32_t start, struct vp_seg *segs, uin
 /* Remember what completing id needs: its slot count and its writable buffers. */
 static int precord(struct vp_vq *q, const struct pwalk *w, const struct vp_seg *segs) {
     struct vp_pid *p = &q->pid[w->id];
+    free(p->more);
+    p->more = NULL;
     p->slots = w->slots;
+    p->taken = 1;
     p->nw = 0;
     p->ind_addr = w->ind_addr;
     p->ind_len = w->ind_len;
@@ -270,6 +291,75 @@ static inline void padvance(uint32_t size, uint32_t *idx, uint32_t *wrap, uint32
     }
 }
 
+/* ---------------------------------------------------------------- inflight tracking */
+
+/* QueueRegionPacked and DescStatePacked offsets (inflight.py's PACKED_HEADER / _STATE). */
+enum { PI_FREE_HEAD = 12, PI_OLD_FREE_HEAD = 14, PI_USED_IDX = 16, PI_OLD_USED = 18,
+       PI_USED_WRAP = 20, PI_HDR = 32, PI_STATE = 32, PS_NEXT = 2, PS_LAST = 4, PS_NUM = 6,
+       PS_COUNTER = 8, PS_COPY = 16 };
+
+/* Each region field is one store, and the compiler keeps them in program order: a
+ * back-end killed between two stores leaves exactly the first in the shared region. */
+#define PORDER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+static inline uint8_t *pstate(const struct vp_vq *q, uint32_t entry) {
+    return q->inflight + PI_HDR + PI_STATE * (uint64_t)entry;
+}
+
+static void pput8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); PORDER(); }
+static void pput16(uint8_t *p, uint16_t v) { pst16(p, v); PORDER(); }
+static void pput32(uint8_t *p, uint32_t v) {
+    __atomic_store_n((uint32_t *)(void *)p, v, __ATOMIC_RELAXED);
+    PORDER();
+}
+static void pput64(uint8_t *p, uint64_t v) {
+    __atomic_store_n((uint64_t *)(void *)p, v, __ATOMIC_RELAXED);
+    PORDER();
+}
+
+static void inflight_lost(struct vp_vq *q, uint32_t entry) {
+    q->inflight = NULL;
+    q->inflight_lost = entry + 1;
+}
+
+/* A chain of `slots` ring descriptors from slot `start` was taken (buffer id `id`): record
+ * it in the region (PackedInflight.popped, store for store). */
+static void pinf_popped(struct vp_vq *q, uint32_t start, uint32_t slots, uint32_t id) {
+    uint32_t n = q->size, head = q->pinf_free_head, free_ = head, last_entry = head;
+    if (head >= n) {
+        inflight_lost(q, head);
+        return;
+    }
+    uint8_t *h = pstate(q, head);
+    pput16(h + PS_NUM, 0);
+    pput64(h + PS_COUNTER, q->inflight_counter++);
+    pput8(h, 1);
+    for (uint32_t k = 0; k < slots; k++) {
+        if (free_ >= n) {
+            inflight_lost(q, free_);
+            return;
+        }
+        if (k == slots - 1) pput16(h + PS_LAST, (uint16_t)free_);
+        pput16(h + PS_NUM, (uint16_t)(k + 1));
+        uint8_t *e = pstate(q, free_);
+        const uint8_t *d = q->desc + 16 * (uint64_t)((start + k) % n);
+        uint64_t addr; uint32_t len; uint16_t did, flags;
+        memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&did, d + 12, 2); memcpy(&flags, d + 14, 2);
+        memcpy(e + PS_COPY, &did, 2);
+        memcpy(e + PS_COPY + 2, &flags, 2);
+        memcpy(e + PS_COPY + 4, &len, 4);
+        memcpy(e + PS_COPY + 8, &addr, 8);
+        PORDER();
+        last_entry = free_;
+        free_ = pld16(e + PS_NEXT);
+        pput16(q->inflight + PI_FREE_HEAD, (uint16_t)free_);
+    }
+    pput16(q->inflight + PI_OLD_FREE_HEAD, (uint16_t)free_);    /* the commit */
+    q->pinf_free_head = free_;
+    q->pid[id].inf_head = head;
+    q->pid[id].inf_last = last_entry;
+}
+
 /* ---------------------------------------------------------------- the ring entry points */
 
 int vp_packed_has_available(const struct vp_vq *q) {
@@ -287,10 +377,44 @@ uint32_t vp_packed_available(const struct vp_vq *q) {
     return chains;
 }
 
+static void fill_chain(struct vp_chain *ch, const struct pwalk *w, uint32_t first, uint32_t resub) {
+    ch->head = w->id;
+    ch->first = first;
+    ch->nseg = w->nseg;
+    ch->readable_len = (uint32_t)w->rl;
+    ch->writable_len = (uint32_t)w->wl;
+    ch->resubmitted = resub;
+}
+
 int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
                   uint32_t max_segs) {
     uint32_t count = 0, used_segs = 0;
     char err[256];
+    /* The resubmit list first: chains a previous back-end took, from the region's copies
+     * (their slots were counted in flight when they were recovered). */
+    while (count < limit && q->resubmit_pos < q->resubmit_n && q->resubmit_descs) {
+        uint32_t id = q->resubmit[q->resubmit_pos];
+        uint32_t first = q->resubmit_first[q->resubmit_pos];
+        uint32_t nd = q->resubmit_first[q->resubmit_pos + 1] - first;
+        struct pwalk w;
+        int rc = pbuild(q, q->resubmit_descs + 16 * (uint64_t)first, nd ? nd : 1, 0, nd, 1,
+                        segs + used_segs, max_segs - used_segs, &w, err, sizeof err);
+        if (rc == -2) { q->seg_overflow = 1; return (int)count; }
+        w.id = (uint16_t)id;
+        if (rc == 0 && (id >= q->size || precord(q, &w, segs + used_segs))) {
+            snprintf(err, sizeof err, "cannot record buffer id %u", id);
+            rc = -1;
+        }
+        if (rc) {
+            snprintf(q->error, sizeof q->error, "resubmitted chain of buffer id %u: %s", id, err);
+            q->broken = 1;
+            return (int)count;
+        }
+        fill_chain(&chains[count], &w, used_segs, 1);
+        used_segs += w.nseg;
+        q->resubmit_pos++;
+        count++;
+    }
     while (count < limit) {
         uint32_t idx = q->last_avail_idx, wrap = q->avail_wrap;
         if (!is_avail(desc_flags(q, idx), wrap)) break;
@@ -308,13 +432,8 @@ int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
             q->broken = 1;
             break;
         }
-        struct vp_chain *ch = &chains[count];
-        ch->head = w.id;
-        ch->first = used_segs;
-        ch->nseg = w.nseg;
-        ch->readable_len = (uint32_t)w.rl;
-        ch->writable_len = (uint32_t)w.wl;
-        ch->resubmitted = 0;
+        if (q->inflight) pinf_popped(q, idx, w.slots, w.id);
+        fill_chain(&chains[count], &w, used_segs, 0);
         used_segs += w.nseg;
         q->in_flight_slots += w.slots;
         padvance(q->size, &q->last_avail_idx, &q->avail_wrap, w.slots);
@@ -325,10 +444,25 @@ int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
     return (int)count;
 }
 
-void vp_packed_unpop(struct vp_vq *q, uint32_t id) {
+void vp_packed_unpop(struct vp_vq *q, uint32_t id, uint32_t resubmitted) {
     if (id >= q->size || !q->pid[id].slots) return;
-    uint32_t slots = q->pid[id].slots;
-    pid_clear(&q->pid[id]);
+    struct vp_pid *p = &q->pid[id];
+    if (resubmitted) {            /* back to the resubmit list: still reserved, region as is */
+        if (q->resubmit_pos) q->resubmit_pos--;
+        free(p->more);
+        p->more = NULL;
+        p->taken = 0;
+        return;
+    }
+    if (q->inflight) {            /* PackedInflight.given_back */
+        pput16(pstate(q, p->inf_last) + PS_NEXT, (uint16_t)q->pinf_free_head);
+        q->pinf_free_head = p->inf_head;
+        pput16(q->inflight + PI_FREE_HEAD, (uint16_t)p->inf_head);
+        pput16(q->inflight + PI_OLD_FREE_HEAD, (uint16_t)p->inf_head);   /* the commit */
+        pput8(pstate(q, p->inf_head), 0);
+    }
+    uint32_t slots = p->slots;
+    pid_clear(p);
     q->in_flight_slots -= slots;
     if (q->last_avail_idx < slots) {
         q->last_avail_idx += q->size - slots;
@@ -338,13 +472,17 @@ void vp_packed_unpop(struct vp_vq *q, uint32_t id) {
     }
 }
 
+static inline int completes(const struct vp_vq *q, uint32_t id) {
+    return id < q->size && q->pid[id].slots && q->pid[id].taken;
+}
+
 void vp_packed_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
     uint32_t idx = q->used_idx, wrap = q->used_wrap, start = idx, advanced = 0, done = 0;
     uint8_t *first = NULL;
     uint16_t first_flags = 0;
     for (uint32_t k = 0; k < n; k++) {
         uint32_t id = items[2 * k], len = items[2 * k + 1];
-        if (id >= q->size || !q->pid[id].slots) continue;   /* not in flight: callers check */
+        if (!completes(q, id)) continue;        /* not handed out: callers check */
         uint8_t *e = q->desc + 16 * (uint64_t)idx;
         uint16_t id16 = (uint16_t)id, flags = wrap ? (uint16_t)(PDESC_F_AVAIL | PDESC_F_USED) : 0;
         memcpy(e + 8, &len, 4);
@@ -361,8 +499,31 @@ void vp_packed_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
         done++;
     }
     if (!first) return;
+    uint8_t *inf = q->inflight;
+    if (inf) {                  /* PackedInflight.completing: link the batch, move used */
+        uint32_t free_ = q->pinf_free_head;
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t id = items[2 * k];
+            if (!completes(q, id)) continue;
+            pput16(pstate(q, q->pid[id].inf_last) + PS_NEXT, (uint16_t)free_);
+            free_ = q->pid[id].inf_head;
+            pput16(inf + PI_FREE_HEAD, (uint16_t)free_);
+        }
+        q->pinf_free_head = free_;
+        pput16(inf + PI_USED_IDX, (uint16_t)idx);
+        pput8(inf + PI_USED_WRAP, (uint8_t)wrap);
+    }
     __atomic_thread_fence(__ATOMIC_RELEASE);   /* the batch before the flags the driver polls */
     pst16(first + 14, first_flags);
+    if (inf) {                  /* PackedInflight.completed: clear, then commit */
+        PORDER();
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t id = items[2 * k];
+            if (completes(q, id)) pput8(pstate(q, q->pid[id].inf_head), 0);
+        }
+        pput16(inf + PI_OLD_FREE_HEAD, (uint16_t)q->pinf_free_head);
+        pput32(inf + PI_OLD_USED, idx | wrap << 16 | wrap << 24);
+    }
     q->used_idx = idx;
     q->used_wrap = wrap;
     q->unsignalled += done;
@@ -370,7 +531,7 @@ void vp_packed_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
     q->in_flight_slots -= advanced;
     for (uint32_t k = 0; k < n; k++) {      /* after the writes: the log, then forget the ids */
         uint32_t id = items[2 * k];
-        if (id >= q->size || !q->pid[id].slots) continue;
+        if (!completes(q, id)) continue;
         struct vp_pid *p = &q->pid[id];
         if (q->log) {
             if (p->ind_len) {

@@ -9,7 +9,8 @@
 /* Writable buffers a buffer id keeps in place (more are kept in a malloc'd array). */
 #define VP_PID_INLINE 4
 
-/* A packed ring's buffer id: what completing it needs. `slots` is how many ring slots its
+/* A packed ring's buffer id: what completing it needs (and, with inflight tracking, where
+ * its chain is in the region). `slots` is how many ring slots its
  * chain used (0: the id is not in flight); its device-writable buffers are kept for the
  * dirty log (used descriptors overwrite the ring): `nw` of them in `w` (or in `more` when
  * there are more than VP_PID_INLINE), or, for an indirect chain, the table to walk again
@@ -19,7 +20,9 @@ struct vp_pid {
     uint32_t nw;
     uint64_t ind_addr;
     uint32_t ind_len;
-    uint32_t pad;
+    uint32_t taken;          /* 1 once vp_pop handed it out (a recovered id waits with 0) */
+    uint32_t inf_head;       /* its chain's first and last entries in the inflight region */
+    uint32_t inf_last;
     struct vp_seg w[4];
     struct vp_seg *more;
 };
@@ -35,8 +38,15 @@ int vp_packed_has_available(const struct vp_vq *q);
 uint32_t vp_packed_available(const struct vp_vq *q);
 int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
                   uint32_t max_segs);
-void vp_packed_unpop(struct vp_vq *q, uint32_t id);
+void vp_packed_unpop(struct vp_vq *q, uint32_t id, uint32_t resubmitted);
 void vp_packed_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n);
 int vp_packed_needs_notification(const struct vp_vq *q);
 void vp_packed_disable_notifications(struct vp_vq *q);
 int vp_packed_enable_notifications(struct vp_vq *q, int after_available);
+
+/* Inflight tracking of a packed ring (INFLIGHT_SHMFD, inflight.PackedInflight has the layout
+ * and the store order, which C follows store for store): `inflight` then points at the
+ * queue's QueueRegionPacked, `inflight_counter` is the next chain's counter and
+ * `pinf_free_head` the region's free head as this instance keeps it (Python mirrors them
+ * after attaching or recovering). A region whose free list turns out to leave the queue was
+ * written by someone else: tracking stops (`inflight` NULL, `inflight_lost` set). */

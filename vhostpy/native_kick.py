@@ -143,7 +143,9 @@ class KickWaiter:
     def __init__(self) -> None:
         if lib is None:
             raise TypeError("kicks served in C need the compiled fast path")
-        self._epoll = select.epoll()
+        #: The epoll set C waits on: open only while some ring is served (no fd is kept
+        #: by a loop whose front-ends are gone).
+        self._epoll: select.epoll | None = None
         self._selector_fd: int | None = None
         self._rings: dict[int, NativeKick] = {}
         self._array: Any = ffi.new("struct vp_kick *[]", 1)
@@ -152,6 +154,9 @@ class KickWaiter:
         """Serve `kick.fd` in C from the next wait (the caller stopped watching it)."""
         if kick.fd in self._rings:
             raise ValueError(f"kick fd {kick.fd} is served in C already")
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._selector_fd = None
         self._epoll.register(kick.fd, select.EPOLLIN)
         self._rings[kick.fd] = kick
         self._rebuild()
@@ -159,12 +164,15 @@ class KickWaiter:
     def remove(self, fd: int) -> NativeKick | None:
         """Stop serving `fd` (the caller watches it again); the ring's NativeKick, or None."""
         kick = self._rings.pop(fd, None)
-        if kick is None:
-            return None
+        if kick is None or self._epoll is None:
+            return kick
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):       # already closed: the epoll set dropped it
             pass
+        if not self._rings:
+            self._epoll.close()
+            self._epoll = None
         self._rebuild()
         return kick
 
@@ -179,16 +187,19 @@ class KickWaiter:
     def wait(self, selector_fd: int, timeout: float | None) -> list[Callable[[], None]]:
         """Wait like the loop's selector would for at most `timeout` seconds (None: no
         limit), serving kicks in C meanwhile; returns the rings' callbacks to run now."""
+        epoll = self._epoll
+        if epoll is None:
+            return []
         if self._selector_fd != selector_fd:
             if self._selector_fd is not None:
-                self._epoll.unregister(self._selector_fd)
-            self._epoll.register(selector_fd, select.EPOLLIN)
+                epoll.unregister(self._selector_fd)
+            epoll.register(selector_fd, select.EPOLLIN)
             self._selector_fd = selector_fd
         rings = list(self._rings.values())
         for kick in rings:
             kick.before_wait()
         ms = -1 if timeout is None else min(math.ceil(timeout * 1000), 2**31 - 1)
-        rc = lib.vp_kick_wait(self._epoll.fileno(), self._array, len(rings), ms)
+        rc = lib.vp_kick_wait(epoll.fileno(), self._array, len(rings), ms)
         if rc < 0:
             log.warning("kicks served in C: epoll_wait failed (errno %d)", -rc)
         callbacks = []
@@ -199,9 +210,9 @@ class KickWaiter:
         return callbacks
 
     def close(self) -> None:
+        """Serve nothing more (the loop is closing)."""
         for fd in list(self._rings):
             self.remove(fd)
-        self._epoll.close()
 
 
 def waiter_for(host: object) -> KickWaiter | None:

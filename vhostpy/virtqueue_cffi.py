@@ -16,12 +16,14 @@ that was removed. Importable without the extension; instantiable only with it.
 from __future__ import annotations
 
 import itertools
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 from . import _accel
 from .dirtylog import DirtyLog
 from .errors import BackendError
-from .inflight import RegionError, SplitInflight
+from .inflight import PackedInflight, RecoveredChain, RegionError, SplitInflight
 from .memory import GuestMemory, pin_view
 from .virtqueue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue
 from .virtqueue_packed import PackedVirtqueue
@@ -32,6 +34,7 @@ ffi: Any = _accel.ffi
 lib: Any = _accel.lib
 
 _SEGS = 4096
+_PDESC = struct.Struct("<QIHH")  # a packed ring descriptor: addr, len, id, flags
 
 
 def _field(name: str, kind: type = int) -> property:
@@ -246,13 +249,15 @@ class CffiVirtqueue(Virtqueue):
 
 class CffiPackedVirtqueue(CffiVirtqueue, PackedVirtqueue):
     """The compiled packed ring: `PackedVirtqueue`'s contract (layout, 32-bit base, buffer
-    ids, event suppression, the same checks and messages), with its state in the C struct
-    (`packed` set) and its walks in `_fastpath_packed.c`, which the ring entry points
-    `CffiVirtqueue` calls dispatch to. So every compiled device path serves it unchanged.
+    ids, event suppression, inflight tracking, the same checks and messages), with its state
+    in the C struct (`packed` set) and its walks in `_fastpath_packed.c`, which the ring
+    entry points `CffiVirtqueue` calls dispatch to. So every compiled device path serves it
+    unchanged.
 
-    Per buffer id in flight C keeps a record (`struct vp_pid`: slots, writable buffers for
-    the dirty log), sized with the ring. Inflight tracking (INFLIGHT_SHMFD) of packed rings
-    is not compiled yet: `attach_inflight` refuses a region (the ring runs untracked).
+    Per buffer id C keeps a record (`struct vp_pid`: slots, writable buffers for the dirty
+    log, its chain's entries in the inflight region), sized with the ring. Attaching an
+    inflight region (and recovering one) is `PackedVirtqueue`'s Python; C then makes the
+    region's stores itself, in `PackedInflight`'s order, from the state mirrored here.
     """
 
     avail_wrap = _field("avail_wrap", bool)
@@ -263,6 +268,9 @@ class CffiPackedVirtqueue(CffiVirtqueue, PackedVirtqueue):
     def __init__(self, memory: GuestMemory, index: int) -> None:
         self._pids: Any = None
         self._pids_n = 0
+        #: What C reads the resubmitted chains from (kept alive here).
+        self._c_resubmit_descs: Any = None
+        self._c_resubmit_first: Any = None
         super().__init__(memory, index)
         self._q.packed = 1
 
@@ -293,27 +301,64 @@ class CffiPackedVirtqueue(CffiVirtqueue, PackedVirtqueue):
             lib.vp_packed_forget(self._q)
         self._q.in_flight_slots = self._q.used_advance = 0
 
-    def attach_inflight(self, view: memoryview | None) -> list[int]:
-        """Inflight tracking of compiled packed rings is a later step: RegionError for a
-        region."""
-        if view is not None:
-            raise RegionError(f"virtqueue {self.index}: packed rings: inflight tracking not "
-                              "supported yet")
-        return Virtqueue.attach_inflight(self, None)
+    # ---------------------------------------------------------------- inflight tracking
+
+    def _mirror_inflight(self, tracker: PackedInflight, chains: Sequence[RecoveredChain]
+                         ) -> None:
+        q = self._sync()
+        if q is None:
+            return
+        self._c_inflight, q.inflight = pin_view(tracker.view)
+        q.inflight_counter = tracker.counter
+        q.pinf_free_head = tracker.free_head
+        q.inflight_lost = 0
+        lib.vp_packed_forget(q)
+        q.in_flight_slots = sum(len(chain.descs) for chain in chains)
+        entries = tracker.in_flight
+        flat = bytearray()
+        first = [0]
+        for chain in chains:
+            record = self._pids[chain.buf_id]
+            record.slots = len(chain.descs)
+            record.inf_head, record.inf_last = entries[chain.buf_id]
+            for addr, length, buf_id, flags in chain.descs:
+                flat += _PDESC.pack(addr, length, buf_id, flags)
+            first.append(first[-1] + len(chain.descs))
+        if chains:
+            self._c_resubmit_descs = ffi.new("uint8_t[]", bytes(flat))
+            self._c_resubmit_first = ffi.new("uint32_t[]", first)
+            q.resubmit_descs, q.resubmit_first = self._c_resubmit_descs, self._c_resubmit_first
+
+    def _set_resubmit(self, heads: list[int]) -> None:
+        super()._set_resubmit(heads)
+        if not heads:
+            self._q.resubmit_descs = self._q.resubmit_first = ffi.NULL
+            self._c_resubmit_descs = self._c_resubmit_first = None
+
+    def check_broken(self) -> None:
+        """Also: C found the region changed under the ring (tracking stopped there)."""
+        q = self._q
+        if q.inflight_lost:
+            entry = q.inflight_lost - 1
+            q.inflight_lost = 0
+            self._lose_tracking(RegionError(f"inflight region: the free list leaves the queue "
+                                            f"(entry {entry}, queue of {self._size})"))
+        super().check_broken()
 
     def add_used_many(self, items: Any) -> None:
-        """As `PackedVirtqueue.add_used_many`: ValueError (nothing written) for an id not in
-        flight or given twice."""
+        """As `PackedVirtqueue.add_used_many`: ValueError (nothing written) for an id not
+        handed out or given twice."""
         if not items or self._sync() is None:
             return
         self._check_used(items)
         pids, seen = self._pids, set()
         for buf_id, _ in items:
-            if pids is None or buf_id >= self._pids_n or not pids[buf_id].slots \
+            if pids is None or buf_id >= self._pids_n or not pids[buf_id].taken \
                     or buf_id in seen:
                 raise ValueError(f"virtqueue {self.index}: add_used id {buf_id} is not in flight")
             seen.add(buf_id)
         super().add_used_many(items)
+        self.check_broken()
 
     def __repr__(self) -> str:
         return PackedVirtqueue.__repr__(self).replace("<PackedVirtqueue", "<CffiPackedVirtqueue")

@@ -242,6 +242,7 @@ class PackedVirtqueue(Virtqueue):
         tracker = PackedInflight(view, self._size)
         if not tracker.attach(self.used_idx, self.used_wrap):
             self._tracker = tracker
+            self._mirror_inflight(tracker, ())
             return []
         found = tracker.recover(rings[0])
         if (found.avail_idx, found.avail_wrap, found.used_idx, found.used_wrap) != (
@@ -260,7 +261,13 @@ class PackedVirtqueue(Virtqueue):
         ids = [chain.buf_id for chain in found.chains]
         self._tracker = tracker
         self._set_resubmit(ids)
+        self._mirror_inflight(tracker, found.chains)
         return ids
+
+    def _mirror_inflight(self, tracker: PackedInflight, chains: Sequence[RecoveredChain]
+                         ) -> None:
+        """The compiled variant mirrors the region's state (attached, or just recovered
+        with `chains` to serve again, in resubmit order) into C."""
 
     @property
     def inflight_tracked(self) -> bool:
