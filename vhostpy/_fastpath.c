@@ -283,6 +283,7 @@ void vp_log_mark(struct vp_vq *q, uint64_t gpa, uint64_t len) {
 }
 
 void vp_unpop(struct vp_vq *q, uint32_t head, uint32_t resubmitted) {
+    if (q->popped) q->popped--;
     if (q->packed) {
         vp_packed_unpop(q, head, resubmitted);
         return;
@@ -297,11 +298,21 @@ void vp_unpop(struct vp_vq *q, uint32_t head, uint32_t resubmitted) {
 
 /* ---------------------------------------------------------------- popping */
 
+static int pop_split(struct vp_vq *q, uint32_t limit, struct vp_chain *chains,
+                     struct vp_seg *segs, uint32_t max_segs);
+
 int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
            uint32_t max_segs) {
     q->seg_overflow = 0;
     if (q->broken || !limit) return 0;
-    if (q->packed) return vp_packed_pop(q, limit, chains, segs, max_segs);
+    int n = q->packed ? vp_packed_pop(q, limit, chains, segs, max_segs)
+                      : pop_split(q, limit, chains, segs, max_segs);
+    q->popped += (uint64_t)n;
+    return n;
+}
+
+static int pop_split(struct vp_vq *q, uint32_t limit, struct vp_chain *chains,
+                     struct vp_seg *segs, uint32_t max_segs) {
     uint32_t used_segs = 0, count = 0;
     char err[256];
     while (count < limit && q->resubmit_pos < q->resubmit_n) {

@@ -40,6 +40,7 @@ struct vp_vq {
     uint32_t broken;         /* set with `error` when the ring turned out hostile */
     uint32_t seg_overflow;   /* vp_pop stopped because the segment array was full */
     uint64_t calls;          /* decisions that wanted an interrupt (whoever raised it) */
+    uint64_t popped;         /* chains vp_pop handed out, less those vp_unpop gave back */
     char error[320];
     /* Inflight I/O tracking (vhost-user INFLIGHT_SHMFD; inflight.py has the layout): this
      * queue's QueueRegionSplit, or NULL when off. vp_pop marks each chain it takes (counter,

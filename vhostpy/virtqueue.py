@@ -302,6 +302,7 @@ class Virtqueue(abc.ABC):
         #: order (compiled paths that pop and complete inside one C call never show here).
         #: (The value: whether the chain came from the resubmit list.)
         self._taken: dict[int, bool] = {}
+        self._chains_popped = 0  # see `chains_popped`
         #: Inflight tracking (`attach_inflight`): this queue's part of the shared region,
         #: and the heads a previous back-end left in flight, served before the avail ring.
         self._inflight: SplitInflight | None = None
@@ -432,8 +433,16 @@ class Virtqueue(abc.ABC):
         oldest first: what a device still holds."""
         return tuple(self._taken)
 
+    @property
+    def chains_popped(self) -> int:
+        """Chains handed out so far (resubmitted ones too), less those given back
+        (`rewind`): a running count whose difference across a drain says how many chains
+        it took, in either layout."""
+        return self._chains_popped
+
     def _took(self, chains: Sequence[DescriptorChain], resubmitted: int = 0) -> None:
         """Record chains just popped; the first `resubmitted` came from the resubmit list."""
+        self._chains_popped += len(chains)
         for k, chain in enumerate(chains):
             self._taken[chain.head] = k < resubmitted
 
@@ -545,6 +554,7 @@ class Virtqueue(abc.ABC):
         for _ in range(count):
             head, resubmitted = self._taken.popitem() if self._taken else (-1, False)
             self._unpop(head, resubmitted)
+            self._chains_popped -= 1
 
     @abc.abstractmethod
     def _unpop(self, head: int, resubmitted: bool) -> None:

@@ -59,6 +59,7 @@ class CffiVirtqueue(Virtqueue):
     _unsignalled = _field("unsignalled")
     _signal_valid = _field("signal_valid", bool)
     _signals = _field("calls")
+    chains_popped = _field("popped")   # C counts: its device paths pop without Python
 
     def __init__(self, memory: GuestMemory, index: int) -> None:
         if lib is None:

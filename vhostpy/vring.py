@@ -794,8 +794,7 @@ class Vring(Pacer):
 
     def serve(self) -> int:
         """Run the device over the ring once (no kick counted); returns how many chains it
-        popped (a packed ring: how many descriptor slots, as many as chains when each is one
-        descriptor or an indirect table), or 1 if it only published used entries (0: no
+        popped (`Virtqueue.chains_popped`), or 1 if it only published used entries (0: no
         progress)."""
         if self.state is not RingState.ENABLED:
             return 0
@@ -804,14 +803,10 @@ class Vring(Pacer):
         inflight.thread = threading.get_ident()
         if inflight.queued:
             inflight.flush()
-        avail, used = _position(vq), vq.used_idx
+        before, used = vq.chains_popped, vq.used_idx
         self._device_hook("process_queue", self.device.process_queue)
-        popped = _position(vq) - avail
-        if isinstance(vq, PackedVirtqueue):
-            popped %= 2 * max(1, vq.size)   # slots: one per chain of one descriptor
-        else:
-            popped &= 0xFFFF
-        return popped or int(vq.used_idx != used)
+        popped = self.vq.chains_popped - before if self.vq is vq else 0
+        return max(popped, 0) or int(vq.used_idx != used)
 
     def status(self) -> dict[str, object]:
         """A snapshot for logs and introspection."""
@@ -832,12 +827,3 @@ class Vring(Pacer):
     def __repr__(self) -> str:
         return f"<Vring {self.index} {self.state.value} kicks={self.kicks}>"
 
-
-def _position(vq: Virtqueue) -> int:
-    """Where the ring's next avail index is, as a number whose difference across one
-    `process_queue` counts what was taken: split, `last_avail_idx` (mod 2**16); packed, the
-    slot index in a frame of two laps (the index plus `size` on the lap its wrap counter is
-    0), mod 2 * size."""
-    if isinstance(vq, PackedVirtqueue):
-        return vq.last_avail_idx + (0 if vq.avail_wrap else vq.size)
-    return vq.last_avail_idx
