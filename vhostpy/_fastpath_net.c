@@ -21,6 +21,7 @@
 #include <time.h>
 #include <errno.h>
 #include <unistd.h>
+#include <string.h>
 #include "_fastpath.h"
 #include "_fastpath_net.h"
 
@@ -81,6 +82,8 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
 /* ------------------------------------------------------------- frames toward the guest */
 
 
+#define ETH_HLEN 14u
+
 static uint64_t realtime_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -91,6 +94,66 @@ static uint64_t realtime_ns(void) {
  * skips a record that does not fit: never let it). */
 static int cap_room(const struct vp_frames *cap, uint32_t n, uint32_t max_len) {
     return cap->max - cap->n >= n && cap->cap - cap->used >= (uint64_t)n * (16u + max_len);
+}
+
+/* A capture record of `len` frame bytes (room checked by the caller with cap_room), the
+ * same bytes _fastpath.c's record() writes. */
+static void cap_record(struct vp_frames *cap, const uint8_t *data, uint32_t len, uint32_t sec,
+                       uint32_t usec) {
+    uint8_t *p = cap->buf + cap->used;
+    uint32_t h[4] = {sec, usec, len, len};
+    memcpy(p, h, 16);
+    memcpy(p + 16, data, len);
+    cap->off[cap->n] = cap->used + 16;
+    cap->len[cap->n] = len;
+    cap->n++;
+    cap->used += 16 + (uint64_t)len;
+}
+
+enum { OFFER_SEGS = 4 * VP_OFFER_MAX_CHUNK };
+
+/* The common case of a chunk, in one pass: pop up to n receive chains at once (one read of
+ * the avail index) and write frame idx[k] into chain k when it fits in that chain's one
+ * writable buffer, contiguous in one region (what Linux and DPDK post); publish them with one
+ * used index update. Stops at the first frame that needs more (several buffers, a refusal,
+ * a drop): the chains popped for it and after it are given back, newest first, so
+ * vp_net_rx_place finds the ring as if nothing had been popped past it. Returns the frames
+ * placed; *dry: the ring had fewer than n chains (it ran dry, nothing is left to try). */
+static uint32_t place_simple(struct vp_vq *q, struct vp_net_offer *o, const uint32_t *idx,
+                             uint32_t n, uint32_t sec, uint32_t usec, int *dry) {
+    struct vp_chain chains[VP_OFFER_MAX_CHUNK];
+    struct vp_seg segs[OFFER_SEGS];
+    uint32_t items[2 * VP_OFFER_MAX_CHUNK];
+    const struct vp_frames *src = o->src;
+    uint32_t hdr_len = o->hdr_len, k = 0;
+    int got = vp_pop(q, n, chains, segs, OFFER_SEGS);
+    *dry = 0;
+    if (got <= 0) {
+        *dry = !q->seg_overflow;
+        return 0;
+    }
+    for (; k < (uint32_t)got; k++) {
+        uint32_t f = idx[k], len = src->len[f];
+        if (len < ETH_HLEN || len > o->max_len) break;
+        const struct vp_chain *c = &chains[k];
+        const struct vp_seg *sg = segs + c->first;
+        uint64_t need = (uint64_t)hdr_len + len, room = 0;
+        if (c->nseg != 1 || !sg->write || sg->len < need) break;
+        uint8_t *dst = vp_mem_span(q->mem, sg->addr, &room);
+        if (!dst || room < need) break;
+        memset(dst, 0, hdr_len);
+        if (hdr_len >= 12) dst[10] = 1;   /* num_buffers, little-endian 1 */
+        memcpy(dst + hdr_len, src->buf + src->off[f], len);
+        if (o->cap) cap_record(o->cap, src->buf + src->off[f], len, sec, usec);
+        items[2 * k] = c->head;
+        items[2 * k + 1] = (uint32_t)need;
+        o->st->frames++;
+        o->st->bytes += len;
+    }
+    for (uint32_t j = (uint32_t)got; j-- > k;) vp_unpop(q, chains[j].head, chains[j].resubmitted);
+    if (k) vp_add_used(q, items, k);
+    *dry = k == (uint32_t)got && (uint32_t)got < n && !q->seg_overflow;
+    return k;
 }
 
 int vp_net_rx_offer(struct vp_vq *q, struct vp_net_offer *o) {
@@ -120,9 +183,15 @@ int vp_net_rx_offer(struct vp_vq *q, struct vp_net_offer *o) {
             sec = (uint32_t)(us / 1000000u);
             usec = (uint32_t)(us % 1000000u);
         }
-        int k = vp_net_rx_place(q, o->hdr_len, o->mrg, o->max_len, o->src, o->idx + o->pos, n,
-                                0, o->st, o->backlog, o->cap, sec, usec);
-        if (k < 0) { reason = k; break; }   /* not reached: hdr_len was checked above */
+        int dry = 0;
+        int k = (int)place_simple(q, o, o->idx + o->pos, n, sec, usec, &dry);
+        if ((uint32_t)k < n && !dry && !q->broken) {   /* the general path for the rest */
+            int more = vp_net_rx_place(q, o->hdr_len, o->mrg, o->max_len, o->src,
+                                       o->idx + o->pos + k, n - (uint32_t)k, 0, o->st,
+                                       o->backlog, o->cap, sec, usec);
+            if (more < 0) { reason = more; break; }   /* not reached: hdr_len was checked */
+            k += more;
+        }
         o->chunks++;
         o->taken += (uint32_t)k;
         o->pos = (uint32_t)((o->pos + (uint32_t)k) % o->nsrc);
