@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ringbuilder import CallRunner, anon_memory
 from test_fastpath import IMPLEMENTATIONS, _loop_rig, _signals, needs_cffi
 from test_net import PEER_MAC, Rig, frame
+from test_virtqueue_packed import PackedDriver, packed_layout
 
 from vhostpy import _accel, net_cffi
 from vhostpy.net import MAX_OFFER_WAIT, FrameBatch, NetDevice, NetPort
 from vhostpy.pcap import PcapWriter
 from vhostpy.switch import CffiSwitch, PythonSwitch
 from vhostpy.tap import MAX_READ, TapPort
-from vhostpy.virtqueue import VIRTQ_DESC_F_WRITE
+from vhostpy.virtqueue import VIRTIO_F_VERSION_1, VIRTQ_DESC_F_WRITE
+from vhostpy.virtqueue_packed import PackedVirtqueue
 
 
 def _batch() -> FrameBatch:
@@ -312,3 +315,67 @@ def test_tap_frames_reach_the_guest_in_one_burst(impl: str, tmp_path: Path) -> N
     finally:
         host.close()
         ours.close()
+
+
+# ------------------------------------------------------------------ packed receive rings
+
+
+def _packed_rig(impl: str) -> tuple[NetDevice, PackedDriver, dict[int, int]]:
+    """A NetDevice whose receive ring is a packed ring of 16 (the driver model of
+    test_virtqueue_packed), compiled or Python as `impl` says."""
+    dev = NetDevice()
+    dev.set_features(dev.device_features() | 1 << VIRTIO_F_VERSION_1)
+    if impl == "python":
+        dev._fast = None
+    mem, _ = anon_memory(1 << 20)
+    drv = PackedDriver(mem, 16, packed_layout(16))
+    cls: Any = PackedVirtqueue
+    if impl == "cffi":
+        from vhostpy.virtqueue_cffi import CffiPackedVirtqueue
+        cls = CffiPackedVirtqueue
+    vq = drv.attach(cls(mem, 0))
+    CallRunner(vq, lambda: None)
+    dev.queue_started(0, vq)
+    return dev, drv, {}
+
+
+def _packed_post(drv: PackedDriver, bufs: dict[int, int], count: int) -> None:
+    for _ in range(count):
+        buf_id, addrs = drv.add_chain(writable=[2048])
+        bufs[buf_id] = addrs[0]
+
+
+def _packed_received(drv: PackedDriver, bufs: dict[int, int]) -> list[bytes]:
+    out = []
+    for buf_id, n in drv.get_used():
+        data = drv.memory.read(bufs[buf_id], n)
+        assert data[:12] == bytes(10) + b"\x01\x00"      # num_buffers 1, nothing else
+        out.append(data[12:])
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_offer_and_send_on_a_packed_ring(impl: str) -> None:
+    """The same paths on a packed receive ring, across several wraps: offer (with and
+    without a wait), send with a backlog that drains when buffers come."""
+    dev, drv, bufs = _packed_rig(impl)
+    batch = _batch()
+    got: list[bytes] = []
+    expected: list[bytes] = []
+    for _ in range(4):                                   # 4 x 10 buffers on a ring of 16
+        _packed_post(drv, bufs, 10)
+        assert dev.port.offer(batch, 25, wait=0.05, idle=0.01) == 10
+        expected += _cyclic(batch, 10)
+        got += _packed_received(drv, bufs)
+    frames = [frame(70 + k, k) for k in range(12)]
+    _packed_post(drv, bufs, 5)
+    assert dev.port.send(frames) == 12 and len(dev.backlog) == 7
+    got += _packed_received(drv, bufs)
+    _packed_post(drv, bufs, 8)
+    ring = dev.path_config.rx_ring
+    assert ring is not None
+    dev.process_queue(0, ring)                           # the driver's kick
+    got += _packed_received(drv, bufs)
+    expected += frames
+    assert got == expected and not dev.backlog
+    assert dev.port.counters()["to_guest"]["frames"] == 52
