@@ -4,11 +4,13 @@
 
 A `NetApp` (one port, no responder, so nothing else writes to the guest) whose event loop
 runs a timer chained with ``call_later(0, ...)``: each turn offers a prebuilt UDP frame
-(a `FrameBatch`, made once) with the public ``port.offer(batch, BURST)``, which writes as
-many copies as the driver's receive ring has buffers for, in one C call under the compiled
-path (a Python loop under the pure-Python one), and queues nothing: like DPDK's txonly,
-what the ring cannot take now is simply not sent.  The loop spins (``select`` with
-timeout 0) like txonly does.
+(a `FrameBatch`, made once) with the public ``port.offer(batch, BURST, wait=WAIT)``, which
+writes copies into the driver's receive buffers and keeps doing so while the driver posts
+more, for up to ``--wait`` seconds (1 ms; the driver's kicks off meanwhile), in one C call
+under the compiled path (32 frames per chunk, each published and signalled at once; a
+Python loop under the pure-Python one), and queues nothing: like DPDK's txonly, what the
+ring cannot take is simply not sent.  Between calls the loop serves its fds once
+(``select`` with timeout 0), so the generator spins like txonly does.
 
 SIGTERM/SIGINT: stop, then print one line ``vhostpy-bench: counters {json}`` on stderr
 (the port's counters, the frames handed to ``send`` and the implementation) and exit 0.
