@@ -79,6 +79,8 @@ RX_BACKLOG = 1024            # frames waiting for receive buffers before new one
 MAX_OFFER_WAIT = 1.0
 #: How long `NetPort.offer` with a `wait` goes on without a usable receive buffer (default).
 OFFER_IDLE = 50e-6
+#: Frames the Python path of `NetPort.offer` places between two looks at its `wait` deadline.
+OFFER_STEP = 32
 
 #: handler(port, frames) -> None, frames to send back (an iterable, or one frame), or an
 #: awaitable (an `async def` handler) whose result is such frames.
@@ -820,12 +822,14 @@ class NetDevice(Device):
         idle_since: float | None = None
         try:
             while True:
+                # With a wait, a few frames per pass: a driver that keeps up must not hold
+                # the call past its deadline (C checks its budget per chunk the same way).
+                step = count - taken if wait <= 0 else min(count - taken, OFFER_STEP)
                 if lanes is not None and faults:
-                    n = lanes[0].offer(_cycle_from(frames, taken, count - taken), count - taken,
+                    n = lanes[0].offer(_cycle_from(frames, taken, step), step,
                                        lambda out: self._place_frames(out, fresh=True))
                 else:
-                    n = self._place_frames(_cycle_from(frames, taken, count - taken),
-                                           fresh=True)
+                    n = self._place_frames(_cycle_from(frames, taken, step), fresh=True)
                 taken += n
                 if taken >= count or wait <= 0 or self.backlog or any(
                         vq.error is not None for vq in self._rx_queues.values()):
