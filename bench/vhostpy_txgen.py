@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=int, default=1024)
     parser.add_argument("--burst", type=int, default=BURST,
                         help=f"frames offered per loop turn at most ({BURST})")
+    parser.add_argument("--start-on-sigusr1", action="store_true",
+                        help="offer nothing until SIGUSR1 (a test starts the generator once "
+                             "its front-end forwards: frames placed while testpmd sets its "
+                             "port up are discarded by it, uncounted)")
     parser.add_argument("--wait", type=float, default=WAIT,
                         help=f"seconds one offer keeps placing while the driver posts "
                              f"buffers ({WAIT}; 0: only what the ring takes at once)")
@@ -76,7 +80,17 @@ def main(argv: list[str] | None = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, loop.stop)
-    loop.call_later(0, tick)
+    started_ticking = False
+
+    def start() -> None:
+        nonlocal started_ticking
+        if not started_ticking:
+            started_ticking = True
+            loop.call_later(0, tick)
+    if args.start_on_sigusr1:
+        loop.add_signal_handler(signal.SIGUSR1, start)
+    else:
+        start()
     started = time.monotonic()
     try:
         app.run()
