@@ -138,6 +138,7 @@ class Case:
     attr: str                        # front-end counter: "tx_packets" / "rx_packets"
     backends: tuple[Backend, ...]
     tx_first: bool = False
+    packed: bool = False             # the front-end asks for packed rings (packed_vq=1)
 
 
 def _vhostpy_label(text: str, implementation: str | None = None) -> str:
@@ -203,7 +204,34 @@ def net_cases() -> list[Case]:
         backends += _dirty_log_pair(size, "--reflect")
         cases.append(Case("net", f"loop_{size}", f"loop (io --tx-first), {size} B", size, "io",
                           "rx_packets", tuple(backends), tx_first=True))
+    cases += packed_cases()
     return cases
+
+
+def packed_cases() -> list[Case]:
+    """The 64-byte cases again with packed rings (virtio-user ``packed_vq=1``; DPDK's
+    net_vhost serves them packed too), against the same references; not in --quick runs
+    (the tests check packed rings against testpmd; these are figures)."""
+    gen = ("bench.vhostpy_txgen", "--size", "64", "--dst-mac", FE_MAC)
+
+    def pair(dpdk: Backend, text: str, module: tuple[str, ...]) -> tuple[Backend, Backend]:
+        return (replace(dpdk, quick=False),
+                Backend("vhostpy", _vhostpy_label(text), module=module, quick=False))
+    return [
+        Case("net", "g2b_64_packed", "guest→back-end, 64 B, packed rings", 64, "txonly",
+             "tx_packets", pair(Backend("dpdk", "DPDK net_vhost, rxonly", True, "rxonly"),
+                                "vhostpy net --no-respond", ("vhostpy", "net", "--no-respond")),
+             packed=True),
+        Case("net", "b2g_64_packed", "back-end→guest, 64 B, packed rings", 64, "rxonly",
+             "rx_packets", pair(Backend("dpdk", "DPDK net_vhost, txonly", True, "txonly",
+                                        dpdk_txpkts=True),
+                                "vhostpy NetApp + port.offer generator", gen),
+             packed=True),
+        Case("net", "loop_64_packed", "loop (io --tx-first), 64 B, packed rings", 64, "io",
+             "rx_packets", pair(Backend("dpdk", "DPDK net_vhost, macswap", True, "macswap"),
+                                "vhostpy net --reflect", ("vhostpy", "net", "--reflect")),
+             tx_first=True, packed=True),
+    ]
 
 
 def python_cases() -> list[Case]:
@@ -473,7 +501,8 @@ def run_once(case: Case, backend: Backend, rep: int, opts: Options,
             commands.append(shell_join(be_vh.argv))
         be = be_tp or be_vh
         assert be is not None
-        fe = Testpmd(virtio_user_vdev(sock, queue_size=QUEUE_SIZE, mac=FE_MAC),
+        fe = Testpmd(virtio_user_vdev(sock, queue_size=QUEUE_SIZE, mac=FE_MAC,
+                                      packed_vq=case.packed),
                      forward_mode=case.fe_mode, cpu=opts.fe_cpu, burst=BURST,
                      txpkts=case.size if case.fe_mode == "txonly" or case.tx_first else None,
                      tx_first=case.tx_first, log_path=logs / "frontend.log")
@@ -536,7 +565,7 @@ def _results_for(cases: Sequence[Case], quick: bool) -> dict[tuple[str, str], Re
                        label=b.label, unit="Mpps", reference=b.reference)
             r.extra.update(size=case.size, frontend_mode=case.fe_mode,
                            frontend_counter=case.attr, tx_first=case.tx_first,
-                           runs=[])
+                           packed=case.packed, runs=[])
             if not b.is_dpdk:
                 r.extra["implementation"] = b.implementation or vhostpy_implementation()
             results[(case.key, b.key)] = r
