@@ -218,6 +218,9 @@ class NetFastPath:
         self._plan_rxq: CffiVirtqueue | None = None
         self._dest = ffi.new("int32_t[]", BURST)
         self._offer_args = ffi.new("struct vp_net_offer *")
+        self._place_args = ffi.new("struct vp_net_offer *")
+        self._ident: Any = None
+        self._ident_n = 0
         self.stuck = False
 
     @staticmethod
@@ -531,11 +534,27 @@ class NetFastPath:
             cap.n = cap.used = 0
             sec, usec = pcap_time(time.time())
         st, bl = self.rx_stats[index // 2], self.backlog_stats
-        done = lib.vp_net_rx_place(q, config.hdr_len, config.mrg, config.max_frame, src,
-                                   idx if idx is not None else ffi.NULL, n, swap, st, bl, cap,
-                                   sec, usec)
-        if done < 0:
-            raise _refused(done, config)
+        if swap or n == 0:
+            done = lib.vp_net_rx_place(q, config.hdr_len, config.mrg, config.max_frame, src,
+                                       idx if idx is not None else ffi.NULL, n, swap, st, bl,
+                                       cap, sec, usec)
+            if done < 0:
+                raise _refused(done, config)
+        else:
+            # The same placement through vp_net_rx_offer's one-pass chunks (one avail index
+            # read and one used index update per chunk of frames that each fit one buffer),
+            # once through the frames, no waiting; signalled below as before.
+            o = self._place_args
+            o.src, o.idx, o.nsrc, o.pos, o.count = src, \
+                idx if idx is not None else self._identity(n), n, 0, n
+            o.chunk, o.hdr_len, o.mrg, o.max_len = OFFER_CHUNK, config.hdr_len, config.mrg, \
+                config.max_frame
+            o.signal, o.call_fd, o.budget_ns, o.idle_ns = 0, -1, 0, 0
+            o.st, o.backlog, o.cap = st, bl, cap
+            rc = lib.vp_net_rx_offer(q, o)
+            if rc < 0:
+                raise _refused(rc, config)
+            done = o.taken
         vq.check_broken()
         self.rejected = int(bl.dropped)
         _fold(st, dev.rx_counters[index // 2])
@@ -544,6 +563,14 @@ class NetFastPath:
         if capture is not None and cap.n:
             capture.write_records(ffi.buffer(cap.buf, cap.used), cap.n, cap.used - RECORD * cap.n)
         return int(done)
+
+    def _identity(self, n: int) -> Any:
+        """An index array 0 .. n-1 (at least): frames of a burst in their order."""
+        if self._ident_n < n:
+            size = max(n, 2 * self._ident_n, BURST)
+            self._ident = ffi.new("uint32_t[]", list(range(size)))
+            self._ident_n = size
+        return self._ident
 
     def _capture_buffer(self, n: int, max_len: int) -> Any:
         need = n * (RECORD + max_len)
