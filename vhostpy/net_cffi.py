@@ -20,11 +20,17 @@ Otherwise, per burst:
 * Python code attached (a handler or monitor): the burst becomes a list of `bytes` built
   without per-frame bytecode and goes through `NetPort.deliver` as before.
 
-`receive` is the other direction for frames already in a C burst buffer, `offer` for
-`NetPort.offer` (a prebuilt `FrameBatch`, flattened once, placed cyclically in one C call),
-and `send_bytes` for `transmit_to_guest` callers (lists of bytes): both fall back to the
-Python backlog path for whatever the ring cannot take at once, so ordering and counters are
-those of the reference.
+`receive` is the other direction for frames already in a C burst buffer (the switch),
+`offer` for `NetPort.offer` (a prebuilt `FrameBatch`, flattened once, placed cyclically by
+one `vp_net_rx_offer` call that may keep up with the driver for a while: `_fastpath_net.c`),
+and `send_bytes` for `transmit_to_guest` callers (lists of bytes). Frames that are not
+swapped are placed through `vp_net_rx_offer`'s one-pass chunks (one avail index read and
+one used index update per chunk); reflect's swapped ones through `vp_net_rx_place`. What
+the ring cannot take at once goes to the Python backlog path, so ordering and counters are
+those of the reference; `stuck` tells "no buffers yet" (wait for a kick) from "buffers, but
+not for this frame" (let Python try it). Frames toward the guest take this path whenever
+no Python code must see them (`python_observers`: monitors, a capture C cannot write, fault
+rules); handlers, which see only frames from the guest, do not count.
 
 This module never imports `net`: the device is passed in, and what this path may use of it
 is the narrow interface below (`NetHost`, `NetHostPort`, `PathConfig`, `Counters`), which
