@@ -96,12 +96,30 @@ static void perr(char *err, size_t el, const char *fmt, ...) {
     va_end(ap);
 }
 
-/* Check one buffer ("where" names it) and store it; 0, -1 broken, -2 segs full. */
-static int pbuffer(struct vp_vq *q, const char *where, uint64_t addr, uint32_t len, uint16_t flags,
+/* Which descriptor a message names (formatted only when there is a message to write). */
+enum { AT_SLOT, AT_COPY, AT_INDIRECT };
+struct pwhere {
+    int kind;                /* AT_SLOT: "descriptor i", AT_COPY: "descriptor i of n",
+                                AT_INDIRECT: "indirect descriptor i" */
+    uint32_t i, n;
+    char text[48];
+};
+
+static const char *where_text(struct pwhere *at) {
+    if (at->kind == AT_SLOT) snprintf(at->text, sizeof at->text, "descriptor %u", at->i);
+    else if (at->kind == AT_COPY)
+        snprintf(at->text, sizeof at->text, "descriptor %u of %u", at->i, at->n);
+    else snprintf(at->text, sizeof at->text, "indirect descriptor %u", at->i);
+    return at->text;
+}
+
+/* Check one buffer (`at` names it) and store it; 0, -1 broken, -2 segs full. */
+static int pbuffer(struct vp_vq *q, struct pwhere *at, uint64_t addr, uint32_t len, uint16_t flags,
                    struct vp_seg *segs, uint32_t max_segs, struct pwalk *w, char *err, size_t el) {
     char sub[200];
     if (len && addr > UINT64_MAX - (len - 1)) {
-        perr(err, el, "%s addr 0x%llx + len 0x%x overflows 64 bits", where, (ull)addr, len);
+        perr(err, el, "%s addr 0x%llx + len 0x%x overflows 64 bits", where_text(at), (ull)addr,
+             len);
         return -1;
     }
     if (flags & PDESC_F_WRITE) {
@@ -109,17 +127,18 @@ static int pbuffer(struct vp_vq *q, const char *where, uint64_t addr, uint32_t l
         w->nw++;
     } else if (w->nw) {
         perr(err, el, "device-readable %s (addr 0x%llx len 0x%x) after a device-writable one",
-             where, (ull)addr, len);
+             where_text(at), (ull)addr, len);
         return -1;
     } else {
         w->rl += len;
     }
     if (w->rl + w->wl > 0xFFFFFFFFull) {
-        perr(err, el, "chain length 0x%llx overflows 32 bits at %s", (ull)(w->rl + w->wl), where);
+        perr(err, el, "chain length 0x%llx overflows 32 bits at %s", (ull)(w->rl + w->wl),
+             where_text(at));
         return -1;
     }
     if (len && vp_mem_check(q->mem, addr, len, sub, sizeof sub)) {
-        perr(err, el, "%s buffer: %s", where, sub);
+        perr(err, el, "%s buffer: %s", where_text(at), sub);
         return -1;
     }
     if (w->nseg >= max_segs) return -2;
@@ -134,7 +153,8 @@ static int pbuffer(struct vp_vq *q, const char *where, uint64_t addr, uint32_t l
  * the writable buffers are marked in the dirty log (a completed chain). */
 static int pindirect(struct vp_vq *q, uint64_t addr, uint32_t len, struct vp_seg *segs,
                      uint32_t max_segs, struct pwalk *w, char *err, size_t el) {
-    char sub[200], where[48];
+    char sub[200];
+    struct pwhere at = {AT_INDIRECT, 0, 0, ""};
     if (len == 0 || len % 16 || len > 16 * PMAX_QUEUE_SIZE) {
         perr(err, el, "indirect table at 0x%llx has bad length 0x%x", (ull)addr, len);
         return -1;
@@ -182,8 +202,8 @@ static int pindirect(struct vp_vq *q, uint64_t addr, uint32_t len, struct vp_seg
             rc = -1;
             break;
         }
-        snprintf(where, sizeof where, "indirect descriptor %u", k);
-        rc = pbuffer(q, where, baddr, blen, flags, segs, max_segs, w, err, el);
+        at.i = k;
+        rc = pbuffer(q, &at, baddr, blen, flags, segs, max_segs, w, err, el);
         if (rc) break;
     }
     free(copy);
@@ -196,7 +216,7 @@ static int pindirect(struct vp_vq *q, uint64_t addr, uint32_t len, struct vp_seg
 static int pbuild(struct vp_vq *q, const uint8_t *table, uint32_t wrap, uint32_t start,
                   uint32_t nd, int resub, struct vp_seg *segs, uint32_t max_segs,
                   struct pwalk *w, char *err, size_t el) {
-    char where[48];
+    struct pwhere at = {resub ? AT_COPY : AT_SLOT, 0, nd, ""};
     memset(w, 0, sizeof *w);
     w->slots = nd;
     for (uint32_t k = 0; k < nd; k++) {
@@ -205,16 +225,16 @@ static int pbuild(struct vp_vq *q, const uint8_t *table, uint32_t wrap, uint32_t
         memcpy(d, table + 16 * (uint64_t)i, 16);
         uint64_t addr; uint32_t len; uint16_t id, flags;
         memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&id, d + 12, 2); memcpy(&flags, d + 14, 2);
-        if (resub) snprintf(where, sizeof where, "descriptor %u of %u", k, nd);
-        else snprintf(where, sizeof where, "descriptor %u", i);
+        at.i = resub ? k : i;
         w->id = id;
         if (flags & PDESC_F_INDIRECT) {
             if (flags & PDESC_F_NEXT) {
-                perr(err, el, "%s has both INDIRECT and NEXT (flags 0x%x)", where, flags);
+                perr(err, el, "%s has both INDIRECT and NEXT (flags 0x%x)", where_text(&at),
+                     flags);
                 return -1;
             }
             if (k) {
-                perr(err, el, "indirect %s after %u direct ones", where, k);
+                perr(err, el, "indirect %s after %u direct ones", where_text(&at), k);
                 return -1;
             }
             int rc = pindirect(q, addr, len, segs, max_segs, w, err, el);
@@ -223,7 +243,7 @@ static int pbuild(struct vp_vq *q, const uint8_t *table, uint32_t wrap, uint32_t
             w->ind_len = len;
             break;
         }
-        int rc = pbuffer(q, where, addr, len, flags, segs, max_segs, w, err, el);
+        int rc = pbuffer(q, &at, addr, len, flags, segs, max_segs, w, err, el);
         if (rc) return rc;
     }
     return 0;
