@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from ringbuilder import CallRunner, RingBuilder, anon_memory, layout
 from scripted import ScriptedGuest
-from test_net import ALL, F_CSUM, HDR_MRG, MODERN_NO_MRG, PEER_MAC, Rig, frame, vhdr
+from test_net import ALL, F_CSUM, HDR_MRG, MODERN_NO_MRG, PEER_MAC, RING, STRIDE, Rig, frame, vhdr
+from test_virtqueue_packed import PackedDriver, packed_layout
 from tools import wait_until
 
 from vhostpy import _accel
@@ -36,6 +37,7 @@ from vhostpy.virtqueue import (
     PythonVirtqueue,
     Virtqueue,
 )
+from vhostpy.virtqueue_packed import PackedVirtqueue
 from vhostpy.vring import DefaultVirtqueue
 
 #: C-against-Python comparisons: they run in the suite's cffi pass (ci/test.sh runs both); in
@@ -44,6 +46,8 @@ needs_cffi = pytest.mark.skipif(
     _accel.lib is None,
     reason=f"compares the compiled path with Python; this run uses {_accel.IMPLEMENTATION}")
 IMPLEMENTATIONS = ["python", pytest.param("cffi", marks=needs_cffi)]
+if _accel.lib is not None:
+    from vhostpy.virtqueue_cffi import CffiPackedVirtqueue
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -162,11 +166,12 @@ def test_c_and_python_agree(seed: int, event_idx: bool) -> None:
 
 
 def _rig(impl: str, *, reflect: bool = False, capture: PcapWriter | None = None,
-         fds: bool = False, python_rings: tuple[int, ...] = (), features: int | None = None
-         ) -> Rig:
+         fds: bool = False, python_rings: tuple[int, ...] = (), features: int | None = None,
+         packed: bool = False) -> Rig:
     """A Rig on `impl`'s virtqueues; `fds=True`: calls go through eventfds (as a session sets
     them up), so the compiled path may signal from C and serve many bursts per call.
-    `python_rings`: rings that are `PythonVirtqueue`s whatever `impl` is."""
+    `python_rings`: rings that are `PythonVirtqueue`s whatever `impl` is. `packed`: packed
+    rings (`PackedDriver` on the driver's side) instead of split ones."""
     rig = Rig(features=features)
     rig.port.remove_handler(rig.handler)
     if impl == "python":
@@ -176,10 +181,18 @@ def _rig(impl: str, *, reflect: bool = False, capture: PcapWriter | None = None,
     if capture is not None:
         rig.port.set_capture(capture)
     for index in (0, 1):
-        rb = rig.ring(index, start=False)
         python = impl == "python" or index in python_rings
-        vq = (PythonVirtqueue if python else DefaultVirtqueue)(rig.mem, index)
-        rb.attach(vq)
+        vq: Virtqueue
+        if packed:
+            drv = PackedDriver(rig.mem, RING, packed_layout(RING, base=index * STRIDE,
+                                                            data_size=STRIDE // 2))
+            vq = (PackedVirtqueue if python else CffiPackedVirtqueue)(rig.mem, index)
+            drv.attach(vq)
+            rig.rbs[index] = drv  # type: ignore[assignment]
+        else:
+            rb = rig.ring(index, start=False)
+            vq = (PythonVirtqueue if python else DefaultVirtqueue)(rig.mem, index)
+            rb.attach(vq)
         runner = CallRunner(vq, lambda index=index: rig.calls.update([index]))
         if fds:
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -437,15 +450,19 @@ def _odd_shapes(rng: random.Random) -> list[tuple[list[bytes], bool]]:
 
 
 @needs_cffi
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("mrg", [True, False], ids=["mrg", "no-mrg"])
 @pytest.mark.usefixtures("small_bursts")
-def test_poll_loop_reflect_copies_every_chain_shape_like_python(mrg: bool) -> None:
+def test_poll_loop_reflect_copies_every_chain_shape_like_python(mrg: bool, packed: bool
+                                                               ) -> None:
     """The C reflect loop copies each frame once, straight from transmit to receive
-    buffers: the same frames, headers, used entries, counters and backlog as Python."""
+    buffers: the same frames, headers, used entries, counters and backlog as Python, on
+    split and packed rings (plain frames go through a batch of receive chains popped at
+    once, the rest one by one after the batch's unused chains were given back)."""
     features = None if mrg else MODERN_NO_MRG
     outcomes = {}
     for impl in ("python", "cffi"):
-        rig = _loop_rig(impl, reflect=True, features=features)
+        rig = _loop_rig(impl, reflect=True, features=features, packed=packed)
         posted = rig.post(30 if mrg else 8, size=400)   # merged, or too small without mrg
         posted += rig.post(6 if mrg else 0, size=2048)
         rb = rig.rbs[1]

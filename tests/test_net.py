@@ -639,8 +639,42 @@ def test_rx_event_idx() -> None:
     rig.port.send([frame(64, 3)])
     assert rig.calls[0] == 2
     assert rig.received_frames() == [frame(64, i) for i in range(4)]
-    # The device keeps asking for kicks (avail_event) as it consumes buffers.
-    assert rb.avail_event == rig.vqs[0].last_avail_idx
+    _rx_kicks_only_while_frames_wait(rig, rb, event_idx=True)
+
+
+def test_rx_kicks_only_while_frames_wait() -> None:
+    rig = Rig(features=ALL & ~(1 << VIRTIO_RING_F_EVENT_IDX))
+    rb = rig.ring(0)
+    _rx_kicks_only_while_frames_wait(rig, rb, event_idx=False)
+
+
+def _rx_kicks_only_while_frames_wait(rig: Rig, rb: RingBuilder, *, event_idx: bool) -> None:
+    """Receive buffers nobody waits for are refilled without a kick; frames waiting in the
+    backlog ask for one at the driver's next buffer, and once they are placed the ring is
+    quiet again."""
+    dev = rig.dev
+    assert not dev.wants_kicks(0) and dev.wants_kicks(1)
+    old = rb.avail_idx
+    rig.post(2)
+    assert not rb.should_kick(old, event_idx)
+    sent = [frame(64, k) for k in range(10, 13 + rig.vqs[0].available())]
+    rig.port.send(sent)                                    # all buffers used, 3 wait
+    assert len(dev.backlog) == 3 and dev.wants_kicks(0)
+    assert rb.device_wants_kicks(event_idx)
+    old = rb.avail_idx
+    rig.post(1)
+    assert rb.should_kick(old, event_idx)
+    rig.process(0)                                         # the kick: one more placed
+    assert len(dev.backlog) == 2 and rb.device_wants_kicks(event_idx)
+    old = rb.avail_idx
+    rig.post(4)
+    assert rb.should_kick(old, event_idx)
+    rig.process(0)
+    assert not dev.backlog and not dev.wants_kicks(0)
+    old = rb.avail_idx
+    rig.post(2)
+    assert not rb.should_kick(old, event_idx)
+    assert rig.received_frames()[-len(sent):] == sent
 
 
 def test_rx_no_interrupt() -> None:
@@ -654,7 +688,7 @@ def test_rx_no_interrupt() -> None:
     rig.port.send([frame(64, 1)])
     assert rig.calls[0] == 1
     assert len(rig.received_frames()) == 2
-    assert not rb.no_notify                    # rx never suppresses the driver's kicks
+    assert rb.no_notify                        # no kicks while no frame waits for buffers
 
 
 def test_rx_batch_signals_once(rig: Rig) -> None:

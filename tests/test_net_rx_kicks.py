@@ -5,7 +5,7 @@ fewer receive buffers than it sends frames, so reflected frames wait in the back
 posts more and kicks exactly when a virtio driver would (VRING_USED_F_NO_NOTIFY, or
 avail_event with EVENT_IDX). Every frame must come back, in order, and once nothing waits the
 back-end must go quiet: serving the receive ring from a kick must not leave it polling a ring
-full of empty buffers.
+full of empty buffers, nor asking for receive kicks while no frame waits for buffers.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def test_waiting_frames_go_out_when_buffers_come_then_the_back_end_idles(
             drv.post(more + spare)   # at the end, 8 buffers more than frames wait
             got += drv.receive(more)
         assert got == [_reflected(k) for k in range(12)]
-        drv.idle()
+        drv.idle(drv.tx)
+        wait_until(lambda: not drv.rx.device_wants_kicks(drv.event_idx), 5.0,
+                   "the back-end to want no receive kicks once nothing waits")
         before = _cpu_seconds(b.proc.pid)
         time.sleep(1.0)
         assert _cpu_seconds(b.proc.pid) - before < 0.1, "the back-end keeps polling"

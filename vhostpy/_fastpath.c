@@ -17,6 +17,7 @@
 #include <errno.h>
 #include "_fastpath.h"
 #include "_fastpath_packed.h"
+#include "_fastpath_mem.h"
 
 #define DESC_F_NEXT 1u
 #define DESC_F_WRITE 2u
@@ -607,16 +608,19 @@ static int tx_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
  * a drop reason, or -1 once the frame is taken. */
 typedef int (*tx_take_fn)(void *ctx, const struct vp_mem *m, const struct vp_seg *s,
                           uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen);
+/* Called once a burst's `n` chains are popped, before the first is taken. */
+typedef void (*tx_begin_fn)(void *ctx, uint32_t n);
 
 /* Pop up to `limit` transmit chains, check each, hand the accepted frames to `take` (if
  * any), count them all in `st` and publish their used entries. Returns the chains popped. */
 static int tx_serve(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
-                    struct vp_net_stats *st, tx_take_fn take, void *ctx) {
+                    struct vp_net_stats *st, tx_begin_fn begin, tx_take_fn take, void *ctx) {
     struct vp_chain chains[256];
     struct vp_seg segs_local[SEGS_LOCAL];
     struct vp_seg *segs = segs_local;
     uint32_t items[512];
     int n = tx_pop(q, limit, chains, &segs);
+    if (n > 0 && begin) begin(ctx, (uint32_t)n);
     for (int c = 0; c < n; c++) {
         const struct vp_chain *ch = &chains[c];
         const struct vp_seg *s = segs + ch->first;
@@ -641,7 +645,7 @@ static int take_keep(void *out, const struct vp_mem *m, const struct vp_seg *s, 
 int vp_net_tx_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
                     struct vp_net_stats *st, struct vp_frames *out) {
     if (!hdr_len_ok(hdr_len)) return VP_ERR_HDR_LEN;
-    return tx_serve(q, hdr_len, csum, limit, st, out ? take_keep : NULL, out);
+    return tx_serve(q, hdr_len, csum, limit, st, NULL, out ? take_keep : NULL, out);
 }
 
 /* Scatter the spans into the writable segments of chains; returns the bytes written into
@@ -810,7 +814,15 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
     return (int)k;
 }
 
-/* vp_net_reflect_burst's receive side, per burst. */
+/* Receive chains a reflected burst pops at once, one per frame (the common case). */
+enum { REFLECT_BATCH = 256, REFLECT_BATCH_SEGS = 512 };
+
+/* vp_net_reflect_burst's receive side, per burst. Frames go first into receive chains
+ * popped for the whole burst at once (`batch`, one chain per frame, used from `bpos` in
+ * order) while each frame is a plain copy into one buffer; the first frame that is not
+ * gives the rest of the batch back, newest first, and it and every later frame go through
+ * the general path (rx_take per frame), which finds the ring as if the batch had never
+ * been popped. */
 struct reflect {
     struct vp_vq *rq;
     int mrg;
@@ -820,14 +832,79 @@ struct reflect {
     int stalled;
     uint32_t nritems;
     uint32_t ritems[2 * 256];
+    uint32_t nbatch, bpos;
+    struct vp_chain batch[REFLECT_BATCH];
+    struct vp_seg bsegs[REFLECT_BATCH_SEGS];
     struct vp_chain rchains[RX_CHAINS];
     struct vp_seg rsegs[SEGS_LOCAL];
 };
+
+static void reflect_begin(void *ctx, uint32_t n) {
+    struct reflect *r = ctx;
+    int got = vp_pop(r->rq, n < REFLECT_BATCH ? n : REFLECT_BATCH, r->batch, r->bsegs,
+                     REFLECT_BATCH_SEGS);
+    r->nbatch = got > 0 ? (uint32_t)got : 0;
+    r->bpos = 0;
+}
+
+/* Give back the batch's chains not used yet, newest first. */
+static void reflect_end_batch(struct reflect *r) {
+    for (uint32_t j = r->nbatch; j-- > r->bpos;)
+        vp_unpop(r->rq, r->batch[j].head, r->batch[j].resubmitted);
+    r->nbatch = r->bpos = 0;
+}
+
+/* Reflect one frame into the batch's next chain when that is a plain copy: its bytes
+ * (after the header) in host spans whose first holds both MACs, no checksum to complete,
+ * and a chain of one writable buffer in the hinted region with room for header and frame.
+ * 1 when placed, 0 when the general path must take it. */
+static int reflect_plain(struct reflect *r, const struct vp_mem *m, const struct vp_seg *s,
+                         uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen) {
+    if (r->bpos >= r->nbatch || (h[0] & 1) || flen > r->max_len) return 0;
+    const struct vp_chain *c = &r->batch[r->bpos];
+    const struct vp_seg *rs = r->bsegs + c->first;
+    uint64_t need = (uint64_t)hdr_len + flen;
+    if (c->nseg != 1 || !rs->write || rs->len < need) return 0;
+    uint8_t *dst = vp_mem_hinted(r->rq->mem, rs->addr, need);
+    struct span sp[MAX_SPANS];
+    int nsp = dst ? spans_of(m, s, nseg, hdr_len, flen, sp, MAX_SPANS) : -1;
+    if (nsp < 1 || sp[0].n < 12) return 0;
+    uint8_t macs[12];
+    memcpy(macs, sp[0].p, 12);            /* the driver may overlap its buffers with ours */
+    memset(dst, 0, hdr_len);
+    if (hdr_len >= 12) dst[10] = 1;       /* num_buffers, little-endian 1 */
+    memcpy(dst + hdr_len, macs + 6, 6);
+    memcpy(dst + hdr_len + 6, macs, 6);
+    uint8_t *to = dst + hdr_len + 12;
+    for (int i = 0; i < nsp; i++) {
+        const uint8_t *from = sp[i].p + (i ? 0 : 12);
+        uint64_t len = sp[i].n - (i ? 0 : 12);
+        memmove(to, from, len);
+        to += len;
+    }
+    if (r->nritems >= 256) {
+        vp_add_used(r->rq, r->ritems, r->nritems);
+        r->nritems = 0;
+    }
+    r->ritems[2 * r->nritems] = c->head;
+    r->ritems[2 * r->nritems + 1] = (uint32_t)need;
+    r->nritems++;
+    r->rx_st->frames++;
+    r->rx_st->bytes += flen;
+    r->bpos++;
+    return 1;
+}
 
 static int take_reflect(void *ctx, const struct vp_mem *m, const struct vp_seg *s,
                         uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen) {
     struct reflect *r = ctx;
     struct vp_frames *out = r->out;
+    if (r->nbatch) {
+        /* (chains popped before a hostile one are still the driver's good buffers) */
+        if (!r->stalled && reflect_plain(r, m, s, nseg, hdr_len, h, flen))
+            return -1;
+        reflect_end_batch(r);
+    }
     if (r->stalled || r->rq->broken) {   /* the rest waits in Python's backlog */
         r->stalled = 1;
         return tx_keep(m, s, nseg, hdr_len, h, flen, out);
@@ -889,9 +966,11 @@ int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, in
     r.out = out;
     r.stalled = 0;
     r.nritems = 0;
+    r.nbatch = r.bpos = 0;
     out->n = 0;
     out->used = 0;
-    int n = tx_serve(q, hdr_len, csum, limit, st, take_reflect, &r);
+    int n = tx_serve(q, hdr_len, csum, limit, st, reflect_begin, take_reflect, &r);
+    reflect_end_batch(&r);   /* chains left over by dropped frames */
     if (r.nritems) vp_add_used(rq, r.ritems, r.nritems);
     *stalled = r.stalled;
     return n;

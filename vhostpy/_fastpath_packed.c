@@ -24,6 +24,7 @@
 #include <string.h>
 #include "_fastpath.h"
 #include "_fastpath_packed.h"
+#include "_fastpath_mem.h"
 
 #define PDESC_F_NEXT 1u
 #define PDESC_F_WRITE 2u
@@ -59,9 +60,17 @@ struct vp_pid *vp_pids_new(uint32_t n) {
     return calloc(n ? n : 1, sizeof(struct vp_pid));
 }
 
-static void pid_clear(struct vp_pid *p) {
-    free(p->more);
-    memset(p, 0, sizeof *p);
+/* Back to "not in flight" (what precord fills in is left: it is rewritten when the id is
+ * taken again). Per completed chain, so only the fields that say so are stored. */
+static inline void pid_clear(struct vp_pid *p) {
+    if (p->more) {
+        free(p->more);
+        p->more = NULL;
+    }
+    p->slots = 0;
+    p->taken = 0;
+    p->nw = 0;
+    p->ind_len = 0;
 }
 
 void vp_pids_free(struct vp_pid *pids, uint32_t n) {
@@ -284,8 +293,10 @@ static int pwalk_chain(struct vp_vq *q, uint32_t start, struct vp_seg *segs, uin
 /* Remember what completing id needs: its slot count and its writable buffers. */
 static int precord(struct vp_vq *q, const struct pwalk *w, const struct vp_seg *segs) {
     struct vp_pid *p = &q->pid[w->id];
-    free(p->more);
-    p->more = NULL;
+    if (p->more) {
+        free(p->more);
+        p->more = NULL;
+    }
     p->slots = w->slots;
     p->taken = 1;
     p->nw = 0;
@@ -301,6 +312,44 @@ static int precord(struct vp_vq *q, const struct pwalk *w, const struct vp_seg *
     for (uint32_t k = 0; k < w->nseg; k++)
         if (segs[k].write) dst[p->nw++] = segs[k];
     return 0;
+}
+
+/* The common chain, one direct descriptor at ring slot `idx` (flags neither NEXT nor
+ * INDIRECT), taken inline: 1 with its buffer in *seg, its walk in *w and its id recorded,
+ * when every check of pwalk_chain passes at first sight (its buffer in the hinted region);
+ * 0, nothing stored, sends it through pwalk_chain, which checks it again and words the
+ * error. */
+static inline int ptake_single(struct vp_vq *q, uint32_t idx, struct vp_seg *seg,
+                               struct pwalk *w) {
+    const uint8_t *d = q->desc + 16 * (uint64_t)idx;
+    uint64_t addr; uint32_t len; uint16_t id, flags;
+    memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&id, d + 12, 2); memcpy(&flags, d + 14, 2);
+    if ((flags & (PDESC_F_NEXT | PDESC_F_INDIRECT)) || q->in_flight_slots >= q->size ||
+        id >= q->size || q->pid[id].slots || (len && !vp_mem_hinted(q->mem, addr, len)))
+        return 0;
+    uint32_t write = (flags & PDESC_F_WRITE) ? 1 : 0;
+    struct vp_seg one = {addr, len, write};
+    *seg = one;
+    w->nseg = 1;
+    w->nw = write;
+    w->slots = 1;
+    w->rl = write ? 0 : len;
+    w->wl = write ? len : 0;
+    w->id = id;
+    w->ind_addr = 0;
+    w->ind_len = 0;
+    struct vp_pid *p = &q->pid[id];
+    if (p->more) {
+        free(p->more);
+        p->more = NULL;
+    }
+    p->slots = 1;
+    p->taken = 1;
+    p->ind_addr = 0;
+    p->ind_len = 0;
+    p->nw = write;
+    if (write) p->w[0] = one;
+    return 1;
 }
 
 static inline void padvance(uint32_t size, uint32_t *idx, uint32_t *wrap, uint32_t slots) {
@@ -440,6 +489,8 @@ int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
         if (!is_avail(desc_flags(q, idx), wrap)) break;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);   /* flags before the rest of the chain */
         struct pwalk w;
+        if (used_segs < max_segs && ptake_single(q, idx, segs + used_segs, &w))
+            goto taken;
         int rc = pwalk_chain(q, idx, segs + used_segs, max_segs - used_segs, &w, err, sizeof err);
         if (rc == -2) { q->seg_overflow = 1; break; }
         if (rc == 0 && precord(q, &w, segs + used_segs)) {
@@ -452,6 +503,7 @@ int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
             q->broken = 1;
             break;
         }
+    taken:
         if (q->inflight) pinf_popped(q, idx, w.slots, w.id);
         fill_chain(&chains[count], &w, used_segs, 0);
         used_segs += w.nseg;
@@ -496,7 +548,47 @@ static inline int completes(const struct vp_vq *q, uint32_t id) {
     return id < q->size && q->pid[id].slots && q->pid[id].taken;
 }
 
+/* vp_packed_add_used without inflight tracking or a dirty log: one pass, each id forgotten
+ * as its used descriptor is written (so an id given twice is used once). */
+static void padd_used_plain(struct vp_vq *q, const uint32_t *items, uint32_t n) {
+    uint32_t idx = q->used_idx, wrap = q->used_wrap, advanced = 0, done = 0;
+    uint8_t *first = NULL;
+    uint16_t first_flags = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t id = items[2 * k], len = items[2 * k + 1];
+        if (!completes(q, id)) continue;        /* not handed out: callers check */
+        uint8_t *e = q->desc + 16 * (uint64_t)idx;
+        uint16_t id16 = (uint16_t)id, flags = wrap ? (uint16_t)(PDESC_F_AVAIL | PDESC_F_USED) : 0;
+        memcpy(e + 8, &len, 4);
+        memcpy(e + 12, &id16, 2);
+        if (!first) {
+            first = e;
+            first_flags = flags;
+        } else {
+            pst16(e + 14, flags);
+        }
+        struct vp_pid *p = &q->pid[id];
+        uint32_t slots = p->slots;
+        pid_clear(p);
+        advanced += slots;
+        padvance(q->size, &idx, &wrap, slots);
+        done++;
+    }
+    if (!first) return;
+    __atomic_thread_fence(__ATOMIC_RELEASE);   /* the batch before the flags the driver polls */
+    pst16(first + 14, first_flags);
+    q->used_idx = idx;
+    q->used_wrap = wrap;
+    q->unsignalled += done;
+    q->used_advance += advanced;
+    q->in_flight_slots -= advanced;
+}
+
 void vp_packed_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
+    if (!q->inflight && !q->log) {
+        padd_used_plain(q, items, n);
+        return;
+    }
     uint32_t idx = q->used_idx, wrap = q->used_wrap, start = idx, advanced = 0, done = 0;
     uint8_t *first = NULL;
     uint16_t first_flags = 0;

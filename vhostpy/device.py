@@ -155,6 +155,14 @@ class Device:
         `process_queue` (the default). Asked each time the ring goes live."""
         return None
 
+    def wants_kicks(self, index: int) -> bool:
+        """Whether ring `index` needs the driver's kicks now (asked whenever the runner
+        would turn them back on after polling). True by default; a ring whose entries wait
+        for the device rather than the other way round (virtio-net's receive buffers while
+        nothing waits for them) answers False, keeps kicks off itself, and turns them on
+        when it starts waiting for entries."""
+        return True
+
     def process_queue(self, index: int, vq: Virtqueue) -> None:
         """Serve every available chain of ring `index` (called on each kick)."""
         drain(vq, lambda chain: self.handle_chain(index, vq, chain))

@@ -682,6 +682,28 @@ class NetDevice(Device):
         else:
             self._flush_rx()
 
+    def wants_kicks(self, index: int) -> bool:
+        """Transmit rings always; a receive ring only while frames wait in the backlog for
+        its buffers. Otherwise a driver refilling buffers nobody waits for would kick for
+        each refill (a syscall or VM exit on its side, a wake-up here), as DPDK's back-end
+        never has it do; generators (`NetPort.offer`) look for buffers themselves."""
+        return index % 2 == 1 or bool(self.backlog)
+
+    def _settle_rx(self) -> bool:
+        """Kicks on the receive rings on while frames wait in the backlog, off otherwise
+        (rings the runner polls are left to it). Returns True when buffers came in past
+        those there already while kicks were being turned on: place again."""
+        want = bool(self.backlog)
+        came = False
+        for vq in self._rx_queues.values():
+            if not vq.ready or vq.polling:
+                continue
+            if want:
+                came = vq.enable_notifications(after_available=True) or came
+            else:
+                vq.disable_notifications()
+        return came
+
     # -- guest -> host ---------------------------------------------------------------------
     def _drain_tx(self, pair: int, vq: Virtqueue) -> None:
         self.draining = vq
@@ -788,7 +810,7 @@ class NetDevice(Device):
         if accepted:
             self.port.observe("to_guest", accepted)
             self.backlog.extend(accepted)
-            if not placed_all_it_could:
+            if not placed_all_it_could or self._settle_rx():
                 self._flush_rx()
         return accepted_now + len(accepted)
 
@@ -844,9 +866,8 @@ class NetDevice(Device):
                 elif now - idle_since >= idle:
                     break
         finally:
-            for vq in rings:
-                if vq.ready and not vq.polling:
-                    vq.enable_notifications()
+            if self._settle_rx():
+                self._flush_rx()
         return taken
 
     def _refused(self, frame: bytes) -> bool:
@@ -872,7 +893,13 @@ class NetDevice(Device):
         return index, queues[index]
 
     def _flush_rx(self) -> None:
-        """Move backlog frames into receive buffers until either runs out."""
+        """Move backlog frames into receive buffers until either runs out; the receive
+        rings then ask for kicks only if frames still wait (`_settle_rx`)."""
+        self._place_backlog()
+        while self._settle_rx():
+            self._place_backlog()
+
+    def _place_backlog(self) -> None:
         ring = self._path_config.rx_ring
         if self._fast is not None and self.backlog and ring is not None:
             # No ring takes more frames than it has buffers: copy no more than that to C.

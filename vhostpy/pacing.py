@@ -147,12 +147,16 @@ class Pacer:
         return self._ask_for_kicks(after_available=True)
 
     def _ask_for_kicks(self, *, after_available: bool = False) -> bool:
-        """Stop polling and ask for kicks; if entries are there already, poll on instead and
-        return True."""
+        """Stop polling and ask for kicks (unless the device wants none for now: they stay
+        off); if entries are there already, poll on instead and return True."""
         self._release()
         self._polling = False
-        if not self.live or \
-                not self.vq.enable_notifications(after_available=after_available):
+        if not self.live:
+            return False
+        if not self.device.wants_kicks(self.index):
+            self.vq.disable_notifications()
+            return False
+        if not self.vq.enable_notifications(after_available=after_available):
             return False
         self._polling = True
         self._held = self.coalescing is not None

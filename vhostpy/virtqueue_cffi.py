@@ -175,6 +175,10 @@ class CffiVirtqueue(Virtqueue):
         q = self._sync()
         return q is not None and bool(lib.vp_has_available(q))
 
+    def available(self) -> int:
+        q = self._sync()
+        return 0 if q is None else int(lib.vp_available(q))
+
     def pop_many(self, limit: int) -> list[DescriptorChain]:
         if limit <= 0:
             return []

@@ -1,0 +1,24 @@
+/* vhostpy compiled fast path: the inline guest-memory lookup of the per-descriptor paths.
+ *
+ * Private to the C files (cffi never parses it): _fastpath.h declares the structures.
+ * vp_mem_check, vp_mem_ptr and vp_mem_span search the region table; the paths that look up
+ * every descriptor and every frame first try the region the table's last search found
+ * (`hint`, where a guest's buffers nearly always are) inline, and search only when that
+ * misses.
+ */
+#ifndef VHOSTPY_FASTPATH_MEM_H
+#define VHOSTPY_FASTPATH_MEM_H
+
+/* The host address of guest range [gpa, gpa + len) when all of it lies in the hinted
+ * region, else NULL (it may still be mapped: ask vp_mem_check / vp_mem_ptr). A range that
+ * passes cannot wrap: it ends inside the region. */
+static inline uint8_t *vp_mem_hinted(const struct vp_mem *m, uint64_t gpa, uint64_t len) {
+    uint32_t h = __atomic_load_n(&m->hint, __ATOMIC_RELAXED);
+    if (h >= m->n) return NULL;
+    const struct vp_region *r = &m->r[h];
+    uint64_t off = gpa - r->gpa;
+    if (off >= r->size || len > r->size - off) return NULL;
+    return r->host + off;
+}
+
+#endif
