@@ -312,6 +312,28 @@ int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_s
     return n;
 }
 
+/* The common chain, one direct descriptor at `head`, taken inline: 1 with its buffer in
+ * *seg and *out filled, when every check of walk() passes at first sight (its buffer in the
+ * hinted region); 0, nothing stored, sends it through walk(), which checks it again and
+ * words the error. */
+static inline int take_single(const struct vp_vq *q, uint32_t head, struct vp_seg *seg,
+                              struct vp_chain *out) {
+    if (head >= q->size) return 0;
+    const uint8_t *d = q->desc + 16 * (uint64_t)head;
+    uint64_t addr; uint32_t len; uint16_t flags;
+    memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&flags, d + 12, 2);
+    if ((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) || (len && !vp_mem_hinted(q->mem, addr, len)))
+        return 0;
+    uint32_t write = (flags & DESC_F_WRITE) ? 1 : 0;
+    struct vp_seg one = {addr, len, write};
+    *seg = one;
+    out->head = head;
+    out->nseg = 1;
+    out->readable_len = write ? 0 : len;
+    out->writable_len = write ? len : 0;
+    return 1;
+}
+
 static int pop_split(struct vp_vq *q, uint32_t limit, struct vp_chain *chains,
                      struct vp_seg *segs, uint32_t max_segs) {
     uint32_t used_segs = 0, count = 0;
@@ -338,7 +360,9 @@ static int pop_split(struct vp_vq *q, uint32_t limit, struct vp_chain *chains,
     for (; count < n; count++) {
         uint32_t slot = q->last_avail_idx & mask;
         uint32_t head = ld16(q->avail + 4 + 2 * slot);
-        int rc = walk(q, head, segs + used_segs, max_segs - used_segs, &chains[count], err, sizeof err);
+        int rc = used_segs < max_segs && take_single(q, head, segs + used_segs, &chains[count])
+                 ? 0 : walk(q, head, segs + used_segs, max_segs - used_segs, &chains[count], err,
+                            sizeof err);
         if (rc == -2) { q->seg_overflow = 1; break; }
         if (rc) {
             fail(q, "chain at avail slot %u (avail idx %u): %s", slot, q->last_avail_idx, err);
@@ -492,6 +516,14 @@ static int spans_of(const struct vp_mem *m, const struct vp_seg *s, uint32_t nse
         if (skip >= l) { skip -= l; continue; }
         uint64_t gpa = s[k].addr + skip, left = l - skip < len ? l - skip : len;
         skip = 0;
+        const uint8_t *whole = vp_mem_hinted(m, gpa, left);
+        if (whole && n < max) {            /* the common case: one piece, one region */
+            sp[n].p = whole;
+            sp[n].n = left;
+            n++;
+            len -= left;
+            continue;
+        }
         while (left) {
             uint64_t room;
             const uint8_t *p = vp_mem_span(m, gpa, &room);

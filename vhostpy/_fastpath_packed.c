@@ -56,8 +56,14 @@ static inline int is_avail(uint16_t flags, uint32_t wrap) {
 
 /* ---------------------------------------------------------------- per-id records */
 
+_Static_assert(sizeof(struct vp_pid) == 64, "a buffer id's record is one cache line");
+
 struct vp_pid *vp_pids_new(uint32_t n) {
-    return calloc(n ? n : 1, sizeof(struct vp_pid));
+    size_t bytes = sizeof(struct vp_pid) * (n ? n : 1);
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes)) return NULL;   /* one record per cache line */
+    memset(p, 0, bytes);
+    return p;
 }
 
 /* Back to "not in flight" (what precord fills in is left: it is rewritten when the id is
@@ -297,7 +303,7 @@ static int precord(struct vp_vq *q, const struct pwalk *w, const struct vp_seg *
         free(p->more);
         p->more = NULL;
     }
-    p->slots = w->slots;
+    p->slots = (uint16_t)w->slots;
     p->taken = 1;
     p->nw = 0;
     p->ind_addr = w->ind_addr;
@@ -425,8 +431,8 @@ static void pinf_popped(struct vp_vq *q, uint32_t start, uint32_t slots, uint32_
     }
     pput16(q->inflight + PI_OLD_FREE_HEAD, (uint16_t)free_);    /* the commit */
     q->pinf_free_head = free_;
-    q->pid[id].inf_head = head;
-    q->pid[id].inf_last = last_entry;
+    q->pid[id].inf_head = (uint16_t)head;
+    q->pid[id].inf_last = (uint16_t)last_entry;
 }
 
 /* ---------------------------------------------------------------- the ring entry points */

@@ -7,24 +7,26 @@
  * callers use those and never these directly (Python calls only the record functions). */
 
 /* Writable buffers a buffer id keeps in place (more are kept in a malloc'd array). */
-#define VP_PID_INLINE 4
+#define VP_PID_INLINE 2
 
 /* A packed ring's buffer id: what completing it needs (and, with inflight tracking, where
- * its chain is in the region). `slots` is how many ring slots its
+ * its chain is in the region), one 64-byte cache line. `slots` is how many ring slots its
  * chain used (0: the id is not in flight); its device-writable buffers are kept for the
  * dirty log (used descriptors overwrite the ring): `nw` of them in `w` (or in `more` when
  * there are more than VP_PID_INLINE), or, for an indirect chain, the table to walk again
- * (`ind_len` nonzero; the driver leaves it alone until the id is used). */
+ * (`ind_len` nonzero; the driver leaves it alone until the id is used). Ring sizes are at
+ * most 32768, so slot counts and region entries fit 16 bits. */
 struct vp_pid {
-    uint32_t slots;
-    uint32_t nw;
-    uint64_t ind_addr;
+    uint16_t slots;
+    uint16_t taken;          /* 1 once vp_pop handed it out (a recovered id waits with 0) */
+    uint16_t nw;
+    uint16_t inf_head;       /* its chain's first and last entries in the inflight region */
+    uint16_t inf_last;
+    uint16_t reserved;
     uint32_t ind_len;
-    uint32_t taken;          /* 1 once vp_pop handed it out (a recovered id waits with 0) */
-    uint32_t inf_head;       /* its chain's first and last entries in the inflight region */
-    uint32_t inf_last;
-    struct vp_seg w[4];
+    uint64_t ind_addr;
     struct vp_seg *more;
+    struct vp_seg w[2];
 };
 
 /* `n` zeroed records (NULL when out of memory), freed with vp_pids_free (which also frees
