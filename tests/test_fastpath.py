@@ -30,6 +30,7 @@ from vhostpy.net import FrameBatch
 from vhostpy.pcap import PcapWriter
 from vhostpy.switch import CffiSwitch, PythonSwitch
 from vhostpy.virtqueue import (
+    VIRTIO_F_IN_ORDER,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -188,6 +189,8 @@ def _rig(impl: str, *, reflect: bool = False, capture: PcapWriter | None = None,
                                                             data_size=STRIDE // 2))
             vq = (PackedVirtqueue if python else CffiPackedVirtqueue)(rig.mem, index)
             drv.attach(vq)
+            # the driver's VIRTIO_F_IN_ORDER, as a session hands it to the ring
+            vq.in_order = drv.in_order = bool(rig.features >> VIRTIO_F_IN_ORDER & 1)
             rig.rbs[index] = drv  # type: ignore[assignment]
         else:
             rb = rig.ring(index, start=False)

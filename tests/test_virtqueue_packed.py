@@ -84,6 +84,10 @@ class PackedDriver:
         self.num_free = size
         self.free_ids = list(range(size))
         self.chain_slots: dict[int, int] = {}
+        #: VIRTIO_F_IN_ORDER: a used descriptor may stand for every chain made available
+        #: before it too (`get_used` then reports those with length 0)
+        self.in_order = False
+        self._order: list[int] = []   # ids of add_chain's chains in flight, oldest first
         self._data = lay.data
         memory.write(lay.desc, bytes(16 * size))
         memory.write(lay.driver, bytes(4))
@@ -158,6 +162,7 @@ class PackedDriver:
         assert len(descs) <= self.num_free, "driver model: ring full"
         self.num_free -= len(descs)
         self.chain_slots[buf_id] = len(descs)
+        self._order.append(buf_id)
         self.add_raw(descs)
         return buf_id, [b[0] for b in bufs]
 
@@ -169,14 +174,20 @@ class PackedDriver:
             _addr, length, buf_id, flags = _DESC.unpack(self.memory.read(at, 16))
             if bool(flags & AVAIL) != self.used_wrap or bool(flags & USED) != self.used_wrap:
                 break
-            out.append((buf_id, length))
-            slots = self.chain_slots.pop(buf_id)
-            self.num_free += slots
-            self.free_ids.append(buf_id)
-            self.next_used += slots
-            if self.next_used >= self.size:
-                self.next_used -= self.size
-                self.used_wrap = not self.used_wrap
+            skipped: list[int] = []
+            if self.in_order and buf_id in self._order:
+                skipped = self._order[:self._order.index(buf_id)]
+            for done, n in [*((k, 0) for k in skipped), (buf_id, length)]:
+                out.append((done, n))
+                if done in self._order:
+                    self._order.remove(done)
+                slots = self.chain_slots.pop(done)
+                self.num_free += slots
+                self.free_ids.append(done)
+                self.next_used += slots
+                if self.next_used >= self.size:
+                    self.next_used -= self.size
+                    self.used_wrap = not self.used_wrap
         return out
 
     # -------------------------------------------------------------- event areas

@@ -78,6 +78,10 @@ struct vp_vq {
      * each, ring format); entry k of `resubmit` has resubmit_first[k] .. [k + 1]. */
     const uint8_t *resubmit_descs;
     const uint32_t *resubmit_first;
+    /* VIRTIO_F_IN_ORDER negotiated: a packed ring then publishes a batch that completes
+     * every chain in flight, in the order they were taken, with nothing written, as one used
+     * descriptor (the last chain's id; virtio 1.2 2.8.21). */
+    uint32_t in_order;
 };
 
 /* A buffer of a popped chain (guest-physical address, length, device-writable?). */

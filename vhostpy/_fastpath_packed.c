@@ -35,6 +35,7 @@
 #define EVENT_DISABLE 1u
 #define EVENT_DESC 2u
 #define PMAX_QUEUE_SIZE 32768u
+#define PID_NOWHERE 0xFFFFu      /* vp_pid.at of a chain recovered from the region */
 
 typedef unsigned long long ull;
 
@@ -296,9 +297,12 @@ static int pwalk_chain(struct vp_vq *q, uint32_t start, struct vp_seg *segs, uin
     return 0;
 }
 
-/* Remember what completing id needs: its slot count and its writable buffers. */
-static int precord(struct vp_vq *q, const struct pwalk *w, const struct vp_seg *segs) {
+/* Remember what completing id needs: its slot count, where its chain starts (`at`,
+ * PID_NOWHERE for a recovered one) and its writable buffers. */
+static int precord(struct vp_vq *q, const struct pwalk *w, const struct vp_seg *segs,
+                   uint32_t at) {
     struct vp_pid *p = &q->pid[w->id];
+    p->at = (uint16_t)at;
     if (p->more) {
         free(p->more);
         p->more = NULL;
@@ -351,6 +355,7 @@ static inline int ptake_single(struct vp_vq *q, uint32_t idx, struct vp_seg *seg
     }
     p->slots = 1;
     p->taken = 1;
+    p->at = (uint16_t)idx;
     p->ind_addr = 0;
     p->ind_len = 0;
     p->nw = write;
@@ -476,7 +481,7 @@ int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
                         segs + used_segs, max_segs - used_segs, &w, err, sizeof err);
         if (rc == -2) { q->seg_overflow = 1; return (int)count; }
         w.id = (uint16_t)id;
-        if (rc == 0 && (id >= q->size || precord(q, &w, segs + used_segs))) {
+        if (rc == 0 && (id >= q->size || precord(q, &w, segs + used_segs, PID_NOWHERE))) {
             snprintf(err, sizeof err, "cannot record buffer id %u", id);
             rc = -1;
         }
@@ -499,7 +504,7 @@ int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
             goto taken;
         int rc = pwalk_chain(q, idx, segs + used_segs, max_segs - used_segs, &w, err, sizeof err);
         if (rc == -2) { q->seg_overflow = 1; break; }
-        if (rc == 0 && precord(q, &w, segs + used_segs)) {
+        if (rc == 0 && precord(q, &w, segs + used_segs, idx)) {
             snprintf(err, sizeof err, "out of memory recording buffer id %u", w.id);
             rc = -1;
         }
@@ -554,10 +559,45 @@ static inline int completes(const struct vp_vq *q, uint32_t id) {
     return id < q->size && q->pid[id].slots && q->pid[id].taken;
 }
 
+/* Under VIRTIO_F_IN_ORDER: the slots of the batch when it completes every chain in flight,
+ * in the order they were taken (each starts where the previous ended, the first at the used
+ * index), with nothing written into any; else 0. */
+static uint32_t pin_order_batch(const struct vp_vq *q, const uint32_t *items, uint32_t n) {
+    if (!q->in_order || n < 2) return 0;
+    uint32_t at = q->used_idx, slots = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t id = items[2 * k];
+        if (items[2 * k + 1] || !completes(q, id) || q->pid[id].at != at) return 0;
+        slots += q->pid[id].slots;
+        at += q->pid[id].slots;
+        if (at >= q->size) at -= q->size;
+    }
+    return slots == q->in_flight_slots ? slots : 0;
+}
+
 /* vp_packed_add_used without inflight tracking or a dirty log: one pass, each id forgotten
- * as its used descriptor is written (so an id given twice is used once). */
+ * as its used descriptor is written (so an id given twice is used once); an in-order batch
+ * (pin_order_batch) as one used descriptor. */
 static void padd_used_plain(struct vp_vq *q, const uint32_t *items, uint32_t n) {
     uint32_t idx = q->used_idx, wrap = q->used_wrap, advanced = 0, done = 0;
+    uint32_t batch = pin_order_batch(q, items, n);
+    if (batch) {
+        uint8_t *e = q->desc + 16 * (uint64_t)idx;
+        uint32_t len = 0;
+        uint16_t id16 = (uint16_t)items[2 * (n - 1)];
+        memcpy(e + 8, &len, 4);
+        memcpy(e + 12, &id16, 2);
+        for (uint32_t k = 0; k < n; k++) pid_clear(&q->pid[items[2 * k]]);
+        padvance(q->size, &idx, &wrap, batch);
+        __atomic_thread_fence(__ATOMIC_RELEASE);   /* id and len before the flags */
+        pst16(e + 14, q->used_wrap ? (uint16_t)(PDESC_F_AVAIL | PDESC_F_USED) : 0);
+        q->used_idx = idx;
+        q->used_wrap = wrap;
+        q->unsignalled += n;
+        q->used_advance += batch;
+        q->in_flight_slots -= batch;
+        return;
+    }
     uint8_t *first = NULL;
     uint16_t first_flags = 0;
     for (uint32_t k = 0; k < n; k++) {

@@ -22,7 +22,7 @@ struct vp_pid {
     uint16_t nw;
     uint16_t inf_head;       /* its chain's first and last entries in the inflight region */
     uint16_t inf_last;
-    uint16_t reserved;
+    uint16_t at;             /* the ring slot its chain starts at (0xFFFF: recovered) */
     uint32_t ind_len;
     uint64_t ind_addr;
     struct vp_seg *more;

@@ -286,6 +286,9 @@ class Virtqueue(abc.ABC):
         self.index = index
         self.runner: RingRunner | None = None
         self.event_idx = False
+        #: VIRTIO_F_IN_ORDER negotiated (packed rings publish some batches as one used
+        #: descriptor: `PackedVirtqueue.add_used_many`).
+        self.in_order = False
         self.error: str | None = None
         self._size = 0
         self._desc_addr = 0

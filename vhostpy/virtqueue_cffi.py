@@ -55,6 +55,7 @@ class CffiVirtqueue(Virtqueue):
     last_avail_idx = _field("last_avail_idx")
     used_idx = _field("used_idx")
     event_idx = _field("event_idx", bool)
+    in_order = _field("in_order", bool)
     _notify = _field("notify", bool)
     _unsignalled = _field("unsignalled")
     _signal_valid = _field("signal_valid", bool)

@@ -314,7 +314,8 @@ class Vring(Pacer):
     # ------------------------------------------------------------------ configuration
 
     def set_size(self, size: int) -> None:
-        """The ring's size (RingError if not a power of two in range)."""
+        """The ring's size (RingError when out of range; a split ring's must be a power of
+        two, a packed ring's need not)."""
         self._refuse_while_serving("change the size of")
         self.vq.set_size(size)
         self._configured()
@@ -633,6 +634,7 @@ class Vring(Pacer):
 
     def _serve_start(self) -> None:
         self.vq.event_idx = self._event_idx
+        self.vq.in_order = self.inflight.in_order
         if self._attach_pending:
             self._attach_inflight()
         log.debug("vring %d live (size %d, base %d)", self.index, self.vq.size,
