@@ -846,15 +846,21 @@ int vp_net_rx_place(struct vp_vq *q, uint32_t hdr_len, int mrg, uint32_t max_len
     return (int)k;
 }
 
-/* Receive chains a reflected burst pops at once, one per frame (the common case). */
-enum { REFLECT_BATCH = 256, REFLECT_BATCH_SEGS = 512 };
+/* Receive chains a reflected burst pops at a time, one per frame (the common case), and
+ * how many frames it places before it publishes their used entries: four packed
+ * descriptors fill a cache line, and a driver polling its ring starts on them while the
+ * next are being copied (a burst published whole makes it wait for all of it). Against
+ * DPDK's virtio-user on packed rings, 8 and 4 gave the loop 0.95 of DPDK's back-end by
+ * medians, 4 and 4 0.90, 4 and 1 0.78, 16 and 4 0.60, 8 and 8 0.46, the whole burst 0.54
+ * (5 runs each, the same session). */
+enum { REFLECT_GROUP = 8, REFLECT_PUBLISH = 4, REFLECT_GROUP_SEGS = 4 * REFLECT_GROUP };
 
-/* vp_net_reflect_burst's receive side, per burst. Frames go first into receive chains
- * popped for the whole burst at once (`batch`, one chain per frame, used from `bpos` in
- * order) while each frame is a plain copy into one buffer; the first frame that is not
- * gives the rest of the batch back, newest first, and it and every later frame go through
- * the general path (rx_take per frame), which finds the ring as if the batch had never
- * been popped. */
+/* vp_net_reflect_burst's receive side, per burst. While frames are plain copies into one
+ * buffer each, they go into receive chains popped a group at a time (`batch`, used from
+ * `bpos` in order; `left`: the burst's chains not seen yet, so the last group pops no
+ * more than are needed); the first frame that is not gives the rest of the group back,
+ * newest first, and it and every later frame go through the general path (rx_take per
+ * frame), which finds the ring as if the group had never been popped. */
 struct reflect {
     struct vp_vq *rq;
     int mrg;
@@ -864,35 +870,44 @@ struct reflect {
     int stalled;
     uint32_t nritems;
     uint32_t ritems[2 * 256];
-    uint32_t nbatch, bpos;
-    struct vp_chain batch[REFLECT_BATCH];
-    struct vp_seg bsegs[REFLECT_BATCH_SEGS];
+    int grouping;            /* frames still go through groups */
+    uint32_t left, nbatch, bpos;
+    struct vp_chain batch[REFLECT_GROUP];
+    struct vp_seg bsegs[REFLECT_GROUP_SEGS];
     struct vp_chain rchains[RX_CHAINS];
     struct vp_seg rsegs[SEGS_LOCAL];
 };
 
 static void reflect_begin(void *ctx, uint32_t n) {
     struct reflect *r = ctx;
-    int got = vp_pop(r->rq, n < REFLECT_BATCH ? n : REFLECT_BATCH, r->batch, r->bsegs,
-                     REFLECT_BATCH_SEGS);
-    r->nbatch = got > 0 ? (uint32_t)got : 0;
-    r->bpos = 0;
+    r->grouping = 1;
+    r->left = n;
+    r->nbatch = r->bpos = 0;
 }
 
-/* Give back the batch's chains not used yet, newest first. */
+/* Give back the group's chains not used yet, newest first; no more groups this burst. */
 static void reflect_end_batch(struct reflect *r) {
     for (uint32_t j = r->nbatch; j-- > r->bpos;)
         vp_unpop(r->rq, r->batch[j].head, r->batch[j].resubmitted);
     r->nbatch = r->bpos = 0;
+    r->grouping = 0;
 }
 
-/* Reflect one frame into the batch's next chain when that is a plain copy: its bytes
- * (after the header) in host spans whose first holds both MACs, no checksum to complete,
- * and a chain of one writable buffer in the hinted region with room for header and frame.
- * 1 when placed, 0 when the general path must take it. */
+/* Reflect one frame into the group's next chain (popping a group when the last is used
+ * up) when that is a plain copy: its bytes (after the header) in host spans whose first
+ * holds both MACs, no checksum to complete, and a chain of one writable buffer in the
+ * hinted region with room for header and frame. 1 when placed, 0 when the general path
+ * must take it. */
 static int reflect_plain(struct reflect *r, const struct vp_mem *m, const struct vp_seg *s,
                          uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen) {
-    if (r->bpos >= r->nbatch || (h[0] & 1) || flen > r->max_len) return 0;
+    if ((h[0] & 1) || flen > r->max_len) return 0;
+    if (r->bpos >= r->nbatch) {
+        uint32_t want = r->left + 1 < REFLECT_GROUP ? r->left + 1 : REFLECT_GROUP;
+        int got = vp_pop(r->rq, want, r->batch, r->bsegs, REFLECT_GROUP_SEGS);
+        r->nbatch = got > 0 ? (uint32_t)got : 0;
+        r->bpos = 0;
+        if (!r->nbatch) return 0;
+    }
     const struct vp_chain *c = &r->batch[r->bpos];
     const struct vp_seg *rs = r->bsegs + c->first;
     uint64_t need = (uint64_t)hdr_len + flen;
@@ -914,16 +929,16 @@ static int reflect_plain(struct reflect *r, const struct vp_mem *m, const struct
         memmove(to, from, len);
         to += len;
     }
-    if (r->nritems >= 256) {
-        vp_add_used(r->rq, r->ritems, r->nritems);
-        r->nritems = 0;
-    }
     r->ritems[2 * r->nritems] = c->head;
     r->ritems[2 * r->nritems + 1] = (uint32_t)need;
     r->nritems++;
     r->rx_st->frames++;
     r->rx_st->bytes += flen;
     r->bpos++;
+    if (r->nritems >= REFLECT_PUBLISH) {
+        vp_add_used(r->rq, r->ritems, r->nritems);
+        r->nritems = 0;
+    }
     return 1;
 }
 
@@ -931,7 +946,8 @@ static int take_reflect(void *ctx, const struct vp_mem *m, const struct vp_seg *
                         uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen) {
     struct reflect *r = ctx;
     struct vp_frames *out = r->out;
-    if (r->nbatch) {
+    if (r->left) r->left--;
+    if (r->grouping) {
         /* (chains popped before a hostile one are still the driver's good buffers) */
         if (!r->stalled && reflect_plain(r, m, s, nseg, hdr_len, h, flen))
             return -1;
@@ -998,7 +1014,8 @@ int vp_net_reflect_burst(struct vp_vq *q, struct vp_vq *rq, uint32_t hdr_len, in
     r.out = out;
     r.stalled = 0;
     r.nritems = 0;
-    r.nbatch = r.bpos = 0;
+    r.grouping = 0;
+    r.left = r.nbatch = r.bpos = 0;
     out->n = 0;
     out->used = 0;
     int n = tx_serve(q, hdr_len, csum, limit, st, reflect_begin, take_reflect, &r);
