@@ -559,6 +559,26 @@ static inline int completes(const struct vp_vq *q, uint32_t id) {
     return id < q->size && q->pid[id].slots && q->pid[id].taken;
 }
 
+/* Write id's used descriptor at (*idx, *wrap): its flags at once, or, for a batch's first
+ * (*first still NULL), kept in *first / *first_flags for the caller to store last; move
+ * past its chain and return the chain's slots. */
+static inline uint32_t pput_used(struct vp_vq *q, uint32_t id, uint32_t len, uint32_t *idx,
+                                 uint32_t *wrap, uint8_t **first, uint16_t *first_flags) {
+    uint8_t *e = q->desc + 16 * (uint64_t)*idx;
+    uint16_t id16 = (uint16_t)id, flags = *wrap ? (uint16_t)(PDESC_F_AVAIL | PDESC_F_USED) : 0;
+    memcpy(e + 8, &len, 4);
+    memcpy(e + 12, &id16, 2);
+    if (!*first) {
+        *first = e;
+        *first_flags = flags;
+    } else {
+        pst16(e + 14, flags);
+    }
+    uint32_t slots = q->pid[id].slots;
+    padvance(q->size, idx, wrap, slots);
+    return slots;
+}
+
 /* Under VIRTIO_F_IN_ORDER: the slots of the batch when it completes every chain in flight,
  * in the order they were taken (each starts where the previous ended, the first at the used
  * index), with nothing written into any; else 0. */
@@ -601,23 +621,10 @@ static void padd_used_plain(struct vp_vq *q, const uint32_t *items, uint32_t n) 
     uint8_t *first = NULL;
     uint16_t first_flags = 0;
     for (uint32_t k = 0; k < n; k++) {
-        uint32_t id = items[2 * k], len = items[2 * k + 1];
+        uint32_t id = items[2 * k];
         if (!completes(q, id)) continue;        /* not handed out: callers check */
-        uint8_t *e = q->desc + 16 * (uint64_t)idx;
-        uint16_t id16 = (uint16_t)id, flags = wrap ? (uint16_t)(PDESC_F_AVAIL | PDESC_F_USED) : 0;
-        memcpy(e + 8, &len, 4);
-        memcpy(e + 12, &id16, 2);
-        if (!first) {
-            first = e;
-            first_flags = flags;
-        } else {
-            pst16(e + 14, flags);
-        }
-        struct vp_pid *p = &q->pid[id];
-        uint32_t slots = p->slots;
-        pid_clear(p);
-        advanced += slots;
-        padvance(q->size, &idx, &wrap, slots);
+        advanced += pput_used(q, id, items[2 * k + 1], &idx, &wrap, &first, &first_flags);
+        pid_clear(&q->pid[id]);
         done++;
     }
     if (!first) return;
@@ -639,21 +646,9 @@ void vp_packed_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n) {
     uint8_t *first = NULL;
     uint16_t first_flags = 0;
     for (uint32_t k = 0; k < n; k++) {
-        uint32_t id = items[2 * k], len = items[2 * k + 1];
+        uint32_t id = items[2 * k];
         if (!completes(q, id)) continue;        /* not handed out: callers check */
-        uint8_t *e = q->desc + 16 * (uint64_t)idx;
-        uint16_t id16 = (uint16_t)id, flags = wrap ? (uint16_t)(PDESC_F_AVAIL | PDESC_F_USED) : 0;
-        memcpy(e + 8, &len, 4);
-        memcpy(e + 12, &id16, 2);
-        if (!first) {
-            first = e;
-            first_flags = flags;
-        } else {
-            pst16(e + 14, flags);
-        }
-        uint32_t slots = q->pid[id].slots;
-        advanced += slots;
-        padvance(q->size, &idx, &wrap, slots);
+        advanced += pput_used(q, id, items[2 * k + 1], &idx, &wrap, &first, &first_flags);
         done++;
     }
     if (!first) return;
