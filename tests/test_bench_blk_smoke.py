@@ -20,13 +20,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from qemu_guest import require_qemu
-from tools import boots_once_per_suite, require_tool
+from tools import bench_smoke_once_per_suite, boots_once_per_suite, require_tool
 
 from bench import blk, python_level
 
 
 @pytest.mark.qemu
 def test_run_blk_quick_every_backend() -> None:
+    bench_smoke_once_per_suite("the blk benchmark over every back-end")
     require_qemu()
     require_tool("fio", "ci/bench/install-deps.sh")
     require_tool("qemu-storage-daemon", "ci/qemu/install-deps.sh: qemu-utils")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from dpdk import require_dpdk
+from tools import bench_smoke_once_per_suite
 
 pytestmark = pytest.mark.dpdk
 
@@ -32,6 +33,7 @@ NET_CASES = {
 
 
 def test_bench_net_quick(tmp_path: Path) -> None:
+    bench_smoke_once_per_suite("the net and idle benchmarks")
     require_dpdk()
     out = tmp_path / "bench-out"
     cmd = [sys.executable, "-m", "bench.run", "--quick", "--only", "net", "--only", "idle",

@@ -54,6 +54,20 @@ def boots_once_per_suite(subject: str) -> None:
                     "ci/test.sh boots this guest once, in its VHOSTPY_IMPLEMENTATION=python run")
 
 
+def bench_smoke_once_per_suite(subject: str) -> None:
+    """Skip the calling benchmark smoke test in ci/test.sh's VHOSTPY_IMPLEMENTATION=python
+    run: what it checks is the harness (`bench.run`: every case measured, ratios, the
+    table), the same code under every implementation, and the figures users run it for come
+    from the compiled path, so the suite's time goes to one run, in the cffi pass. The
+    pure-Python back-ends stay covered there by their own guest and DPDK tests. A plain
+    `pytest` (implementation auto) runs it."""
+    import pytest
+
+    if os.environ.get("VHOSTPY_IMPLEMENTATION", "").strip().lower() == "python":
+        pytest.skip(f"{subject}: the harness is the same code under every implementation; "
+                    "ci/test.sh runs it once, in its VHOSTPY_IMPLEMENTATION=cffi run")
+
+
 def find_tool(name: str) -> str | None:
     """Path of the executable ``name``: on PATH, else in /usr/sbin or /sbin; None if absent."""
     for path in (shutil.which(name), *(os.path.join(d, name) for d in SBIN_DIRS)):
