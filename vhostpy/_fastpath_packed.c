@@ -348,7 +348,7 @@ static inline int ptake_single(struct vp_vq *q, uint32_t idx, struct vp_seg *seg
     w->id = id;
     w->ind_addr = 0;
     w->ind_len = 0;
-    struct vp_pid *p = &q->pid[id];
+    struct vp_pid *p = &q->pid[id];   /* precord's work, without its loop: this is per frame */
     if (p->more) {
         free(p->more);
         p->more = NULL;
@@ -601,31 +601,23 @@ static uint32_t pin_order_batch(const struct vp_vq *q, const uint32_t *items, ui
 static void padd_used_plain(struct vp_vq *q, const uint32_t *items, uint32_t n) {
     uint32_t idx = q->used_idx, wrap = q->used_wrap, advanced = 0, done = 0;
     uint32_t batch = pin_order_batch(q, items, n);
-    if (batch) {
-        uint8_t *e = q->desc + 16 * (uint64_t)idx;
-        uint32_t len = 0;
-        uint16_t id16 = (uint16_t)items[2 * (n - 1)];
-        memcpy(e + 8, &len, 4);
-        memcpy(e + 12, &id16, 2);
-        for (uint32_t k = 0; k < n; k++) pid_clear(&q->pid[items[2 * k]]);
-        padvance(q->size, &idx, &wrap, batch);
-        __atomic_thread_fence(__ATOMIC_RELEASE);   /* id and len before the flags */
-        pst16(e + 14, q->used_wrap ? (uint16_t)(PDESC_F_AVAIL | PDESC_F_USED) : 0);
-        q->used_idx = idx;
-        q->used_wrap = wrap;
-        q->unsignalled += n;
-        q->used_advance += batch;
-        q->in_flight_slots -= batch;
-        return;
-    }
     uint8_t *first = NULL;
     uint16_t first_flags = 0;
-    for (uint32_t k = 0; k < n; k++) {
-        uint32_t id = items[2 * k];
-        if (!completes(q, id)) continue;        /* not handed out: callers check */
-        advanced += pput_used(q, id, items[2 * k + 1], &idx, &wrap, &first, &first_flags);
-        pid_clear(&q->pid[id]);
-        done++;
+    if (batch) {        /* the last id's descriptor at the first chain's slot, for all */
+        uint32_t at = idx, at_wrap = wrap;
+        pput_used(q, items[2 * (n - 1)], 0, &at, &at_wrap, &first, &first_flags);
+        padvance(q->size, &idx, &wrap, batch);
+        for (uint32_t k = 0; k < n; k++) pid_clear(&q->pid[items[2 * k]]);
+        advanced = batch;
+        done = n;
+    } else {
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t id = items[2 * k];
+            if (!completes(q, id)) continue;        /* not handed out: callers check */
+            advanced += pput_used(q, id, items[2 * k + 1], &idx, &wrap, &first, &first_flags);
+            pid_clear(&q->pid[id]);
+            done++;
+        }
     }
     if (!first) return;
     __atomic_thread_fence(__ATOMIC_RELEASE);   /* the batch before the flags the driver polls */

@@ -151,9 +151,8 @@ class PackedVirtqueue(Virtqueue):
         super().__init__(memory, index)
         self.avail_wrap = True
         self.used_wrap = True
-        #: Per buffer id in flight: (ring slots its chain used, its writable buffers).
-        #: buffer id in flight -> (ring slots, writable buffers, the slot its chain starts
-        #: at or -1 for a recovered one)
+        #: Per buffer id in flight: (ring slots its chain used, its writable buffers, the
+        #: slot its chain starts at or -1 for a recovered one).
         self._bufs: dict[int, tuple[int, list[tuple[int, int]], int]] = {}
         self._in_flight_slots = 0  # sum of the slots of the ids in flight (or to resubmit)
         self._used_advance = 0  # slots the used index moved since the last signal decision
