@@ -167,6 +167,9 @@ int vp_has_available(const struct vp_vq *q);
 /* Chains available and not popped yet (resubmitted ones included), as Virtqueue.available
  * counts them: a split avail idx the ring cannot hold counts none (vp_pop reports it). */
 uint32_t vp_available(const struct vp_vq *q);
+/* Start loading the ring lines the next `n` chains are read from (a hint for a burst about
+ * to pop them: the driver wrote them on another CPU, and loads started together overlap). */
+void vp_prefetch_avail(const struct vp_vq *q, uint32_t n);
 int vp_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
            uint32_t max_segs);
 void vp_add_used(struct vp_vq *q, const uint32_t *items, uint32_t n);

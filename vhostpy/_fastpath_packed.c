@@ -457,6 +457,15 @@ uint32_t vp_packed_available(const struct vp_vq *q) {
     return chains;
 }
 
+void vp_packed_prefetch_avail(const struct vp_vq *q, uint32_t n) {
+    if (n > q->size) n = q->size;
+    uint32_t idx = q->last_avail_idx;
+    for (uint32_t k = 0; k < n; k += 4) {   /* four descriptors a line */
+        vp_prefetch(q->desc + 16 * (uint64_t)idx);
+        idx = idx + 4 < q->size ? idx + 4 : idx + 4 - q->size;
+    }
+}
+
 static void fill_chain(struct vp_chain *ch, const struct pwalk *w, uint32_t first, uint32_t resub) {
     ch->head = w->id;
     ch->first = first;

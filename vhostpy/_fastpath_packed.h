@@ -38,6 +38,7 @@ void vp_packed_forget(struct vp_vq *q);
 
 int vp_packed_has_available(const struct vp_vq *q);
 uint32_t vp_packed_available(const struct vp_vq *q);
+void vp_packed_prefetch_avail(const struct vp_vq *q, uint32_t n);
 int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, struct vp_seg *segs,
                   uint32_t max_segs);
 void vp_packed_unpop(struct vp_vq *q, uint32_t id, uint32_t resubmitted);
