@@ -836,11 +836,23 @@ static void rx_put(struct vp_vq *q, uint32_t hdr_len, int mrg, const struct vp_c
 
 /* The virtio-net header (all zero but num_buffers, set by rx_put) then a frame's MACs,
  * swapped when asked: the first span of every frame placed into a receive ring. */
+/* Write a frame's first 12 bytes, `macs` (destination, source), at `dst`, the two swapped
+ * with `swap`. Both are loaded before anything is stored (the driver may overlap its buffers
+ * with ours), six bytes each: a 12-byte copy read back six bytes in cannot be
+ * store-forwarded from the two stores that wrote it, and waits for every older store, the
+ * ring's and the frames', to reach the cache (a stall perf showed in the packed loop). */
+static inline void put_macs(uint8_t *dst, const uint8_t *macs, int swap) {
+    uint8_t d[6], s[6];
+    memcpy(d, macs, 6);
+    memcpy(s, macs + 6, 6);
+    memcpy(dst, swap ? s : d, 6);
+    memcpy(dst + 6, swap ? d : s, 6);
+}
+
 static uint32_t rx_prefix(uint8_t pre[2 * NET_HDR_MAX], uint32_t hdr_len, const uint8_t macs[12],
                           int swap) {
     memset(pre, 0, 2 * NET_HDR_MAX);
-    memcpy(pre + hdr_len, macs + (swap ? 6 : 0), 6);
-    memcpy(pre + hdr_len + 6, macs + (swap ? 0 : 6), 6);
+    put_macs(pre + hdr_len, macs, swap);
     return hdr_len + 12;
 }
 
@@ -940,38 +952,6 @@ static void prefetch_buffers(const struct vp_mem *m, const struct vp_chain *chai
     }
 }
 
-/* Write a receive header (all zero; num_buffers 1 when it has that field) and the frame's
- * first 12 bytes, `macs` (destination, source), swapped at `dst`. Both MACs are loaded
- * before anything is stored (the driver may overlap its buffers with ours), into registers:
- * through a 12-byte copy on the stack, reading it back six bytes in could not be forwarded
- * from the two stores that wrote it, and waited for every store before them, the ring's
- * and the frames', to reach the cache (a stall perf showed in the packed loop). */
-static inline void put_header_swapped(uint8_t *dst, uint32_t hdr_len, const uint8_t *macs) {
-    uint64_t a, zero = 0;
-    uint32_t b, nb1 = 0;
-    memcpy(&a, macs, 8);
-    memcpy(&b, macs + 8, 4);
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    uint64_t lo = (a >> 48) | ((uint64_t)b << 16) | (a << 48);   /* macs[6..11], macs[0..1] */
-    uint32_t hi = (uint32_t)(a >> 16);                             /* macs[2..5] */
-    nb1 = 1u << 16;   /* bytes 8..11: csum_offset 0, num_buffers 1 */
-#else
-    uint8_t sw[12];
-    memcpy(sw, macs + 6, 6);
-    memcpy(sw + 6, macs, 6);
-    uint64_t lo;
-    uint32_t hi;
-    memcpy(&lo, sw, 8);
-    memcpy(&hi, sw + 8, 4);
-    nb1 = 1u << 8;
-#endif
-    memcpy(dst, &zero, 8);                 /* hdr_len is 10 or 12 (hdr_len_ok) */
-    if (hdr_len >= 12) memcpy(dst + 8, &nb1, 4);
-    else memcpy(dst + 8, &zero, 2);
-    memcpy(dst + hdr_len, &lo, 8);
-    memcpy(dst + hdr_len + 8, &hi, 4);
-}
-
 /* Reflect one frame into the group's next chain (popping a group when the last is used
  * up) when that is a plain copy: its bytes (after the header) in host spans whose first
  * holds both MACs, no checksum to complete, and a chain of one writable buffer in the
@@ -996,7 +976,9 @@ static int reflect_plain(struct reflect *r, const struct vp_mem *m, const struct
     struct span sp[MAX_SPANS];
     int nsp = dst ? spans_of(m, s, nseg, hdr_len, flen, sp, MAX_SPANS) : -1;
     if (nsp < 1 || sp[0].n < 12) return 0;
-    put_header_swapped(dst, hdr_len, sp[0].p);
+    memset(dst, 0, hdr_len);
+    if (hdr_len >= 12) dst[10] = 1;       /* num_buffers, little-endian 1 */
+    put_macs(dst + hdr_len, sp[0].p, 1);
     uint8_t *to = dst + hdr_len + 12;
     for (int i = 0; i < nsp; i++) {
         const uint8_t *from = sp[i].p + (i ? 0 : 12);

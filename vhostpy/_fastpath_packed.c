@@ -459,10 +459,10 @@ uint32_t vp_packed_available(const struct vp_vq *q) {
 
 void vp_packed_prefetch_avail(const struct vp_vq *q, uint32_t n) {
     if (n > q->size) n = q->size;
-    uint32_t idx = q->last_avail_idx;
+    uint32_t idx = q->last_avail_idx, wrap = q->avail_wrap;
     for (uint32_t k = 0; k < n; k += 4) {   /* four descriptors a line */
         vp_prefetch(q->desc + 16 * (uint64_t)idx);
-        idx = idx + 4 < q->size ? idx + 4 : idx + 4 - q->size;
+        padvance(q->size, &idx, &wrap, 4);
     }
 }
 
