@@ -429,6 +429,45 @@ def test_poll_loop_reflect_and_solo_switch_match_python() -> None:
     assert outcomes["switch-cffi"][0]["flooded"] == 50
 
 
+def _mac(n: int) -> bytes:
+    return bytes([0x02, 0, 0, 0, 0, n])
+
+
+#: (source, destination) of frames a port alone on its switch sends, in order: runs of one
+#: source and sources alternating, a destination unknown, then learnt mid-burst (then on
+#: the sending port: filtered; also by the very frame that names it next), broadcast, a multicast and a zero source (dropped).
+SOLO_MACS = ([(_mac(1), PEER_MAC)] * 6 + [(_mac(2), _mac(3)), (_mac(3), _mac(4)),
+                                          (_mac(5), _mac(3)), (_mac(1), _mac(2))] * 3
+             + [(_mac(4), b"\xff" * 6), (b"\x01\x00\x5e\x00\x00\x01", _mac(1)),
+                (bytes(6), _mac(1)), (_mac(6), _mac(10)), (_mac(10), _mac(10))]
+             + [(_mac(7 + k % 3), _mac(1)) for k in range(9)])
+
+
+@needs_cffi
+@pytest.mark.parametrize("max_entries", [4096, 3])
+@pytest.mark.usefixtures("small_bursts")
+def test_poll_loop_solo_switch_learns_like_python(max_entries: int) -> None:
+    """A port alone on the compiled switch is served by C's in-place classification (the
+    MACs read where the driver put them): what it learns, filters, drops and floods is what
+    the Python switch decides, with the table full (3 entries) or not."""
+    outcomes = {}
+    for impl in ("python", "cffi"):
+        switch = (PythonSwitch if impl == "python" else CffiSwitch)(max_entries=max_entries)
+        rig = _loop_rig(impl)
+        rig.port.set_consumer("switch", switch)
+        switch.attach(rig.port)
+        frames = [dst + src + b"\x88\xb5" + bytes(50) for src, dst in SOLO_MACS]
+        # in one buffer, the header apart, or cut inside the source MAC
+        _serve_all(rig, [[vhdr() + f] if k % 3 == 0 else [vhdr(), f] if k % 3 == 1 else
+                         [vhdr() + f[:9], f[9:]] for k, f in enumerate(frames)])
+        assert impl == "python" or _used_poll_loop(rig)
+        outcomes[impl] = (switch.counters(), rig.port.counters(), sorted(switch.table()))
+    assert outcomes["python"] == outcomes["cffi"]
+    counters = outcomes["cffi"][0]
+    assert counters["dropped"] == 2 and counters["filtered"] > 0 and counters["flooded"] > 0
+    assert len(outcomes["cffi"][2]) == min(max_entries, 10)
+
+
 def _odd_shapes(rng: random.Random) -> list[tuple[list[bytes], bool]]:
     """Transmit chains (parts, indirect) of every shape the reflect loop copies from: frames
     cut anywhere (inside the MACs, inside the header), in more pieces than C resolves at once,

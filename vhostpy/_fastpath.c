@@ -499,7 +499,9 @@ static int gather(const struct vp_mem *m, const struct vp_seg *s, uint32_t nseg,
         uint64_t l = s[k].len;
         if (skip >= l) { skip -= l; continue; }
         uint64_t take = l - skip < len ? l - skip : len;
-        if (mem_copy(m, s[k].addr + skip, dst, take, 0)) return -1;
+        const uint8_t *whole = vp_mem_hinted(m, s[k].addr + skip, take);
+        if (whole) memcpy(dst, whole, take);   /* the common case: in the hinted region */
+        else if (mem_copy(m, s[k].addr + skip, dst, take, 0)) return -1;
         dst += take;
         len -= take;
         skip = 0;
@@ -1183,43 +1185,113 @@ uint32_t vp_switch_dump(const struct vp_switch *sw, uint64_t *macs, int32_t *por
     return n;
 }
 
+/* The MAC at p as a 48-bit number, first byte most significant (written out so the compiler
+ * makes it two loads and a byte swap instead of a loop). */
 static inline uint64_t mac48(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 0; i < 6; i++) v = v << 8 | p[i];
-    return v;
+    return (uint64_t)p[0] << 40 | (uint64_t)p[1] << 32 | (uint64_t)p[2] << 24 |
+           (uint64_t)p[3] << 16 | (uint64_t)p[4] << 8 | (uint64_t)p[5];
+}
+
+/* One classification pass (a burst): the switch, the source port and the times, the
+ * counts so far, and what it remembers between frames. A burst mostly repeats one source
+ * and a few destinations: the last source learnt (its entry already says src, now) and the
+ * last destination found are remembered. Entries never move while frames are classified
+ * (fdb_put only fills empty slots), so a remembered entry is read afresh, never stale. */
+struct classify {
+    struct vp_switch *sw;
+    int32_t src;
+    double now, horizon;
+    uint64_t fwd, flood, filt, drop;
+    uint64_t learnt, dmac_last;
+    struct vp_fdb_entry *dest_last;
+};
+
+static void classify_start(struct classify *c, struct vp_switch *sw, int32_t src, double now,
+                           double horizon) {
+    memset(c, 0, sizeof *c);
+    c->sw = sw;
+    c->src = src;
+    c->now = now;
+    c->horizon = horizon;
+}
+
+/* Learn the source of the frame whose first 12 bytes (destination, source MACs) are at p,
+ * count it, and return where it goes: a port, -1 flood, -2 dropped (a multicast or zero
+ * source), -3 filtered (its destination is on the port it came from). */
+static int32_t classify_one(struct classify *c, const uint8_t *p) {
+    struct vp_switch *sw = c->sw;
+    uint64_t smac = mac48(p + 6);
+    if ((p[6] & 1) || smac == 0) { c->drop++; return -2; }
+    if (smac != c->learnt) {
+        struct vp_fdb_entry *e = fdb_find(sw, smac);
+        if (!e && sw->count >= sw->max_entries) {
+            /* table full: forward, do not learn */
+        } else {
+            if (!e || e->port != c->src || e->seen != c->now) fdb_put(sw, smac, c->src, c->now);
+            c->learnt = smac;
+        }
+    }
+    if (!(p[0] & 1)) {
+        uint64_t dmac = mac48(p);
+        struct vp_fdb_entry *e = c->dest_last;
+        if (dmac != c->dmac_last || !e) {
+            e = dmac ? fdb_find(sw, dmac) : NULL;
+            c->dmac_last = dmac;
+            c->dest_last = e;
+        }
+        if (e && e->seen >= c->horizon) {
+            if (e->port == c->src) { c->filt++; return -3; }
+            c->fwd++;
+            return e->port;
+        }
+    }
+    c->flood++;
+    return -1;
+}
+
+static void classify_end(struct classify *c) {
+    c->sw->forwarded += c->fwd;
+    c->sw->flooded += c->flood;
+    c->sw->filtered += c->filt;
+    c->sw->dropped += c->drop;
 }
 
 int vp_switch_classify(struct vp_switch *sw, const struct vp_frames *f, int32_t src,
                        double now, double horizon, int32_t *dest) {
-    uint64_t fwd = 0, flood = 0, filt = 0, drop = 0;
+    struct classify c;
+    classify_start(&c, sw, src, now, horizon);
     for (uint32_t i = 0; i < f->n; i++) {
-        const uint8_t *p = f->buf + f->off[i];
-        if (f->len[i] < ETH_HLEN) { drop++; dest[i] = -2; continue; }
-        uint64_t smac = mac48(p + 6);
-        if ((p[6] & 1) || smac == 0) { drop++; dest[i] = -2; continue; }
-        struct vp_fdb_entry *e = fdb_find(sw, smac);
-        if (!e && sw->count >= sw->max_entries) {
-            /* table full: forward, do not learn */
-        } else if (!e || e->port != src || e->seen != now) {
-            fdb_put(sw, smac, src, now);
-        }
-        if (!(p[0] & 1)) {
-            uint64_t dmac = mac48(p);
-            e = dmac ? fdb_find(sw, dmac) : NULL;
-            if (e && e->seen >= horizon) {
-                if (e->port == src) { filt++; dest[i] = -3; }
-                else { fwd++; dest[i] = e->port; }
-                continue;
-            }
-        }
-        flood++;
-        dest[i] = -1;
+        if (f->len[i] < ETH_HLEN) { c.drop++; dest[i] = -2; continue; }
+        dest[i] = classify_one(&c, f->buf + f->off[i]);
     }
-    sw->forwarded += fwd;
-    sw->flooded += flood;
-    sw->filtered += filt;
-    sw->dropped += drop;
+    classify_end(&c);
     return 0;
+}
+
+static int take_classify(void *ctx, const struct vp_mem *m, const struct vp_seg *s,
+                         uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen) {
+    (void)h;
+    (void)flen;   /* tx_check let only frames of ETH_HLEN bytes or more through */
+    const uint8_t *p = !s->write && s->len >= hdr_len + 12 ?
+                       vp_mem_hinted(m, s->addr + hdr_len, 12) : NULL;
+    uint8_t macs[12];
+    if (!p) {   /* the MACs are not in the first buffer, or not in the hinted region */
+        if (gather(m, s, nseg, hdr_len, macs, 12)) return DROP_SHORT_HEADER;
+        p = macs;
+    }
+    classify_one(ctx, p);
+    return -1;
+}
+
+int vp_net_tx_switch_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
+                           struct vp_net_stats *st, struct vp_switch *sw, int32_t src,
+                           double now, double horizon) {
+    if (!hdr_len_ok(hdr_len)) return VP_ERR_HDR_LEN;
+    struct classify c;
+    classify_start(&c, sw, src, now, horizon);
+    int n = tx_serve(q, hdr_len, csum, limit, st, NULL, take_classify, &c);
+    classify_end(&c);
+    return n;
 }
 
 uint32_t vp_switch_select(const int32_t *dest, uint32_t n, int32_t port, uint32_t *idx) {

@@ -233,6 +233,14 @@ uint32_t vp_switch_dump(const struct vp_switch *sw, uint64_t *macs, int32_t *por
                         double *seen, uint32_t max);
 int vp_switch_classify(struct vp_switch *sw, const struct vp_frames *f, int32_t src,
                        double now, double horizon, int32_t *dest);
+/* A transmit burst of a port alone on its switch (switch.CffiSwitch.solo): what
+ * vp_net_tx_burst then vp_switch_classify leave behind (used entries, counters, drop
+ * reasons, what the switch learnt and counted), reading each frame's MACs where the driver
+ * put them: nothing is copied, as nothing goes anywhere. The chains popped, or
+ * VP_ERR_HDR_LEN. */
+int vp_net_tx_switch_burst(struct vp_vq *q, uint32_t hdr_len, int csum, uint32_t limit,
+                           struct vp_net_stats *st, struct vp_switch *sw, int32_t src,
+                           double now, double horizon);
 uint32_t vp_switch_select(const int32_t *dest, uint32_t n, int32_t port, uint32_t *idx);
 
 /* ---------------------------------------------------------------- virtio-blk (_fastpath_blk.c) */

@@ -4,7 +4,8 @@
  * calls them (tx burst, tx signal, then the consumer, then the rx signal), so a ring served
  * here ends in the same state, with the same counters, as one served a burst at a time.
  * Reflecting uses vp_net_reflect_burst, which leaves the same state as those two calls with
- * one copy of each frame instead of two.
+ * one copy of each frame instead of two; switching for a port alone on its switch uses
+ * vp_net_tx_switch_burst, which learns from each frame where it lies and copies none.
  * The loop stops at the first empty burst (or, with `spin_ns`, once the ring stayed empty that
  * long: a loop whose frames come straight back then stays here instead of paying a return
  * to Python per round trip), after `max_bursts`, when the receive ring cannot
@@ -41,18 +42,19 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
                    struct vp_net_poll *p) {
     p->bursts = 0;
     if (p->hdr_len != 10 && p->hdr_len != 12) return VP_ERR_HDR_LEN;
-    int keep = p->mode != VP_TX_SINK;
     uint32_t burst = p->burst;
-    if (keep && burst > out->max) burst = out->max;
+    if (p->mode == VP_TX_REFLECT && burst > out->max) burst = out->max;
     uint64_t empty_since = 0;
     while (p->bursts < p->max_bursts) {
         int n, stalled = 0;
         if (p->mode == VP_TX_REFLECT) {
             n = vp_net_reflect_burst(q, p->rxq, p->hdr_len, p->csum, p->mrg, p->max_len, burst,
                                      st, p->rx_st, p->backlog, out, &stalled);
+        } else if (p->mode == VP_TX_CLASSIFY) {
+            n = vp_net_tx_switch_burst(q, p->hdr_len, p->csum, burst, st, p->sw, p->src,
+                                       p->now, p->horizon);
         } else {
-            if (keep) out->n = 0, out->used = 0;
-            n = vp_net_tx_burst(q, p->hdr_len, p->csum, burst, st, keep ? out : NULL);
+            n = vp_net_tx_burst(q, p->hdr_len, p->csum, burst, st, NULL);
         }
         if (n < 0) return n;   /* not reached: hdr_len was checked above */
         if (n == 0) {
@@ -71,8 +73,6 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
         if (p->mode == VP_TX_REFLECT) {
             if (p->rx_signal) vp_signal(p->rxq, p->rx_call_fd);
             if (stalled) return VP_POLL_STALLED;   /* `out` holds what waits */
-        } else if (p->mode == VP_TX_CLASSIFY && out->n) {
-            vp_switch_classify(p->sw, out, p->src, p->now, p->horizon, p->dest);
         }
         if (q->broken) return VP_POLL_BROKEN;
     }

@@ -19,7 +19,7 @@ struct vp_net_poll {
     uint32_t mode;
     uint32_t hdr_len;
     uint32_t csum;            /* VIRTIO_NET_F_CSUM negotiated: read and check each header */
-    uint32_t burst;           /* chains per burst (at most 256, at most out->max) */
+    uint32_t burst;           /* chains per burst (at most 256; reflecting: at most out->max) */
     uint32_t max_bursts;
     uint64_t spin_ns;         /* an empty ring is re-checked for this long before the call
                                  returns VP_POLL_EMPTY (0: at once; only while the ring is
@@ -31,7 +31,6 @@ struct vp_net_poll {
     int32_t src;
     double now;
     double horizon;
-    int32_t *dest;            /* room for `burst` entries */
     /* VP_TX_REFLECT: the receive ring of the same port */
     struct vp_vq *rxq;
     int32_t rx_call_fd;

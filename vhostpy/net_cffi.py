@@ -222,7 +222,6 @@ class NetFastPath:
         self.rejected = 0
         self._plans: dict[int, tuple[tuple[object, ...], Any]] = {}   # pair -> (key, plan)
         self._plan_rxq: CffiVirtqueue | None = None
-        self._dest = ffi.new("int32_t[]", BURST)
         self._offer_args = ffi.new("struct vp_net_offer *")
         self._place_args = ffi.new("struct vp_net_offer *")
         self._ident: Any = None
@@ -339,7 +338,6 @@ class NetFastPath:
         plan = ffi.new("struct vp_net_poll *")
         plan.burst = BURST
         plan.max_bursts = POLL_BURSTS
-        plan.dest = self._dest
         plan.hdr_len = config.hdr_len
         plan.csum = config.csum
         plan.signal, plan.call_fd = signal
