@@ -851,6 +851,13 @@ static inline void put_macs(uint8_t *dst, const uint8_t *macs, int swap) {
     memcpy(dst + 6, swap ? d : s, 6);
 }
 
+/* The receive header of a frame in one buffer, at dst: all zero but num_buffers = 1 when
+ * the header has that field (hdr_len 12), in two stores instead of a memset call. */
+static inline void put_rx_header(uint8_t *dst, uint32_t hdr_len) {
+    static const uint8_t hdr12[12] = {[10] = 1}, hdr10[10] = {0};
+    memcpy(dst, hdr_len >= 12 ? hdr12 : hdr10, hdr_len >= 12 ? 12 : 10);
+}
+
 static uint32_t rx_prefix(uint8_t pre[2 * NET_HDR_MAX], uint32_t hdr_len, const uint8_t macs[12],
                           int swap) {
     memset(pre, 0, 2 * NET_HDR_MAX);
@@ -975,11 +982,20 @@ static int reflect_plain(struct reflect *r, const struct vp_mem *m, const struct
     uint64_t need = (uint64_t)hdr_len + flen;
     if (c->nseg != 1 || !rs->write || rs->len < need) return 0;
     uint8_t *dst = vp_mem_hinted(r->rq->mem, rs->addr, need);
+    if (!dst) return 0;
     struct span sp[MAX_SPANS];
-    int nsp = dst ? spans_of(m, s, nseg, hdr_len, flen, sp, MAX_SPANS) : -1;
+    int nsp;
+    const uint8_t *whole = !s->write && s->len >= hdr_len + flen ?
+                           vp_mem_hinted(m, s->addr + hdr_len, flen) : NULL;
+    if (whole) {   /* the common frame: after its header in its first buffer */
+        sp[0].p = whole;
+        sp[0].n = flen;
+        nsp = 1;
+    } else {
+        nsp = spans_of(m, s, nseg, hdr_len, flen, sp, MAX_SPANS);
+    }
     if (nsp < 1 || sp[0].n < 12) return 0;
-    memset(dst, 0, hdr_len);
-    if (hdr_len >= 12) dst[10] = 1;       /* num_buffers, little-endian 1 */
+    put_rx_header(dst, hdr_len);
     put_macs(dst + hdr_len, sp[0].p, 1);
     uint8_t *to = dst + hdr_len + 12;
     for (int i = 0; i < nsp; i++) {
