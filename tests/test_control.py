@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from scripted import ScriptedGuest, blk_request
+from tools import wait_until
 
 from vhostpy.blk import (
     VIRTIO_BLK_S_IOERR,
@@ -96,14 +97,25 @@ def test_a_connected_client_never_holds_up_another(tmp_path: Path, loop: EventLo
             sock.connect(path)
             idle.append(sock)
         assert request(path, "ping") == "pong"         # served beside them
-        last = socket.socket(socket.AF_UNIX)           # every place taken
-        last.connect(path)
-        idle.append(last)
+
+        def take_last_place() -> socket.socket | None:
+            """Connect and be served: every place taken. The request above frees its place
+            once the server has read its end (on the client's thread, in its own time):
+            until then this one is refused, and tries again."""
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)
+            sock.sendall(b'{"command": "ping"}\n')
+            sock.settimeout(5)
+            answer = json.loads(sock.makefile().readline())
+            if answer == {"ok": True, "result": "pong"}:
+                return sock
+            sock.close()
+            assert "control clients are connected already" in answer["error"], answer
+            return None
+
         # Served once, so it is surely accepted (and counted) before the extra one comes:
         # the accept thread takes connections in its own time.
-        last.sendall(b'{"command": "ping"}\n')
-        last.settimeout(5)
-        assert json.loads(last.makefile().readline()) == {"ok": True, "result": "pong"}
+        idle.append(wait_until(take_last_place, 10, "the last control place"))
         extra = socket.socket(socket.AF_UNIX)          # one more than MAX_CLIENTS
         extra.connect(path)
         extra.settimeout(5)
