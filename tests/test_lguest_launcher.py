@@ -76,6 +76,13 @@ def make(model: FakeLguest, console: tuple[int, int, int, int], **kw: object) ->
     return launcher
 
 
+def irq_came(model: FakeLguest) -> None:
+    """Wait, in the guest, for a completion's LHREQ_IRQ: the driver finds completions by
+    polling the used ring, so the interrupt may come after it saw them (and a guest that
+    died first would never get it)."""
+    wait_until(lambda: model.irqs, 10, "a completion's LHREQ_IRQ")
+
+
 def run_guest(launcher: Launcher, model: FakeLguest, guest: Guest, *,
               reason: str = POWER_OFF_REASON) -> RunExit:
     """Boot, run `guest(driver, model)` on its own thread, then the guest dies with `reason`."""
@@ -166,6 +173,7 @@ def test_blk_writes_reach_the_image(tmp_path: Path, console: tuple[int, int, int
         assert robk.read(0, 1) == b"R" * 512
         with pytest.raises(OSError, match="status"):
             robk.write(0, b"W" * 512)
+        irq_came(model)
 
     # the console is always the first device, then the command line's order
     assert launcher.bridge.devices[0].device is launcher.console
@@ -273,6 +281,7 @@ def test_vhost_user_blk_through_vhostpy_blk(tmp_path: Path, backend: Callable[..
         assert blk.capacity == (1 << 20) // 512
         blk.write(7, data[:1024])
         assert blk.read(7, 2) == data[:1024]
+        irq_came(model)
 
     run_guest(launcher, model, guest)
     with open(image, "rb") as f:
