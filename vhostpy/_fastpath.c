@@ -509,6 +509,15 @@ static int gather(const struct vp_mem *m, const struct vp_seg *s, uint32_t nseg,
     return len ? -1 : 0;
 }
 
+/* The `n` bytes after a transmit chain's `hdr_len`-byte header when its first buffer holds
+ * them all (readable, in the hinted region): where they are, without a copy; else NULL (the
+ * caller goes through gather or spans_of). The common frame: header and frame in one
+ * buffer. */
+static inline const uint8_t *after_header(const struct vp_mem *m, const struct vp_seg *s,
+                                          uint32_t hdr_len, uint64_t n) {
+    return !s->write && s->len >= hdr_len + n ? vp_mem_hinted(m, s->addr + hdr_len, n) : NULL;
+}
+
 /* Bytes in host memory, one piece of what is written into receive buffers. */
 struct span {
     const uint8_t *p;
@@ -836,8 +845,6 @@ static void rx_put(struct vp_vq *q, uint32_t hdr_len, int mrg, const struct vp_c
     if (nc > 1) st->merged++;
 }
 
-/* The virtio-net header (all zero but num_buffers, set by rx_put) then a frame's MACs,
- * swapped when asked: the first span of every frame placed into a receive ring. */
 /* Write a frame's first 12 bytes, `macs` (destination, source), at `dst`, the two swapped
  * with `swap`. Both are loaded before anything is stored (the driver may overlap its buffers
  * with ours), six bytes each: a 12-byte copy read back six bytes in cannot be
@@ -852,12 +859,15 @@ static inline void put_macs(uint8_t *dst, const uint8_t *macs, int swap) {
 }
 
 /* The receive header of a frame in one buffer, at dst: all zero but num_buffers = 1 when
- * the header has that field (hdr_len 12), in two stores instead of a memset call. */
+ * the header has that field (hdr_len 12), copied from a constant instead of a memset call
+ * and a store. */
 static inline void put_rx_header(uint8_t *dst, uint32_t hdr_len) {
     static const uint8_t hdr12[12] = {[10] = 1}, hdr10[10] = {0};
     memcpy(dst, hdr_len >= 12 ? hdr12 : hdr10, hdr_len >= 12 ? 12 : 10);
 }
 
+/* The virtio-net header (all zero but num_buffers, set by rx_put) then a frame's MACs,
+ * swapped when asked: the first span of every frame placed into a receive ring. */
 static uint32_t rx_prefix(uint8_t pre[2 * NET_HDR_MAX], uint32_t hdr_len, const uint8_t macs[12],
                           int swap) {
     memset(pre, 0, 2 * NET_HDR_MAX);
@@ -985,9 +995,8 @@ static int reflect_plain(struct reflect *r, const struct vp_mem *m, const struct
     if (!dst) return 0;
     struct span sp[MAX_SPANS];
     int nsp;
-    const uint8_t *whole = !s->write && s->len >= hdr_len + flen ?
-                           vp_mem_hinted(m, s->addr + hdr_len, flen) : NULL;
-    if (whole) {   /* the common frame: after its header in its first buffer */
+    const uint8_t *whole = after_header(m, s, hdr_len, flen);
+    if (whole) {
         sp[0].p = whole;
         sp[0].n = flen;
         nsp = 1;
@@ -1288,10 +1297,9 @@ static int take_classify(void *ctx, const struct vp_mem *m, const struct vp_seg 
                          uint32_t nseg, uint32_t hdr_len, const uint8_t h[12], uint32_t flen) {
     (void)h;
     (void)flen;   /* tx_check let only frames of ETH_HLEN bytes or more through */
-    const uint8_t *p = !s->write && s->len >= hdr_len + 12 ?
-                       vp_mem_hinted(m, s->addr + hdr_len, 12) : NULL;
+    const uint8_t *p = after_header(m, s, hdr_len, 12);
     uint8_t macs[12];
-    if (!p) {   /* the MACs are not in the first buffer, or not in the hinted region */
+    if (!p) {
         if (gather(m, s, nseg, hdr_len, macs, 12)) return DROP_SHORT_HEADER;
         p = macs;
     }
