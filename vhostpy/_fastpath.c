@@ -18,6 +18,7 @@
 #include "_fastpath.h"
 #include "_fastpath_packed.h"
 #include "_fastpath_mem.h"
+#include "_fastpath_nethdr.h"
 
 #define DESC_F_NEXT 1u
 #define DESC_F_WRITE 2u
@@ -858,14 +859,6 @@ static inline void put_macs(uint8_t *dst, const uint8_t *macs, int swap) {
     memcpy(dst + 6, swap ? d : s, 6);
 }
 
-/* The receive header of a frame in one buffer, at dst: all zero but num_buffers = 1 when
- * the header has that field (hdr_len 12), copied from a constant instead of a memset call
- * and a store. */
-static inline void put_rx_header(uint8_t *dst, uint32_t hdr_len) {
-    static const uint8_t hdr12[12] = {[10] = 1}, hdr10[10] = {0};
-    memcpy(dst, hdr_len >= 12 ? hdr12 : hdr10, hdr_len >= 12 ? 12 : 10);
-}
-
 /* The virtio-net header (all zero but num_buffers, set by rx_put) then a frame's MACs,
  * swapped when asked: the first span of every frame placed into a receive ring. */
 static uint32_t rx_prefix(uint8_t pre[2 * NET_HDR_MAX], uint32_t hdr_len, const uint8_t macs[12],
@@ -1004,7 +997,7 @@ static int reflect_plain(struct reflect *r, const struct vp_mem *m, const struct
         nsp = spans_of(m, s, nseg, hdr_len, flen, sp, MAX_SPANS);
     }
     if (nsp < 1 || sp[0].n < 12) return 0;
-    put_rx_header(dst, hdr_len);
+    vp_put_rx_header(dst, hdr_len);
     put_macs(dst + hdr_len, sp[0].p, 1);
     uint8_t *to = dst + hdr_len + 12;
     for (int i = 0; i < nsp; i++) {

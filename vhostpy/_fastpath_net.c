@@ -25,6 +25,7 @@
 #include <string.h>
 #include "_fastpath.h"
 #include "_fastpath_net.h"
+#include "_fastpath_nethdr.h"
 
 static uint64_t monotonic_ns(void) {
     struct timespec ts;
@@ -141,8 +142,7 @@ static uint32_t place_simple(struct vp_vq *q, struct vp_net_offer *o, const uint
         if (c->nseg != 1 || !sg->write || sg->len < need) break;
         uint8_t *dst = vp_mem_span(q->mem, sg->addr, &room);
         if (!dst || room < need) break;
-        memset(dst, 0, hdr_len);
-        if (hdr_len >= 12) dst[10] = 1;   /* num_buffers, little-endian 1 */
+        vp_put_rx_header(dst, hdr_len);
         memcpy(dst + hdr_len, src->buf + src->off[f], len);
         if (o->cap) cap_record(o->cap, src->buf + src->off[f], len, sec, usec);
         items[2 * k] = c->head;
