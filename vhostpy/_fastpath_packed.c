@@ -39,6 +39,8 @@
 
 typedef unsigned long long ull;
 
+static inline uint32_t min32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
 static inline uint16_t pld16(const uint8_t *p) {
     return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED);
 }
@@ -324,45 +326,6 @@ static int precord(struct vp_vq *q, const struct pwalk *w, const struct vp_seg *
     return 0;
 }
 
-/* The common chain, one direct descriptor at ring slot `idx` (flags neither NEXT nor
- * INDIRECT), taken inline: 1 with its buffer in *seg, its walk in *w and its id recorded,
- * when every check of pwalk_chain passes at first sight (its buffer in the hinted region);
- * 0, nothing stored, sends it through pwalk_chain, which checks it again and words the
- * error. */
-static inline int ptake_single(struct vp_vq *q, uint32_t idx, struct vp_seg *seg,
-                               struct pwalk *w) {
-    const uint8_t *d = q->desc + 16 * (uint64_t)idx;
-    uint64_t addr; uint32_t len; uint16_t id, flags;
-    memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&id, d + 12, 2); memcpy(&flags, d + 14, 2);
-    if ((flags & (PDESC_F_NEXT | PDESC_F_INDIRECT)) || q->in_flight_slots >= q->size ||
-        id >= q->size || q->pid[id].slots || (len && !vp_mem_hinted(q->mem, addr, len)))
-        return 0;
-    uint32_t write = (flags & PDESC_F_WRITE) ? 1 : 0;
-    struct vp_seg one = {addr, len, write};
-    *seg = one;
-    w->nseg = 1;
-    w->nw = write;
-    w->slots = 1;
-    w->rl = write ? 0 : len;
-    w->wl = write ? len : 0;
-    w->id = id;
-    w->ind_addr = 0;
-    w->ind_len = 0;
-    struct vp_pid *p = &q->pid[id];   /* precord's work, without its loop: this is per frame */
-    if (p->more) {
-        free(p->more);
-        p->more = NULL;
-    }
-    p->slots = 1;
-    p->taken = 1;
-    p->at = (uint16_t)idx;
-    p->ind_addr = 0;
-    p->ind_len = 0;
-    p->nw = write;
-    if (write) p->w[0] = one;
-    return 1;
-}
-
 static inline void padvance(uint32_t size, uint32_t *idx, uint32_t *wrap, uint32_t slots) {
     *idx += slots;
     if (*idx >= size) {
@@ -440,6 +403,59 @@ static void pinf_popped(struct vp_vq *q, uint32_t start, uint32_t slots, uint32_
     q->pid[id].inf_last = (uint16_t)last_entry;
 }
 
+/* The common chain, one direct descriptor whose buffer lies in the hinted region and whose
+ * id is free, popped in a tight loop: up to `n` of them into chains/segs (chain k's segment
+ * at segs[k], `first` counted from `first0`), stopping at the first descriptor that is not
+ * available or not that simple, which the general path (pwalk_chain) then takes, checks
+ * again and words the error for. Leaves what pwalk_chain + precord would; returns how many. */
+static uint32_t pop_singles(struct vp_vq *q, uint32_t n, struct vp_chain *chains,
+                            struct vp_seg *segs, uint32_t first0) {
+    uint32_t size = q->size, idx = q->last_avail_idx, wrap = q->avail_wrap, k = 0;
+    uint32_t room = size - q->in_flight_slots;
+    const struct vp_mem *m = q->mem;
+    uint32_t h = __atomic_load_n(&m->hint, __ATOMIC_RELAXED);
+    if (n > room) n = room;
+    if (h >= m->n) return 0;
+    const uint64_t base = m->r[h].gpa, span = m->r[h].size;
+    /* available in this lap, and neither NEXT nor INDIRECT */
+    const uint16_t mask = PDESC_F_AVAIL | PDESC_F_USED | PDESC_F_NEXT | PDESC_F_INDIRECT;
+    uint16_t want = wrap ? PDESC_F_AVAIL : PDESC_F_USED;
+    for (; k < n; k++) {
+        const uint8_t *d = q->desc + 16 * (uint64_t)idx;
+        uint16_t flags = pld16(d + 14);
+        if ((flags & mask) != want) break;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);   /* flags before the rest */
+        uint64_t addr; uint32_t len; uint16_t id;
+        memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&id, d + 12, 2);
+        if (id >= size) break;
+        struct vp_pid *p = &q->pid[id];
+        uint64_t off = addr - base;
+        if (p->slots || p->more || (len && (off >= span || len > span - off))) break;
+        uint32_t write = (flags & PDESC_F_WRITE) ? 1 : 0;
+        struct vp_seg one = {addr, len, write};
+        struct vp_chain ch = {id, first0 + k, 1, write ? 0 : len, write ? len : 0, 0};
+        segs[k] = one;
+        chains[k] = ch;
+        p->slots = 1;
+        p->taken = 1;
+        p->at = (uint16_t)idx;
+        p->nw = (uint16_t)write;
+        p->ind_addr = 0;
+        p->ind_len = 0;
+        if (write) p->w[0] = one;
+        if (q->inflight) pinf_popped(q, idx, 1, id);
+        if (++idx == size) {
+            idx = 0;
+            wrap = !wrap;
+            want = wrap ? PDESC_F_AVAIL : PDESC_F_USED;
+        }
+    }
+    q->last_avail_idx = idx;
+    q->avail_wrap = wrap;
+    q->in_flight_slots += k;
+    return k;
+}
+
 /* ---------------------------------------------------------------- the ring entry points */
 
 int vp_packed_has_available(const struct vp_vq *q) {
@@ -505,12 +521,15 @@ int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
         count++;
     }
     while (count < limit) {
+        uint32_t got = pop_singles(q, min32(limit - count, max_segs - used_segs),
+                                   chains + count, segs + used_segs, used_segs);
+        count += got;
+        used_segs += got;
+        if (count >= limit) break;
         uint32_t idx = q->last_avail_idx, wrap = q->avail_wrap;
         if (!is_avail(desc_flags(q, idx), wrap)) break;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);   /* flags before the rest of the chain */
         struct pwalk w;
-        if (used_segs < max_segs && ptake_single(q, idx, segs + used_segs, &w))
-            goto taken;
         int rc = pwalk_chain(q, idx, segs + used_segs, max_segs - used_segs, &w, err, sizeof err);
         if (rc == -2) { q->seg_overflow = 1; break; }
         if (rc == 0 && precord(q, &w, segs + used_segs, idx)) {
@@ -523,7 +542,6 @@ int vp_packed_pop(struct vp_vq *q, uint32_t limit, struct vp_chain *chains, stru
             q->broken = 1;
             break;
         }
-    taken:
         if (q->inflight) pinf_popped(q, idx, w.slots, w.id);
         fill_chain(&chains[count], &w, used_segs, 0);
         used_segs += w.nseg;
