@@ -602,7 +602,10 @@ static int tx_check(const struct vp_mem *m, const struct vp_chain *ch, const str
     if (total - hdr_len < ETH_HLEN) return DROP_RUNT;
     *flen = (uint32_t)(total - hdr_len);
     if (!csum) return -1;
-    if (gather(m, s, ch->nseg, 0, h, hdr_len)) return DROP_SHORT_HEADER;
+    const uint8_t *hp = after_header(m, s, 0, hdr_len);
+    if (hp && hdr_len == NET_HDR_MAX) memcpy(h, hp, NET_HDR_MAX);   /* constant sizes: moves */
+    else if (hp) memcpy(h, hp, 10);
+    else if (gather(m, s, ch->nseg, 0, h, hdr_len)) return DROP_SHORT_HEADER;
     uint16_t cs_start, cs_off;
     csum_fields(h, &cs_start, &cs_off);
     if (h[1] != 0) return DROP_GSO;
