@@ -362,7 +362,8 @@ def test_too_many_pending_async_handlers_drop_batches(serve: Callable[..., Serve
     wait_until(lambda: (s.counters()["handlers_pending"], s.counters()["handler_drops"])
                == (2, 2), SOON, "two handlers pending and two batches dropped")
     gate.opened.set()
-    assert guest.receive(2) == [reply_to(frame(b"q0")), reply_to(frame(b"q1"))]
+    # Each pending handler notices the gate on its own 5 ms timer: either may answer first.
+    assert sorted(guest.receive(2)) == sorted([reply_to(frame(b"q0")), reply_to(frame(b"q1"))])
     wait_until(lambda: s.counters()["handlers_pending"] == 0, SOON, "the handlers to end")
     guest.send(frame(b"q4"))                      # room again
     assert guest.receive() == [reply_to(frame(b"q4"))]
