@@ -9,16 +9,21 @@
 #ifndef VHOSTPY_FASTPATH_MEM_H
 #define VHOSTPY_FASTPATH_MEM_H
 
+/* Whether guest range [gpa, gpa + len) lies in the region of `size` bytes at guest `base`.
+ * A range that passes cannot wrap: it ends inside the region. */
+static inline int vp_region_holds(uint64_t base, uint64_t size, uint64_t gpa, uint64_t len) {
+    uint64_t off = gpa - base;
+    return off < size && len <= size - off;
+}
+
 /* The host address of guest range [gpa, gpa + len) when all of it lies in the hinted
- * region, else NULL (it may still be mapped: ask vp_mem_check / vp_mem_ptr). A range that
- * passes cannot wrap: it ends inside the region. */
+ * region, else NULL (it may still be mapped: ask vp_mem_check / vp_mem_ptr). */
 static inline uint8_t *vp_mem_hinted(const struct vp_mem *m, uint64_t gpa, uint64_t len) {
     uint32_t h = __atomic_load_n(&m->hint, __ATOMIC_RELAXED);
     if (h >= m->n) return NULL;
     const struct vp_region *r = &m->r[h];
-    uint64_t off = gpa - r->gpa;
-    if (off >= r->size || len > r->size - off) return NULL;
-    return r->host + off;
+    if (!vp_region_holds(r->gpa, r->size, gpa, len)) return NULL;
+    return r->host + (gpa - r->gpa);
 }
 
 /* Start loading the cache line holding `p`: for reading, or owned for writing (the store

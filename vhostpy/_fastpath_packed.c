@@ -429,8 +429,7 @@ static uint32_t pop_singles(struct vp_vq *q, uint32_t n, struct vp_chain *chains
         memcpy(&addr, d, 8); memcpy(&len, d + 8, 4); memcpy(&id, d + 12, 2);
         if (id >= size) break;
         struct vp_pid *p = &q->pid[id];
-        uint64_t off = addr - base;
-        if (p->slots || p->more || (len && (off >= span || len > span - off))) break;
+        if (p->slots || p->more || (len && !vp_region_holds(base, span, addr, len))) break;
         uint32_t write = (flags & PDESC_F_WRITE) ? 1 : 0;
         struct vp_seg one = {addr, len, write};
         struct vp_chain ch = {id, first0 + k, 1, write ? 0 : len, write ? len : 0, 0};
