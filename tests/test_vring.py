@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -338,6 +339,66 @@ def test_polling_starts_on_work_and_returns_to_kicks_when_idle() -> None:
         ring.poll_idle = 0.0
         assert host.run_timers() < 1000
         assert not ring.polling and not rb.no_notify              # idle: kicks asked again
+    finally:
+        rig.close()
+
+
+def test_the_idle_window_widens_after_a_short_sleep_and_narrows_after_a_long_one() -> None:
+    """Adaptive polling (pacing's docstring): a kick soon after polling gave up widens the
+    window to cover that gap (at least doubling it), a kick after more than poll_idle_max
+    halves it; the window never leaves [poll_idle, poll_idle_max]."""
+    host = FakeLoop()
+    dev = Recorder()
+    dev.poll_idle, dev.poll_idle_max = 0.002, 0.3
+    rig = Rig(dev, host)
+    try:
+        ring = rig.live(0)
+        rb = rig.rbs[0]
+
+        def burst_then_idle() -> float:
+            rb.add_chain([b"x"], [4])
+            assert ring.kick() == 1 and ring.polling
+            window = ring.idle_window
+            while ring.polling:                        # serve the empty ring until it gives up
+                assert host.run_timers(1) == 1
+            return window
+
+        assert burst_then_idle() == 0.002 and ring.poll_sleeps == 1
+        time.sleep(0.02)                               # 20 ms: 2 ms more would not have met it
+        assert 0.02 <= burst_then_idle() < 0.3         # fits the gap
+        assert ring.status()["idle_window"] == ring.idle_window
+        assert ring.status()["poll_sleeps"] == ring.poll_sleeps == 2
+        wide = ring.idle_window
+        for _ in range(4):                             # gaps shorter than the window: no change
+            rb.add_chain([b"y"], [4])
+            assert ring.kick() == 1
+            assert ring.idle_window == wide
+            while ring.polling:
+                assert host.run_timers(1) == 1
+        time.sleep(0.31)                               # longer than poll_idle_max: halved
+        assert burst_then_idle() == wide / 2
+        for _ in range(5):
+            time.sleep(0.31)
+            burst_then_idle()
+        assert ring.idle_window == 0.002               # back to the start, never below it
+    finally:
+        rig.close()
+
+
+def test_a_fixed_idle_window_never_widens() -> None:
+    host = FakeLoop()
+    dev = Recorder()
+    dev.poll_idle = dev.poll_idle_max = 0.001
+    rig = Rig(dev, host)
+    try:
+        ring = rig.live(0)
+        for _ in range(3):
+            rig.rbs[0].add_chain([b"x"], [4])
+            assert ring.kick() == 1 and ring.idle_window == 0.001
+            while ring.polling:
+                assert host.run_timers(1) == 1
+            time.sleep(0.003)
+        assert ring.poll_sleeps == 3 and ring.idle_window == 0.001
     finally:
         rig.close()
 

@@ -103,8 +103,12 @@ class Device:
     #: requests are answered one at a time (blk at queue depth 1) wastes a spin per request.
     poll_after: int = 1
     #: How long (seconds) such a host keeps polling an empty ring before it asks for kicks
-    #: again; None: the host's default.
+    #: again, at first; None: the host's default. The window widens up to `poll_idle_max`
+    #: while kicks come soon after it gave up (see `pacing`).
     poll_idle: float | None = None
+    #: The widest that window gets (seconds); None: the host's default; `poll_idle` (or
+    #: less): a fixed window.
+    poll_idle_max: float | None = None
     #: Interrupt coalescing for a driver that streams requests (see `Coalescing`); None:
     #: every batch the device completes gets its interrupt decision at once.
     coalesce: Coalescing | None = None

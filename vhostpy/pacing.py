@@ -7,9 +7,20 @@ decision; `Vring` gives it the ring (`vq`), the device, the host and `serve()`.
 
 Polling with a budget: a kick that made the device take at least `device.poll_after` chains
 starts polling the ring with kicks disabled. Each turn serves the ring for up to `POLL_TURN`
-seconds and yields to the host (a zero-delay timer). After `device.poll_idle` (default
-`POLL_IDLE`) seconds without work the ring asks for kicks again, re-checks it (work that raced
-in keeps the polling going) and waits on its kick: an idle back-end uses no CPU.
+seconds and yields to the host (a zero-delay timer). After the idle window without work the
+ring asks for kicks again, re-checks it (work that raced in keeps the polling going) and
+waits on its kick: an idle back-end uses no CPU.
+
+The idle window adapts, as KVM's halt polling does: it starts at `device.poll_idle` (default
+`POLL_IDLE`); a kick that comes after the ring gave up, but within `device.poll_idle_max`
+(default `POLL_IDLE_MAX`) of it, widens the window to cover that gap (at least doubling it);
+a kick after a longer silence halves it, back to `poll_idle`. On a virtual machine whose
+host is busy, the peer's vCPU is often descheduled for a millisecond or more, and a back-end
+that then sleeps pays for it again: its halted vCPU is handed to someone else, and its
+wake-up waits for the host (with DPDK's virtio-user looping 32 frames through `--reflect`,
+~1.3 ms per such sleep, median, and a loop that fell to a quarter of its rate). A back-end
+whose traffic pauses that briefly keeps polling through the pause; one whose traffic
+stopped spends at most one window (`poll_idle_max`) before it sleeps.
 
 Interrupt coalescing, for a device with `coalesce` set: once an interrupt covered two or more
 completions the driver counts as streaming, and the completions of the next kick are held
@@ -31,14 +42,17 @@ from .virtqueue import Virtqueue
 if TYPE_CHECKING:
     from .notifier import Notifier
 
-__all__ = ["POLL_IDLE", "POLL_TURN", "CoalescingStats", "Pacer"]
+__all__ = ["POLL_IDLE", "POLL_IDLE_MAX", "POLL_TURN", "CoalescingStats", "Pacer"]
 
 log = logging.getLogger(__name__)
 
 #: Longest stretch one ring is served before the host's loop gets its turn (seconds).
 POLL_TURN = 0.0005
-#: How long a polled ring may stay empty before it waits for kicks again (seconds).
+#: How long a polled ring may stay empty before it waits for kicks again (seconds): the
+#: idle window's start.
 POLL_IDLE = 0.0002
+#: The widest the idle window grows to (seconds).
+POLL_IDLE_MAX = 0.02
 
 
 @dataclass
@@ -63,6 +77,11 @@ class Pacer:
     index: int
     coalescing: CoalescingStats | None
     poll_idle: float
+    poll_idle_max: float
+    #: Times polling gave up on an empty ring and asked for kicks.
+    poll_sleeps: int
+    _idle_grown: float          # the window beyond poll_idle earned by short sleeps
+    _slept_at: float | None     # when polling last gave up (None: a kick came since)
     _call: Notifier | None
     _polling: bool
     _poll_since: float
@@ -82,6 +101,23 @@ class Pacer:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ polling
+
+    @property
+    def idle_window(self) -> float:
+        """How long (seconds) a polled ring may stay empty now before it asks for kicks."""
+        return max(self.poll_idle, min(self._idle_grown, self.poll_idle_max))
+
+    def _woken(self, now: float) -> None:
+        """A kick came: if polling had given up, fit the idle window to the gap."""
+        slept = self._slept_at
+        if slept is None:
+            return
+        self._slept_at = None
+        gap, window = now - slept, self.idle_window
+        if gap > self.poll_idle_max:         # the traffic had stopped: narrow back
+            self._idle_grown = window / 2 if window / 2 > self.poll_idle else 0.0
+        elif gap > window:                   # polling on would have met this kick
+            self._idle_grown = min(self.poll_idle_max, max(2 * window, gap))
 
     def _start_polling(self) -> bool:
         if self.host is None:
@@ -120,11 +156,13 @@ class Pacer:
             now = time.monotonic()
             if held is not None:
                 self._coalesce(held, now, last_work)
-            if now - last_work >= self.poll_idle and (held is None or held.since is None):
+            if now - last_work >= self.idle_window and (held is None or held.since is None):
                 if self._keep_polling():
                     last_work = now = time.monotonic()
                     continue
                 self._polling = False
+                self._slept_at = now
+                self.poll_sleeps += 1
                 return
             break
         if not self.live or not self._polling:

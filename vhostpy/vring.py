@@ -46,7 +46,7 @@ from .completion import Completion, InFlight
 from .device import Device
 from .errors import BackendError, FrontendError, VhostError
 from .notifier import EventFdNotifier, Notifier, NotifierError
-from .pacing import POLL_IDLE, POLL_TURN, CoalescingStats, Pacer
+from .pacing import POLL_IDLE, POLL_IDLE_MAX, POLL_TURN, CoalescingStats, Pacer
 from .virtqueue import (
     VIRTIO_F_IN_ORDER,
     VIRTIO_RING_F_EVENT_IDX,
@@ -58,8 +58,8 @@ from .virtqueue_cffi import CffiPackedVirtqueue, CffiVirtqueue
 from .virtqueue_packed import PackedVirtqueue
 
 __all__ = [
-    "POLL_IDLE", "POLL_TURN", "TRANSITIONS", "CoalescingStats", "DefaultPackedVirtqueue",
-    "DefaultVirtqueue", "HookError", "RingHost", "RingState", "Vring", "call_hook",
+    "POLL_IDLE", "POLL_IDLE_MAX", "POLL_TURN", "TRANSITIONS", "CoalescingStats",
+    "DefaultPackedVirtqueue", "DefaultVirtqueue", "HookError", "RingHost", "RingState", "Vring", "call_hook",
 ]
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,12 @@ class Vring(Pacer):
         self._poll_gen = 0
         self._held = False
         self.coalescing = CoalescingStats() if device.coalesce is not None else None
-        idle = device.poll_idle
+        idle, idle_max = device.poll_idle, device.poll_idle_max
         self.poll_idle = POLL_IDLE if idle is None else idle
+        self.poll_idle_max = POLL_IDLE_MAX if idle_max is None else idle_max
+        self.poll_sleeps = 0
+        self._idle_grown = 0.0
+        self._slept_at: float | None = None
         #: Called (once) when guest memory lost its backing under this ring (the front-end
         #: shrank a memfd: `GuestMemory.faulted`); the transport drops that front-end.
         self.on_memory_lost: Callable[[str], None] | None = None
@@ -664,6 +668,7 @@ class Vring(Pacer):
         """The driver kicked this ring; serve it and decide what comes next (see the module
         docstring). Returns how many chains the device took (`serve`; truthy on progress)."""
         self.kicks += 1
+        self._woken(time.monotonic())
         if self.state is not RingState.ENABLED:
             return 0
         held = self.coalescing
@@ -823,7 +828,8 @@ class Vring(Pacer):
                 "inflight_tracked": vq.inflight_tracked, "resubmitted": self.resubmitted,
                 "dirty_logging": vq.dirty_log is not None,
                 "kicks": self.kicks, "kicks_in_c": self.kicks_in_c,
-                "polling": self._polling,
+                "polling": self._polling, "idle_window": self.idle_window,
+                "poll_sleeps": self.poll_sleeps,
                 "error": self.error}
 
     def __repr__(self) -> str:
