@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from netguest import RESPONDER_IP, configure, ping_stats
-from qemu_guest import guest_mac, require_qemu, start_guest
+from qemu_guest import GuestTimeout, guest_mac, require_qemu, start_guest
 from qmp import QMP
 from test_qemu_recovery import BLOCKS, build_rwverify, marker
 
@@ -56,6 +56,15 @@ cat /tmp/vda.out /tmp/vdb.out
 tail -n 2 /tmp/ping1.out
 tail -n 2 /tmp/ping2.out
 """
+
+
+def _stuck(tmp_path: Path, src_console: str, dst_console: str) -> str:
+    """What to look at when the guest did not finish at the destination: both consoles and
+    the end of every back-end's log."""
+    logs = "".join(f"\n--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-15:])
+                   for log in sorted(tmp_path.glob("*.log")))
+    return (f"the guest did not finish at the destination\n--- source console\n"
+            f"{src_console[-3000:]}\n--- destination console\n{dst_console[-3000:]}{logs}")
 
 
 def test_guest_migrates_mid_io_and_mid_ping(tmp_path: Path) -> None:
@@ -98,7 +107,11 @@ def test_guest_migrates_mid_io_and_mid_ping(tmp_path: Path) -> None:
             monitor.close()
             print(f"migration: {info.get('total-time')} ms, downtime {info.get('downtime')} ms,"
                   f" {info.get('ram', {}).get('transferred')} bytes of RAM")
-            dst.wait_for_text(EXIT_MARKER, timeout=200)
+            try:
+                dst.wait_for_text(EXIT_MARKER, timeout=200)
+            except GuestTimeout:
+                raise AssertionError(_stuck(tmp_path, src.console_so_far(),
+                                            dst.console_so_far())) from None
             code, console = parse_console(src.console_so_far() + dst.console_so_far())
     finally:
         for proc in procs:

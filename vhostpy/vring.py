@@ -59,7 +59,8 @@ from .virtqueue_packed import PackedVirtqueue
 
 __all__ = [
     "POLL_IDLE", "POLL_IDLE_MAX", "POLL_TURN", "TRANSITIONS", "CoalescingStats",
-    "DefaultPackedVirtqueue", "DefaultVirtqueue", "HookError", "RingHost", "RingState", "Vring", "call_hook",
+    "DefaultPackedVirtqueue", "DefaultVirtqueue", "HookError", "RingHost", "RingState",
+    "Vring", "call_hook",
 ]
 
 log = logging.getLogger(__name__)
