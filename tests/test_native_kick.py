@@ -98,11 +98,15 @@ def test_depth_one_requests_are_served_in_c(rig: Rig) -> None:
     for k in range(20):
         _write_read(rig, 8 * k, k + 1)
     status = rig.status()
-    assert status["kicks"] >= 40
-    if compiled:
-        assert status["kicks_in_c"] >= 36, status    # the first ones may race the arming
+    # One kick per request (and the runner's own at the ring's start), or fewer: a drain
+    # that met the next request before its kick was read serves it, and the guest's two
+    # eventfd writes are then one read (the think time above makes that rare; a back-end
+    # descheduled on a busy machine still meets it).
+    assert 20 <= status["kicks"] <= 41, status
+    if compiled:   # all but the first few (they may race the arming) served in C alone
+        assert status["kicks_in_c"] >= status["kicks"] - 4, status
     else:
-        assert status["kicks_in_c"] == 0
+        assert status["kicks_in_c"] == 0, status
     assert rig.device.stats.writes == 20 and rig.device.stats.reads == 20
     data = rig.image.read_bytes()
     for k in range(20):
