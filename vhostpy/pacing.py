@@ -116,7 +116,7 @@ class Pacer:
         self._slept_at = None
         gap, window = now - slept, self.idle_window
         if gap > self.poll_idle_max:         # the traffic had stopped: narrow back
-            self._idle_grown = window / 2 if window / 2 > self.poll_idle else 0.0
+            self._idle_grown = window / 2     # idle_window keeps it at poll_idle or more
         elif gap > window:                   # polling on would have met this kick
             self._idle_grown = min(self.poll_idle_max, max(2 * window, gap))
 
