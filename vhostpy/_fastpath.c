@@ -1243,11 +1243,9 @@ struct classify {
 
 static void classify_start(struct classify *c, struct vp_switch *sw, int32_t src, double now,
                            double horizon) {
-    memset(c, 0, sizeof *c);
-    c->sw = sw;
-    c->src = src;
-    c->now = now;
-    c->horizon = horizon;
+    /* member by member: a memset of the struct compiled to `rep stos`, slow to start and
+     * paid on every burst, empty ones included */
+    *c = (struct classify){.sw = sw, .src = src, .now = now, .horizon = horizon};
 }
 
 /* Learn the source of the frame whose first 12 bytes (destination, source MACs) are at p,

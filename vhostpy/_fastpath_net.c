@@ -39,6 +39,24 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* Looks at an empty ring's next descriptor between two empty bursts, and the most pauses
+ * between two looks. */
+enum { WAIT_LOOKS = 32, WAIT_PAUSES_MAX = 16 };
+
+/* Wait a little for the driver's next chain, looking at its descriptor alone (not a whole
+ * empty burst per look), the looks spaced out more and more (1, 2, 4 ... pauses, then
+ * WAIT_PAUSES_MAX: ~250 ns here). Each look while the driver writes that descriptor's cache
+ * line takes the line away from it: looking every pause slowed DPDK's txonly front-end by a
+ * tenth in lean runs on this VM (packed, 64 B) against the spaced looks; the first looks stay
+ * quick, for a lone frame's latency. */
+static void wait_available(const struct vp_vq *q) {
+    uint32_t pauses = 1;
+    for (int look = 0; look < WAIT_LOOKS && !vp_has_available(q); look++) {
+        for (uint32_t i = 0; i < pauses; i++) cpu_relax();
+        if (pauses < WAIT_PAUSES_MAX) pauses *= 2;
+    }
+}
+
 int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *out,
                    struct vp_net_poll *p) {
     p->bursts = 0;
@@ -64,7 +82,7 @@ int vp_net_tx_poll(struct vp_vq *q, struct vp_net_stats *st, struct vp_frames *o
             uint64_t now = monotonic_ns();
             if (!empty_since) empty_since = now;
             else if (now - empty_since >= p->spin_ns) return VP_POLL_EMPTY;
-            cpu_relax();
+            wait_available(q);
             continue;
         }
         empty_since = 0;
